@@ -1,0 +1,222 @@
+//! The command line: one `match` in one loop (lexopt), then the command.
+
+use std::path::PathBuf;
+
+use lexopt::prelude::*;
+
+use crate::daemon::{self, Options};
+use crate::error::Error;
+
+pub const USAGE: &str = "\
+usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
+                      [--ready-fd N] [-v|-q]
+       cgtproxy check   [-c FILE]              validate config against the live table
+       cgtproxy --help | --version
+
+Keeps the nftables verdict map `cgroups` (table inet cgtproxy, loaded from
+cgtproxy.nft) in step with cgroupfs: each cgroup whose path matches a rule
+gets that rule's verdict (goto proxy, goto direct, drop, goto CHAIN).
+
+commands:
+  run (default)        sync the map in one transaction, then follow cgroupfs
+  check                check the config and that the ruleset has what it names
+
+options:
+  -c, --config FILE    config file (default /etc/cgtproxy/config.json; when it
+                       does not exist, a built-in default applies)
+      --cgroup-root DIR
+                       watch DIR instead of the config's cgroup-root
+      --once           sync once and exit (elements and routes stay)
+      --dry-run        print the element changes a sync would make; change nothing
+      --ready-fd N     write a newline to fd N once the initial sync committed
+  -v, --verbose        log more
+  -q, --quiet          log only warnings and errors
+  -h, --help           this text
+  -V, --version        the version
+
+signals: SIGHUP reloads the config; SIGTERM and SIGINT remove the daemon's
+elements and routes (unless keep-on-exit) and exit 0.
+exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
+";
+
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Run,
+    Check,
+    Help,
+    Version,
+}
+
+#[derive(Debug)]
+struct Args {
+    command: Command,
+    opts: Options,
+    verbosity: u8,
+}
+
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Error> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut command: Option<Command> = None;
+    let mut opts = Options::default();
+    let mut verbosity = crate::log::INFO;
+    let mut restricted: Vec<&'static str> = Vec::new();
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('c') | Long("config") => opts.config = Some(PathBuf::from(p.value()?)),
+            Long("cgroup-root") => {
+                restricted.push("--cgroup-root");
+                let d = PathBuf::from(p.value()?);
+                if !d.is_absolute() {
+                    return Err(Error::Usage(format!(
+                        "--cgroup-root {}: must be an absolute path",
+                        d.display()
+                    )));
+                }
+                opts.cgroup_root = Some(d);
+            }
+            Long("once") => {
+                restricted.push("--once");
+                opts.once = true;
+            }
+            Long("dry-run") => {
+                restricted.push("--dry-run");
+                opts.dry_run = true;
+            }
+            Long("ready-fd") => {
+                restricted.push("--ready-fd");
+                let v = p.value()?;
+                let n: i32 = v.parse().map_err(|_| {
+                    Error::Usage(format!(
+                        "--ready-fd {}: not a file descriptor number",
+                        v.to_string_lossy()
+                    ))
+                })?;
+                if n < 0 {
+                    return Err(Error::Usage(format!(
+                        "--ready-fd {n}: not a file descriptor number"
+                    )));
+                }
+                opts.ready_fd = Some(n);
+            }
+            Short('v') | Long("verbose") => verbosity = crate::log::DEBUG,
+            Short('q') | Long("quiet") => verbosity = crate::log::QUIET,
+            Short('h') | Long("help") => command = Some(Command::Help),
+            Short('V') | Long("version") => command = Some(Command::Version),
+            Value(v) if command.is_none() => {
+                command = Some(match v.to_str() {
+                    Some("run") => Command::Run,
+                    Some("check") => Command::Check,
+                    _ => {
+                        return Err(Error::Usage(format!(
+                            "unknown command {:?} (try --help)",
+                            v.to_string_lossy()
+                        )));
+                    }
+                });
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let command = command.unwrap_or(Command::Run);
+    if command == Command::Check
+        && let Some(o) = restricted.iter().find(|o| **o != "--cgroup-root")
+    {
+        return Err(Error::Usage(format!("{o} only applies to `run`")));
+    }
+    Ok(Args {
+        command,
+        opts,
+        verbosity,
+    })
+}
+
+/// Runs the command line; returns the exit status.
+pub fn main() -> i32 {
+    let args = match parse(std::env::args_os().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!(
+                "cgtproxy: {e}\n{}",
+                USAGE.lines().take(2).collect::<Vec<_>>().join("\n")
+            );
+            return e.exit_code();
+        }
+    };
+    crate::log::set_level(args.verbosity);
+    let result = match args.command {
+        Command::Help => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Command::Version => {
+            println!("cgtproxy {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Run => daemon::run(args.opts),
+        Command::Check => check(&args.opts),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            crate::warn!("{e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn check(opts: &Options) -> Result<(), Error> {
+    let (cfg, root) = daemon::load(opts)?;
+    let mut rs = crate::ruleset::Ruleset::open(&cfg.table, &cfg.map)?;
+    rs.check(&cfg)?;
+    println!(
+        "ok: {} ({} rules); table inet {} has map {} and every chain the rules name; cgroup root {}",
+        cfg.source,
+        cfg.rules.len(),
+        cfg.table,
+        cfg.map,
+        root.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Args, Error> {
+        parse(args.iter().map(std::ffi::OsString::from))
+    }
+
+    #[test]
+    fn options_anywhere_and_long_forms() {
+        let a = p(&[
+            "-q",
+            "run",
+            "--config",
+            "x.json",
+            "--once",
+            "--ready-fd",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(a.command, Command::Run);
+        assert_eq!(a.opts.config, Some(PathBuf::from("x.json")));
+        assert!(a.opts.once);
+        assert_eq!(a.opts.ready_fd, Some(3));
+        assert_eq!(a.verbosity, crate::log::QUIET);
+        let a = p(&["check", "-c", "y"]).unwrap();
+        assert_eq!(a.command, Command::Check);
+        assert_eq!(p(&[]).unwrap().command, Command::Run);
+        assert_eq!(p(&["-V"]).unwrap().command, Command::Version);
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert!(matches!(p(&["frobnicate"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["--ready-fd", "x"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["--cgroup-root", "rel"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["check", "--once"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["--bogus"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["run", "extra"]), Err(Error::Usage(_))));
+    }
+}

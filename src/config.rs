@@ -1,0 +1,703 @@
+//! The configuration file and its rules: JSON read by miniserde into a
+//! generic value, then checked key by key so every error names its place
+//! (`rules[2].match`), or its line and column for a syntax error.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use miniserde::json::{self, Number, Object, Value};
+use regex_lite::Regex;
+
+use crate::error::Error;
+
+pub const DEFAULT_PATH: &str = "/etc/cgtproxy/config.json";
+
+/// Applies when no `--config` is given and [`DEFAULT_PATH`] does not exist.
+/// Elements go on the slice itself; everything below it inherits the slice's
+/// verdict through the ruleset's level lookups, so a `cgtproxy-direct.slice`
+/// nested in a `cgtproxy-proxy.slice` gets its own, nearer, verdict.
+pub const EMBEDDED_DEFAULT: &str = r#"{
+  "rules": [
+    { "match": ".*/cgtproxy-proxy\\.slice", "target": "proxy" },
+    { "match": ".*/cgtproxy-drop\\.slice", "target": "drop" },
+    { "match": ".*/cgtproxy-direct\\.slice", "target": "direct" }
+  ]
+}"#;
+
+/// What a matched cgroup's element says: the plain verdict `drop`, or
+/// `goto CHAIN` (`proxy`, `direct`, or a chain of the user's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    Drop,
+    Goto(String),
+    /// Anything else found in the kernel map (written by someone else).
+    Other(i32, Option<String>),
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Drop => f.write_str("drop"),
+            Verdict::Goto(c) => write!(f, "goto {c}"),
+            Verdict::Other(1, _) => f.write_str("accept"),
+            Verdict::Other(-3, Some(c)) => write!(f, "jump {c}"),
+            Verdict::Other(-5, _) => f.write_str("return"),
+            Verdict::Other(code, Some(c)) => write!(f, "verdict {code} {c}"),
+            Verdict::Other(code, None) => write!(f, "verdict {code}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupRoot {
+    Auto,
+    Dir(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub mark: u32,
+    pub table: u32,
+}
+
+pub const DEFAULT_ROUTE: Route = Route {
+    mark: 9011,
+    table: 9011,
+};
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// As the user wrote it, for messages.
+    pub pattern: String,
+    regex: Regex,
+    pub target: Verdict,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, or `<built-in default>`.
+    pub source: String,
+    pub cgroup_root: CgroupRoot,
+    pub table: String,
+    pub map: String,
+    pub route: Option<Route>,
+    pub keep_on_exit: bool,
+    pub rules: Vec<Rule>,
+}
+
+impl Config {
+    /// Reads `path`, or the default path, or the embedded default when no
+    /// path was given and the default file does not exist.
+    pub fn load(path: Option<&Path>) -> Result<Config, Error> {
+        let (path, explicit) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_PATH), false),
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let name = path.display().to_string();
+                let text = String::from_utf8(bytes).map_err(|e| {
+                    Error::Config(format!(
+                        "{name}: not UTF-8 (byte {})",
+                        e.utf8_error().valid_up_to()
+                    ))
+                })?;
+                Config::parse(&name, &text)
+            }
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                Config::parse("<built-in default>", EMBEDDED_DEFAULT)
+            }
+            Err(e) => Err(Error::Config(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    pub fn parse(source: &str, text: &str) -> Result<Config, Error> {
+        let err = |place: &str, what: String| Error::Config(format!("{source}: {place}: {what}"));
+        if let Err((line, col, what)) = syntax::check(text) {
+            return Err(Error::Config(format!("{source}:{line}:{col}: {what}")));
+        }
+        let value: Value =
+            json::from_str(text).map_err(|_| Error::Config(format!("{source}: not valid JSON")))?;
+        let Value::Object(top) = value else {
+            return Err(err("top level", "expected an object".into()));
+        };
+        let mut cfg = Config {
+            source: source.to_string(),
+            cgroup_root: CgroupRoot::Auto,
+            table: "cgtproxy".into(),
+            map: "cgroups".into(),
+            route: Some(DEFAULT_ROUTE),
+            keep_on_exit: false,
+            rules: Vec::new(),
+        };
+        let mut have_rules = false;
+        for (key, v) in top.iter() {
+            match key.as_str() {
+                "cgroup-root" => {
+                    let s = string(v).map_err(|w| err(key, w))?;
+                    cfg.cgroup_root = match s {
+                        "auto" => CgroupRoot::Auto,
+                        d if d.starts_with('/') => CgroupRoot::Dir(PathBuf::from(d)),
+                        _ => {
+                            return Err(err(
+                                key,
+                                format!("expected \"auto\" or an absolute directory, got {s:?}"),
+                            ));
+                        }
+                    };
+                }
+                "table" => cfg.table = name(v).map_err(|w| err(key, w))?,
+                "map" => cfg.map = name(v).map_err(|w| err(key, w))?,
+                "keep-on-exit" => match v {
+                    Value::Bool(b) => cfg.keep_on_exit = *b,
+                    _ => return Err(err(key, format!("expected true or false, got {}", kind(v)))),
+                },
+                "route" => {
+                    cfg.route = route(v).map_err(|(place, w)| err(&format!("route{place}"), w))?
+                }
+                "rules" => {
+                    have_rules = true;
+                    let Value::Array(list) = v else {
+                        return Err(err(key, format!("expected an array, got {}", kind(v))));
+                    };
+                    for (i, r) in list.iter().enumerate() {
+                        let rule = self::rule(r)
+                            .map_err(|(place, w)| err(&format!("rules[{i}]{place}"), w))?;
+                        cfg.rules.push(rule);
+                    }
+                }
+                _ => {
+                    return Err(err(
+                        key,
+                        "unknown key (expected cgroup-root, table, map, route, keep-on-exit or rules)".into(),
+                    ));
+                }
+            }
+        }
+        if !have_rules {
+            return Err(err("top level", "missing key \"rules\"".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// The first rule whose pattern matches the whole path, if any.
+    pub fn matching_rule(&self, path: &str) -> Option<(usize, &Rule)> {
+        self.rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.regex.is_match(path))
+    }
+
+    pub fn verdict(&self, path: &str) -> Option<&Verdict> {
+        self.matching_rule(path).map(|(_, r)| &r.target)
+    }
+
+    /// Chains the rules name, each with the first rule that names it.
+    pub fn chains(&self) -> Vec<(&str, usize)> {
+        let mut out: Vec<(&str, usize)> = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if let Verdict::Goto(c) = &r.target
+                && !out.iter().any(|(n, _)| n == c)
+            {
+                out.push((c, i));
+            }
+        }
+        out
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn string(v: &Value) -> Result<&str, String> {
+    match v {
+        Value::String(s) => Ok(s),
+        _ => Err(format!("expected a string, got {}", kind(v))),
+    }
+}
+
+/// A table, set or chain name as nf_tables takes it (NFT_NAME_MAXLEN 256,
+/// NUL included).
+fn name(v: &Value) -> Result<String, String> {
+    let s = string(v)?;
+    if s.is_empty() || s.len() > 255 || s.contains('\0') {
+        return Err(format!(
+            "{s:?} is not a valid nftables name (1 to 255 bytes, no NUL)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn u32_value(v: &Value) -> Result<u32, String> {
+    match v {
+        Value::Number(Number::U64(n)) => {
+            u32::try_from(*n).map_err(|_| format!("{n} does not fit in 32 bits"))
+        }
+        Value::Number(n) => Err(format!("expected an integer from 1 to 4294967295, got {n}")),
+        _ => Err(format!("expected an integer, got {}", kind(v))),
+    }
+}
+
+fn route(v: &Value) -> Result<Option<Route>, (String, String)> {
+    let obj = match v {
+        Value::Bool(false) => return Ok(None),
+        Value::Bool(true) => return Ok(Some(DEFAULT_ROUTE)),
+        Value::Object(o) => o,
+        _ => {
+            return Err((
+                String::new(),
+                format!("expected an object or false, got {}", kind(v)),
+            ));
+        }
+    };
+    let mut r = DEFAULT_ROUTE;
+    for (key, v) in obj.iter() {
+        let place = format!(".{key}");
+        match key.as_str() {
+            "mark" => {
+                r.mark = u32_value(v).map_err(|w| (place.clone(), w))?;
+                if r.mark == 0 {
+                    return Err((place, "the mark must not be 0".into()));
+                }
+            }
+            "table" => {
+                r.table = u32_value(v).map_err(|w| (place.clone(), w))?;
+                // 0 is unspec; 253–255 are the kernel's default, main and local tables.
+                if r.table == 0 || (253..=255).contains(&r.table) {
+                    return Err((
+                        place,
+                        format!("route table {} is reserved; pick another", r.table),
+                    ));
+                }
+            }
+            _ => return Err((place, "unknown key (expected mark or table)".into())),
+        }
+    }
+    Ok(Some(r))
+}
+
+fn rule(v: &Value) -> Result<Rule, (String, String)> {
+    let Value::Object(obj) = v else {
+        return Err((
+            String::new(),
+            format!("expected an object, got {}", kind(v)),
+        ));
+    };
+    let obj: &Object = obj;
+    for key in obj.keys() {
+        if key != "match" && key != "target" {
+            return Err((
+                format!(".{key}"),
+                "unknown key (expected match or target)".into(),
+            ));
+        }
+    }
+    let pattern = obj
+        .get("match")
+        .ok_or((String::new(), "missing key \"match\"".into()))?;
+    let pattern = string(pattern).map_err(|w| (".match".into(), w))?;
+    // Anchored to the whole path; `.` also matches a newline, since cgroup
+    // names may contain one and `/.*` should still mean "everything below".
+    let regex = Regex::new(&format!("(?s)^(?:{pattern})$")).map_err(|e| {
+        (
+            ".match".to_string(),
+            format!("invalid regular expression {pattern:?}: {e}"),
+        )
+    })?;
+    let target = obj
+        .get("target")
+        .ok_or((String::new(), "missing key \"target\"".into()))?;
+    let target = match name(target)
+        .map_err(|w| (".target".to_string(), w))?
+        .as_str()
+    {
+        "drop" => Verdict::Drop,
+        chain => Verdict::Goto(chain.to_string()),
+    };
+    Ok(Rule {
+        pattern: pattern.to_string(),
+        regex,
+        target,
+    })
+}
+
+/// The form a cgroup path is matched in: the path itself when it is UTF-8;
+/// otherwise each byte that is not part of valid UTF-8 is written `\xNN`
+/// (lowercase hex), which no valid path can be confused with in practice and
+/// which a rule can match literally (`\\xff`).
+pub fn match_form(path: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(path) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => {
+            let mut out = String::with_capacity(path.len() + 8);
+            for chunk in path.utf8_chunks() {
+                out.push_str(chunk.valid());
+                for b in chunk.invalid() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// A JSON syntax checker that reports line and column, which miniserde does
+/// not. It also refuses duplicate keys, which a map would silently collapse.
+mod syntax {
+    use std::collections::HashSet;
+
+    type Fail = (usize, usize, String);
+
+    const MAX_DEPTH: usize = 128;
+
+    struct P<'a> {
+        s: &'a [u8],
+        i: usize,
+    }
+
+    pub fn check(text: &str) -> Result<(), Fail> {
+        let mut p = P {
+            s: text.as_bytes(),
+            i: 0,
+        };
+        p.ws();
+        p.value(0)?;
+        p.ws();
+        if p.i < p.s.len() {
+            return Err(p.fail("trailing characters after the JSON value"));
+        }
+        Ok(())
+    }
+
+    impl P<'_> {
+        fn fail(&self, what: &str) -> Fail {
+            let upto = &self.s[..self.i.min(self.s.len())];
+            let line = upto.iter().filter(|&&c| c == b'\n').count() + 1;
+            let line_start = upto.iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1);
+            let col = String::from_utf8_lossy(&upto[line_start..]).chars().count() + 1;
+            let what = if self.i >= self.s.len() {
+                format!("{what} (unexpected end of file)")
+            } else {
+                what.to_string()
+            };
+            (line, col, what)
+        }
+
+        fn ws(&mut self) {
+            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.s.get(self.i) {
+                self.i += 1;
+            }
+        }
+
+        fn eat(&mut self, c: u8, what: &str) -> Result<(), Fail> {
+            if self.s.get(self.i) == Some(&c) {
+                self.i += 1;
+                Ok(())
+            } else {
+                Err(self.fail(what))
+            }
+        }
+
+        fn value(&mut self, depth: usize) -> Result<(), Fail> {
+            if depth > MAX_DEPTH {
+                return Err(self.fail("nested too deeply"));
+            }
+            match self.s.get(self.i) {
+                Some(b'{') => self.object(depth),
+                Some(b'[') => self.array(depth),
+                Some(b'"') => self.string().map(|_| ()),
+                Some(b'-' | b'0'..=b'9') => self.number(),
+                Some(b't') => self.word("true"),
+                Some(b'f') => self.word("false"),
+                Some(b'n') => self.word("null"),
+                _ => Err(self.fail("expected a value")),
+            }
+        }
+
+        fn word(&mut self, w: &str) -> Result<(), Fail> {
+            if self.s[self.i..].starts_with(w.as_bytes()) {
+                self.i += w.len();
+                Ok(())
+            } else {
+                Err(self.fail("expected a value"))
+            }
+        }
+
+        fn number(&mut self) -> Result<(), Fail> {
+            let start = self.i;
+            if self.s.get(self.i) == Some(&b'-') {
+                self.i += 1;
+            }
+            let digits = |p: &mut Self| {
+                let s = p.i;
+                while let Some(b'0'..=b'9') = p.s.get(p.i) {
+                    p.i += 1;
+                }
+                p.i > s
+            };
+            if !digits(self) {
+                return Err(self.fail("expected digits"));
+            }
+            if self.s.get(self.i) == Some(&b'.') {
+                self.i += 1;
+                if !digits(self) {
+                    return Err(self.fail("expected digits after '.'"));
+                }
+            }
+            if let Some(b'e' | b'E') = self.s.get(self.i) {
+                self.i += 1;
+                if let Some(b'+' | b'-') = self.s.get(self.i) {
+                    self.i += 1;
+                }
+                if !digits(self) {
+                    return Err(self.fail("expected digits in exponent"));
+                }
+            }
+            let _ = start;
+            Ok(())
+        }
+
+        fn string(&mut self) -> Result<Vec<u8>, Fail> {
+            self.eat(b'"', "expected '\"'")?;
+            let mut out = Vec::new();
+            loop {
+                match self.s.get(self.i) {
+                    None => return Err(self.fail("unterminated string")),
+                    Some(b'"') => {
+                        self.i += 1;
+                        return Ok(out);
+                    }
+                    Some(b'\\') => {
+                        self.i += 1;
+                        match self.s.get(self.i) {
+                            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                                out.push(self.s[self.i]);
+                                self.i += 1;
+                            }
+                            Some(b'u') => {
+                                let hex = self.s.get(self.i + 1..self.i + 5);
+                                if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                                    return Err(self.fail("bad \\u escape"));
+                                }
+                                out.extend_from_slice(&self.s[self.i..self.i + 5]);
+                                self.i += 5;
+                            }
+                            _ => return Err(self.fail("bad escape in string")),
+                        }
+                    }
+                    Some(&c) if c < 0x20 => return Err(self.fail("control character in string")),
+                    Some(&c) => {
+                        out.push(c);
+                        self.i += 1;
+                    }
+                }
+            }
+        }
+
+        fn object(&mut self, depth: usize) -> Result<(), Fail> {
+            self.i += 1;
+            self.ws();
+            if self.s.get(self.i) == Some(&b'}') {
+                self.i += 1;
+                return Ok(());
+            }
+            let mut keys = HashSet::new();
+            loop {
+                self.ws();
+                let at = self.i;
+                let key = self.string()?;
+                if !keys.insert(key) {
+                    self.i = at;
+                    return Err(self.fail("duplicate key"));
+                }
+                self.ws();
+                self.eat(b':', "expected ':' after key")?;
+                self.ws();
+                self.value(depth + 1)?;
+                self.ws();
+                match self.s.get(self.i) {
+                    Some(b',') => self.i += 1,
+                    Some(b'}') => {
+                        self.i += 1;
+                        return Ok(());
+                    }
+                    _ => return Err(self.fail("expected ',' or '}'")),
+                }
+            }
+        }
+
+        fn array(&mut self, depth: usize) -> Result<(), Fail> {
+            self.i += 1;
+            self.ws();
+            if self.s.get(self.i) == Some(&b']') {
+                self.i += 1;
+                return Ok(());
+            }
+            loop {
+                self.ws();
+                self.value(depth + 1)?;
+                self.ws();
+                match self.s.get(self.i) {
+                    Some(b',') => self.i += 1,
+                    Some(b']') => {
+                        self.i += 1;
+                        return Ok(());
+                    }
+                    _ => return Err(self.fail("expected ',' or ']'")),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(text: &str) -> String {
+        match Config::parse("c.json", text) {
+            Err(Error::Config(m)) => m,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn embedded_default_parses_and_matches_slices() {
+        let c = Config::parse("d", EMBEDDED_DEFAULT).unwrap();
+        let p = "/user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/cgtproxy-proxy.slice";
+        assert_eq!(c.verdict(p), Some(&Verdict::Goto("proxy".into())));
+        assert_eq!(c.verdict("/cgtproxy-drop.slice"), Some(&Verdict::Drop));
+        assert_eq!(
+            c.verdict("/a/cgtproxy-direct.slice"),
+            Some(&Verdict::Goto("direct".into()))
+        );
+        assert_eq!(c.verdict("/a/xcgtproxy-proxy.slice"), None);
+        assert_eq!(c.verdict("/"), None);
+        assert_eq!(c.route, Some(DEFAULT_ROUTE));
+        assert_eq!(c.cgroup_root, CgroupRoot::Auto);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = Config::parse(
+            "c",
+            r#"{ "cgroup-root": "auto", "table": "t", "map": "m", "keep-on-exit": true,
+                 "route": { "mark": 1, "table": 100 },
+                 "rules": [ { "match": "/a", "target": "direct" }, { "match": "/.*", "target": "drop" } ] }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.table.as_str(), c.map.as_str(), c.keep_on_exit),
+            ("t", "m", true)
+        );
+        assert_eq!(
+            c.route,
+            Some(Route {
+                mark: 1,
+                table: 100
+            })
+        );
+        assert_eq!(c.verdict("/a"), Some(&Verdict::Goto("direct".into())));
+        assert_eq!(c.verdict("/a/b"), Some(&Verdict::Drop));
+        assert_eq!(
+            c.verdict("/x\ny"),
+            Some(&Verdict::Drop),
+            "dot matches newline"
+        );
+        assert_eq!(c.chains(), vec![("direct", 0)]);
+    }
+
+    #[test]
+    fn anchored_whole_path() {
+        let c = Config::parse("c", r#"{"rules":[{"match":"/a","target":"proxy"}]}"#).unwrap();
+        assert!(c.verdict("/a").is_some());
+        assert!(c.verdict("/a/b").is_none());
+        assert!(c.verdict("/xa").is_none());
+        let c = Config::parse("c", r#"{"rules":[{"match":"/a|/b","target":"proxy"}]}"#).unwrap();
+        assert!(c.verdict("/b").is_some() && c.verdict("/ab").is_none());
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        assert_eq!(
+            msg("{\n  \"rules\": [\n    {\"match\": \"/a\" \"target\": \"x\"}]}"),
+            "c.json:3:20: expected ',' or '}'"
+        );
+        assert!(msg("{\"rules\": [").starts_with("c.json:1:12: expected a value"));
+        assert_eq!(
+            msg(r#"{"rules":[],"bogus":1}"#),
+            "c.json: bogus: unknown key (expected cgroup-root, table, map, route, keep-on-exit or rules)"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[{"match":"/a","target":"x"},{"match":"(","target":"x"}]}"#)
+                .split(": invalid")
+                .next()
+                .unwrap(),
+            "c.json: rules[1].match"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[{"match":1,"target":"x"}]}"#),
+            "c.json: rules[0].match: expected a string, got a number"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[{"match":"/a"}]}"#),
+            "c.json: rules[0]: missing key \"target\""
+        );
+        assert_eq!(
+            msg(r#"{"rules":[{"match":"/a","target":"x","x":1}]}"#),
+            "c.json: rules[0].x: unknown key (expected match or target)"
+        );
+        assert_eq!(
+            msg(r#"{"rules":{}}"#),
+            "c.json: rules: expected an array, got an object"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[],"route":{"mark":-1}}"#),
+            "c.json: route.mark: expected an integer from 1 to 4294967295, got -1"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[],"route":{"table":254}}"#),
+            "c.json: route.table: route table 254 is reserved; pick another"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[],"route":{"mark":4294967296}}"#),
+            "c.json: route.mark: 4294967296 does not fit in 32 bits"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[],"rules":[]}"#),
+            "c.json:1:13: duplicate key"
+        );
+        assert_eq!(msg(r#"{}"#), "c.json: top level: missing key \"rules\"");
+        assert_eq!(msg(r#"[]"#), "c.json: top level: expected an object");
+        assert_eq!(
+            msg(r#"{"rules":[],"cgroup-root":"rel"}"#),
+            "c.json: cgroup-root: expected \"auto\" or an absolute directory, got \"rel\""
+        );
+        assert_eq!(
+            msg(r#"{"rules":[],"table":""}"#),
+            "c.json: table: \"\" is not a valid nftables name (1 to 255 bytes, no NUL)"
+        );
+        assert_eq!(msg(&"[".repeat(100_000)), "c.json:1:130: nested too deeply");
+    }
+
+    #[test]
+    fn non_utf8_paths_have_a_lossless_match_form() {
+        assert_eq!(match_form(b"/a b/\"q\""), "/a b/\"q\"");
+        assert_eq!(match_form(b"/x\xffy\xc3"), "/x\\xffy\\xc3");
+        let c = Config::parse(
+            "c",
+            r#"{"rules":[{"match":"/x\\\\xffy.*","target":"drop"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.verdict(&match_form(b"/x\xffy\xc3")), Some(&Verdict::Drop));
+    }
+}
