@@ -21,6 +21,7 @@ const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
+const RTM_GETRULE: u16 = 34;
 const FRA_FWMARK: u16 = 10;
 const FRA_TABLE: u16 = 15;
 const FRA_FWMASK: u16 = 16;
@@ -88,6 +89,38 @@ fn route_msg(seq: u32, add: bool, family: u8, r: &Route, lo: u32) -> Vec<u8> {
     w.buf
 }
 
+/// `ip [-6] rule show`: is there already a rule `fwmark MARK lookup TABLE`?
+/// The kernel's own duplicate check (NLM_F_EXCL) compares priorities too, and
+/// ours is chosen by the kernel, so a restart would stack a second rule.
+fn rule_exists(nl: &mut Socket, family: u8, r: &Route) -> Result<bool, NlError> {
+    let seq = nl.seq();
+    let mut w = Writer::new();
+    w.begin_msg(RTM_GETRULE, wire::NLM_F_REQUEST | wire::NLM_F_DUMP, seq);
+    w.put(&[family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    w.end_msg();
+    let mut found = false;
+    nl.request(&w.buf, seq, true, |m| {
+        let hdr = m
+            .payload
+            .get(..12)
+            .ok_or(wire::Malformed("truncated fib_rule_hdr"))?;
+        let (mut mark, mut mask, mut table) = (None, u32::MAX, u32::from(hdr[4]));
+        for a in wire::attrs(&m.payload[12..]) {
+            let (ty, v) = a?;
+            match ty {
+                FRA_FWMARK => mark = Some(wire::ne32(v)?),
+                FRA_FWMASK => mask = wire::ne32(v)?,
+                FRA_TABLE => table = wire::ne32(v)?,
+                _ => {}
+            }
+        }
+        found |=
+            hdr[7] == FR_ACT_TO_TBL && mark == Some(r.mark) && mask == u32::MAX && table == r.table;
+        Ok(())
+    })?;
+    Ok(found)
+}
+
 fn loopback_index() -> u32 {
     // SAFETY: a NUL-terminated literal.
     match unsafe { libc::if_nametoindex(c"lo".as_ptr()) } {
@@ -110,8 +143,21 @@ pub fn install(r: &Route) -> Result<(), Error> {
         .map_err(|e| Error::Runtime(format!("rtnetlink socket: {e}")))?;
     let lo = loopback_index();
     for (family, name) in FAMILIES {
-        let seq = nl.seq();
-        match nl.request(&rule_msg(seq, true, family, r), seq, false, |_| Ok(())) {
+        let exists = match rule_exists(&mut nl, family, r) {
+            Ok(b) => b,
+            Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => {
+                crate::info!("{name} is disabled; no {name} policy routing installed");
+                continue;
+            }
+            Err(e) => return Err(Error::Runtime(format!("{name} rules: {e}"))),
+        };
+        let added = if exists {
+            Ok(())
+        } else {
+            let seq = nl.seq();
+            nl.request(&rule_msg(seq, true, family, r), seq, false, |_| Ok(()))
+        };
+        match added {
             Ok(()) => {}
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
             Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => {

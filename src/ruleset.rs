@@ -114,7 +114,11 @@ impl Ruleset {
     pub fn check(&mut self, cfg: &Config) -> Result<(), Error> {
         let table = self.map.table.clone();
         if !self.get(&Object::Table(&table), |_| Ok(()))? {
-            return Err(Error::Config(self.table_missing()));
+            return Err(Error::Config(format!(
+                "{}: {}",
+                cfg.source,
+                self.table_missing()
+            )));
         }
         let map = self.map.map.clone();
         let mut info = None;
@@ -123,16 +127,17 @@ impl Ruleset {
             Ok(())
         })? {
             return Err(Error::Config(format!(
-                "{} — load nft/cgtproxy.nft, or fix \"map\" in {}",
-                self.map_missing(),
-                cfg.source
+                "{}: {} — load nft/cgtproxy.nft, or fix \"map\"",
+                cfg.source,
+                self.map_missing()
             )));
         }
         if let Some(i) = info
             && !(i.is_map && i.verdict_data && i.key_len == 8)
         {
             return Err(Error::Config(format!(
-                "'{map}' in table inet {table} is not a verdict map keyed by cgroupsv2 (want: map {map} {{ type cgroupsv2 : verdict; counter; }})"
+                "{}: '{map}' in table inet {table} is not a verdict map keyed by cgroupsv2 (want: map {map} {{ type cgroupsv2 : verdict; counter; }})",
+                cfg.source
             )));
         }
         let mut missing = Vec::new();

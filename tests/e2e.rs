@@ -1,0 +1,750 @@
+//! End-to-end tests of the daemon: each test runs in its own network
+//! namespace with the shipped ruleset loaded and its own cgroup subtree
+//! (see tests/common/mod.rs). They need root; without it they print SKIP
+//! (and fail with CI=true).
+
+mod common;
+
+use common::*;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Client time limit where the connection is expected to fail.
+const QUICK: Duration = Duration::from_millis(1500);
+
+fn rules() -> Rules {
+    Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct"), ("/x", "drop")])
+}
+
+fn local_ip(dst: SocketAddr) -> IpAddr {
+    match dst {
+        SocketAddr::V4(_) => LOCAL_V4.into(),
+        SocketAddr::V6(_) => LOCAL_V6.into(),
+    }
+}
+
+const PROTOS: [Proto; 2] = [Proto::Tcp, Proto::Udp];
+
+fn dsts() -> [SocketAddr; 2] {
+    [Remote::v4(), Remote::v6()]
+}
+
+/// Sends from `cg` and asserts the TPROXY listener got it with the original
+/// destination intact, the remote nothing, and the answer came back.
+fn assert_proxied(
+    env: &Env,
+    proxy: &Server,
+    remote: &Remote,
+    cg: &str,
+    proto: Proto,
+    dst: SocketAddr,
+) {
+    let msg = env.token("proxied");
+    let r = exchange(&env.cg.path(cg), proto, dst, &msg);
+    assert_eq!(
+        r,
+        Ok(format!("proxy:{msg}")),
+        "{proto:?} to {dst} from cgroup {cg}: expected the TPROXY listener to answer"
+    );
+    let ev = proxy.got(&msg);
+    assert_eq!(ev.len(), 1, "proxy events for {msg}: {ev:?}");
+    assert_eq!(
+        ev[0].local, dst,
+        "original destination seen by the listener"
+    );
+    assert_eq!(
+        ev[0].peer.ip(),
+        local_ip(dst),
+        "client address seen by the listener"
+    );
+    assert!(
+        remote.server.got(&msg).is_empty(),
+        "proxied traffic also reached the remote"
+    );
+}
+
+/// Sends from `cg` and asserts the remote server got it and answered.
+fn assert_direct(
+    env: &Env,
+    proxy: &Server,
+    remote: &Remote,
+    cg: &str,
+    proto: Proto,
+    dst: SocketAddr,
+) {
+    let msg = env.token("direct");
+    let r = exchange(&env.cg.path(cg), proto, dst, &msg);
+    assert_eq!(
+        r,
+        Ok(format!("remote:{msg}")),
+        "{proto:?} to {dst} from cgroup {cg}: expected the remote server to answer"
+    );
+    let ev = remote.server.got(&msg);
+    assert_eq!(ev.len(), 1, "remote events for {msg}: {ev:?}");
+    assert_eq!(ev[0].local, dst);
+    assert!(
+        proxy.got(&msg).is_empty(),
+        "direct traffic also reached the proxy"
+    );
+}
+
+/// Sends from `cg` and asserts nothing got through.
+fn assert_dropped(
+    env: &Env,
+    proxy: &Server,
+    remote: &Remote,
+    cg: &str,
+    proto: Proto,
+    dst: SocketAddr,
+) {
+    let msg = env.token("dropped");
+    let r = exchange_within(&env.cg.path(cg), proto, dst, &msg, QUICK);
+    assert!(
+        r.is_err(),
+        "{proto:?} to {dst} from cgroup {cg} should be dropped, got {r:?}"
+    );
+    assert!(
+        remote.server.got(&msg).is_empty(),
+        "dropped traffic reached the remote"
+    );
+    assert!(
+        proxy.got(&msg).is_empty(),
+        "dropped traffic reached the proxy"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Traffic
+// ---------------------------------------------------------------------------
+
+#[test]
+fn proxy_cgroup_reaches_tproxy_listener() {
+    e2e("proxy_cgroup_reaches_tproxy_listener", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/p/app"]);
+        let rules = rules();
+        let d = env.start(&Config::new(&rules));
+        env.wait_map(&rules);
+        for proto in PROTOS {
+            for dst in dsts() {
+                assert_proxied(env, &proxy, &remote, "/p", proto, dst);
+                assert_proxied(env, &proxy, &remote, "/p/app", proto, dst);
+            }
+        }
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "exit after SIGTERM: {}", f.describe());
+    });
+}
+
+#[test]
+fn direct_and_drop_cgroups() {
+    e2e("direct_and_drop_cgroups", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/d", "/x", "/other"]);
+        let rules = rules();
+        let _d = env.start(&Config::new(&rules));
+        env.wait_map(&rules);
+        for proto in PROTOS {
+            for dst in dsts() {
+                assert_direct(env, &proxy, &remote, "/d", proto, dst);
+                // No element anywhere up the tree: untouched, so direct.
+                assert_direct(env, &proxy, &remote, "/other", proto, dst);
+                assert_dropped(env, &proxy, &remote, "/x", proto, dst);
+            }
+        }
+    });
+}
+
+#[test]
+fn nested_child_inherits_ancestor_verdict() {
+    e2e("nested_child_inherits_ancestor_verdict", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        // Anchored: only /p and /x themselves have rules, not their children.
+        let rules = Rules::new(&[("/p", "proxy"), ("/x", "drop")]);
+        env.cg.mkdir(&["/p/before"]);
+        let _d = env.start(&Config::new(&rules));
+        env.cg.mkdir(&["/p/b/c", "/x/y/z"]);
+        let map = env.wait_map(&rules);
+        assert_eq!(map.len(), 2, "only /p and /x are listed: {map:?}");
+        for dst in dsts() {
+            assert_proxied(env, &proxy, &remote, "/p/before", Proto::Tcp, dst);
+            assert_proxied(env, &proxy, &remote, "/p/b/c", Proto::Udp, dst);
+            assert_dropped(env, &proxy, &remote, "/x/y/z", Proto::Udp, dst);
+        }
+        assert_dropped(env, &proxy, &remote, "/x/y", Proto::Tcp, Remote::v4());
+    });
+}
+
+#[test]
+fn embedded_default_config() {
+    e2e("embedded_default_config", |env| {
+        if std::path::Path::new("/etc/cgtproxy/config.json").exists() {
+            eprintln!(
+                "SKIP embedded_default_config: /etc/cgtproxy/config.json exists, so the embedded default does not apply"
+            );
+            return;
+        }
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&[
+            "/cgtproxy-proxy.slice/app.scope",
+            "/cgtproxy-proxy.slice/nested/cgtproxy-direct.slice/app.scope",
+            "/user.slice/user-1000.slice/cgtproxy-drop.slice/app.scope",
+            "/user.slice/cgtproxy-direct.slice",
+            "/user.slice/other.scope",
+            "/xcgtproxy-proxy.slice",
+            "/cgtproxy-proxy.slicex",
+            "/cgtproxy-proxy-slice",
+        ]);
+        let root = env.cg.root.clone();
+        let mut d = Daemon::start(&[
+            "run".into(),
+            "--cgroup-root".into(),
+            root.into(),
+            "-v".into(),
+        ]);
+        let rules = Rules::embedded_default();
+        env.cg.mkdir(&["/late/cgtproxy-proxy.slice/app.scope"]);
+        let map = env.wait_map(&rules);
+        assert_eq!(map.len(), 5, "{map:?}");
+        // Below a slice: its verdict, inherited (or a nearer slice's).
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            "/cgtproxy-proxy.slice/app.scope",
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            "/late/cgtproxy-proxy.slice/app.scope",
+            Proto::Udp,
+            Remote::v6(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            "/cgtproxy-proxy.slice/nested/cgtproxy-direct.slice/app.scope",
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_dropped(
+            env,
+            &proxy,
+            &remote,
+            "/user.slice/user-1000.slice/cgtproxy-drop.slice/app.scope",
+            Proto::Udp,
+            Remote::v4(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            "/cgtproxy-proxy.slicex",
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert!(d.running());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Following cgroupfs
+// ---------------------------------------------------------------------------
+
+#[test]
+fn cgroups_before_and_after_start_and_removed() {
+    e2e("cgroups_before_and_after_start_and_removed", |env| {
+        load_ruleset();
+        let rules = rules();
+        env.cg
+            .mkdir(&["/p/old/deep/er", "/d", "/x", "/other/p", "/pp"]);
+        let d = env.start(&Config::new(&rules));
+        env.wait_map(&rules);
+
+        // Nested bursts: each `mkdir -p` makes a chain of new directories
+        // faster than a watch on each parent can be set up.
+        let mut paths = Vec::new();
+        for i in 0..20 {
+            paths.push(format!("/p/n{i}/a/b/c/d"));
+            paths.push(format!("/q{i}/x/y"));
+        }
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        env.cg.mkdir(&refs);
+        env.wait_map(&rules);
+
+        // A flat burst.
+        let flat: Vec<String> = (0..200).map(|i| format!("/p/flat{i}")).collect();
+        let refs: Vec<&str> = flat.iter().map(String::as_str).collect();
+        env.cg.mkdir(&refs);
+        let map = env.wait_map(&rules);
+        assert!(map.len() > 300, "{} elements", map.len());
+
+        // Removals.
+        for i in 0..20 {
+            env.cg.rmdir(&format!("/p/n{i}"));
+        }
+        for f in flat.iter().step_by(2) {
+            env.cg.rmdir(f);
+        }
+        env.cg.rmdir("/p/old/deep");
+        env.cg.rmdir("/d");
+        env.wait_map(&rules);
+
+        // Removed and made again: a new id.
+        env.cg.rmdir("/x");
+        env.cg.mkdir(&["/x", "/d"]);
+        env.wait_map(&rules);
+
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(
+            dump_map(),
+            MapDump::new(),
+            "SIGTERM must remove the elements"
+        );
+    });
+}
+
+#[test]
+fn odd_cgroup_names() {
+    e2e("odd_cgroup_names", |env| {
+        load_ruleset();
+        // (cgroupfs refuses '\n' in a name: mkdir gives EINVAL.)
+        let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/[^/]*d", "direct")]);
+        let long = "l".repeat(255);
+        let names = [
+            "/p/with space",
+            "/p/quote\"s and 'single'",
+            "/p/tab\tand\\backslash",
+            "/p/ünïcödé",
+            "/p/$(echo no)",
+            "/odd d",
+        ];
+        env.cg.mkdir(&names[..3]);
+        let _d = env.start(&Config::new(&rules));
+        env.cg.mkdir(&names[3..]);
+        env.cg
+            .mkdir(&[&format!("/p/{long}"), &format!("/p/{long}/{long}")]);
+        let map = env.wait_map(&rules);
+        assert_eq!(map.len(), names.len() + 3, "{map:?}");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Configuration errors
+// ---------------------------------------------------------------------------
+
+#[test]
+fn bad_config_is_refused_and_changes_nothing() {
+    e2e("bad_config_is_refused_and_changes_nothing", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/a", "/d", "/x"]);
+        let rules = rules();
+        env.once(&Config::new(&rules));
+        let before = env.wait_map(&rules);
+        assert_eq!(before.len(), 4);
+        let kernel_before = (
+            dump_map(),
+            ip_rules("-4"),
+            ip_rules("-6"),
+            ip_routes("-4", ROUTE_TABLE),
+            ip_routes("-6", ROUTE_TABLE),
+        );
+
+        let good_rules =
+            r#"[{"match": "/p(/.*)?", "target": "proxy"}, {"match": "/d", "target": "direct"}]"#;
+        // (file name, content, substrings the message must contain)
+        let cases: Vec<(&str, String, Vec<&str>)> = vec![
+            (
+                "malformed.json",
+                "{\n  \"rules\": [\n    {\"match\": \"/p\" \"target\": \"proxy\"}\n  ]\n}\n".to_string(),
+                vec![],
+            ),
+            ("unknown-key.json", format!("{{\"rules\": {good_rules}, \"bogus\": 1}}"), vec!["bogus"]),
+            (
+                "unknown-rule-key.json",
+                r#"{"rules": [{"match": "/p", "target": "proxy"}, {"match": "/d", "target": "direct", "comment": "x"}]}"#.to_string(),
+                vec!["rules[1]", "comment"],
+            ),
+            ("wrong-type.json", format!("{{\"keep-on-exit\": \"yes\", \"rules\": {good_rules}}}"), vec!["keep-on-exit"]),
+            (
+                "wrong-type-rule.json",
+                r#"{"rules": [{"match": 5, "target": "proxy"}]}"#.to_string(),
+                vec!["rules[0].match"],
+            ),
+            (
+                "bad-regex.json",
+                r#"{"rules": [{"match": "/p", "target": "proxy"}, {"match": "/d(", "target": "direct"}]}"#.to_string(),
+                vec!["rules[1].match"],
+            ),
+            ("no-rules.json", "{\"table\": \"cgtproxy\"}".to_string(), vec!["rules"]),
+            ("missing-table.json", format!("{{\"table\": \"nosuchtable\", \"rules\": {good_rules}}}"), vec!["nosuchtable"]),
+            ("missing-map.json", format!("{{\"map\": \"nosuchmap\", \"rules\": {good_rules}}}"), vec!["nosuchmap"]),
+            (
+                "missing-chain.json",
+                r#"{"rules": [{"match": "/p", "target": "proxy2"}, {"match": "/d", "target": "direct"}]}"#.to_string(),
+                vec!["proxy2", "rules[0].target"],
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (file, content, needles) in &cases {
+            let path = env.write_file(file, content);
+            let f = run_daemon_to_exit(&env.run_args(&path), Duration::from_secs(5));
+            let msg = f.stderr.clone();
+            let mut problems = Vec::new();
+            if f.code() != Some(2) {
+                problems.push(format!("exit status {:?}, expected 2", f.code()));
+            }
+            if !msg.contains(path.to_str().unwrap()) {
+                problems.push("message does not name the file".to_string());
+            }
+            for n in needles {
+                if !msg.contains(n) {
+                    problems.push(format!("message does not contain {n:?}"));
+                }
+            }
+            if *file == "malformed.json" && !names_line_and_column(&msg, 3) {
+                problems.push("message does not give line 3 and a column".to_string());
+            }
+            let kernel_after = (
+                dump_map(),
+                ip_rules("-4"),
+                ip_rules("-6"),
+                ip_routes("-4", ROUTE_TABLE),
+                ip_routes("-6", ROUTE_TABLE),
+            );
+            if kernel_after != kernel_before {
+                problems.push(format!(
+                    "the kernel changed: before {kernel_before:?}, after {kernel_after:?}"
+                ));
+            }
+            if !problems.is_empty() {
+                failures.push(format!(
+                    "{file}: {}\n    content: {content:?}\n    stderr: {msg:?}",
+                    problems.join("; ")
+                ));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "bad configs not refused as specified:\n{}",
+            failures.join("\n")
+        );
+    });
+}
+
+/// "FILE:3:12", "line 3, column 12", "line 3 col 12" and the like.
+fn names_line_and_column(msg: &str, line: u32) -> bool {
+    let l = msg.to_lowercase();
+    let colon_form = l
+        .match_indices(&format!(":{line}:"))
+        .any(|(i, m)| l[i + m.len()..].starts_with(|c: char| c.is_ascii_digit()));
+    let words = l.contains(&format!("line {line}")) && l.contains("col");
+    colon_form || words
+}
+
+// ---------------------------------------------------------------------------
+// Verdicts stick to connections
+// ---------------------------------------------------------------------------
+
+#[test]
+fn verdict_sticks_when_element_appears() {
+    e2e("verdict_sticks_when_element_appears", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/p"]);
+        let p = env.cg.path("/p");
+        // Opened before any element exists: direct.
+        let mut tcp = Session::open(&p, Proto::Tcp, Remote::v4());
+        let mut udp = Session::open(&p, Proto::Udp, Remote::v6());
+        assert_eq!(tcp.send("tcp-first"), Ok("remote:tcp-first".into()));
+        assert_eq!(udp.send("udp-first"), Ok("remote:udp-first".into()));
+
+        let rules = rules();
+        let _d = env.start(&Config::new(&rules));
+        let map = env.wait_map(&rules);
+        assert_eq!(
+            map.get(&env.cg.id("/p")).map(String::as_str),
+            Some("goto proxy")
+        );
+
+        // Same connections, after the element landed: still direct.
+        assert_eq!(
+            tcp.send("tcp-second"),
+            Ok("remote:tcp-second".into()),
+            "established TCP connection moved"
+        );
+        assert_eq!(
+            udp.send("udp-second"),
+            Ok("remote:udp-second".into()),
+            "established UDP flow moved"
+        );
+        assert_eq!(remote.server.got("tcp-second").len(), 1);
+        assert!(proxy.got("tcp-second").is_empty() && proxy.got("udp-second").is_empty());
+        // New connections from the same cgroup: proxied.
+        assert_proxied(env, &proxy, &remote, "/p", Proto::Tcp, Remote::v4());
+        assert_proxied(env, &proxy, &remote, "/p", Proto::Udp, Remote::v6());
+    });
+}
+
+#[test]
+fn sighup_reload_keeps_established_and_refuses_bad_config() {
+    e2e(
+        "sighup_reload_keeps_established_and_refuses_bad_config",
+        |env| {
+            load_ruleset();
+            let remote = Remote::start();
+            let proxy = start_proxy();
+            env.cg.mkdir(&["/p", "/d"]);
+            let rules = rules();
+            let config = env.write_config(&Config::new(&rules));
+            let mut args = env.run_args(&config);
+            args.push("-v".into());
+            let mut d = Daemon::start(&args);
+            env.wait_map(&rules);
+            let mut tcp = Session::open(&env.cg.path("/p"), Proto::Tcp, Remote::v6());
+            assert_eq!(tcp.send("one"), Ok("proxy:one".into()));
+
+            // Reload: /p loses its rule, /d becomes proxied.
+            let reloaded = Rules::new(&[("/d", "proxy")]);
+            std::fs::write(&config, Config::new(&reloaded).to_json()).unwrap();
+            d.signal(libc::SIGHUP);
+            env.wait_map(&reloaded);
+            assert_eq!(
+                tcp.send("two"),
+                Ok("proxy:two".into()),
+                "established proxied connection moved after its element went"
+            );
+            assert_direct(env, &proxy, &remote, "/p", Proto::Tcp, Remote::v6());
+            assert_proxied(env, &proxy, &remote, "/d", Proto::Tcp, Remote::v6());
+
+            // A bad new config is refused; the old one stays.
+            std::fs::write(
+                &config,
+                "{\"rules\": [{\"match\": \"(\", \"target\": \"proxy\"}]}",
+            )
+            .unwrap();
+            d.signal(libc::SIGHUP);
+            env.cg.mkdir(&["/d/child"]);
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(
+                d.running(),
+                "a bad config on SIGHUP must not stop the daemon:\n{}",
+                d.log()
+            );
+            env.wait_map(&reloaded);
+            assert!(
+                d.running(),
+                "a bad config on SIGHUP must not stop the daemon:\n{}",
+                d.log()
+            );
+            let f = d.stop();
+            assert_eq!(f.code(), Some(0), "{}", f.describe());
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Start, stop, crash
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sigterm_removes_elements_and_routes() {
+    e2e("sigterm_removes_elements_and_routes", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/a", "/x"]);
+        let rules = rules();
+        let d = env.start(&Config::new(&rules));
+        env.wait_map(&rules);
+        assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, "while running");
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), MapDump::new(), "elements left after SIGTERM");
+        assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, false, "after SIGTERM");
+    });
+}
+
+#[test]
+fn sigint_and_custom_route() {
+    e2e("sigint_and_custom_route", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let rules = rules();
+        let mut cfg = Config::new(&rules);
+        cfg.route = RouteCfg::On {
+            mark: 4242,
+            table: 4243,
+        };
+        let d = env.start(&cfg);
+        env.wait_map(&rules);
+        assert_policy_routing(4242, 4243, true, "while running");
+        d.signal(libc::SIGINT);
+        let mut d = d;
+        let f = d.wait(Duration::from_secs(10)).expect("exit after SIGINT");
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), MapDump::new());
+        assert_policy_routing(4242, 4243, false, "after the daemon exited");
+    });
+}
+
+#[test]
+fn route_false_installs_no_routing() {
+    e2e("route_false_installs_no_routing", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let rules = rules();
+        let mut cfg = Config::new(&rules);
+        cfg.route = RouteCfg::Off;
+        let rules_before = (ip_rules("-4"), ip_rules("-6"));
+        let d = env.start(&cfg);
+        env.wait_map(&rules);
+        assert_eq!((ip_rules("-4"), ip_rules("-6")), rules_before);
+        assert_eq!(d.stop().code(), Some(0));
+    });
+}
+
+#[test]
+fn keep_on_exit_keeps_elements() {
+    e2e("keep_on_exit_keeps_elements", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/a", "/x", "/d"]);
+        let rules = rules();
+        let mut cfg = Config::new(&rules);
+        cfg.keep_on_exit = Some(true);
+        let d = env.start(&cfg);
+        let running = env.wait_map(&rules);
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), running, "keep-on-exit: the elements must stay");
+    });
+}
+
+#[test]
+fn sigkill_leaves_state_and_restart_converges() {
+    e2e("sigkill_leaves_state_and_restart_converges", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/stale", "/p/kept", "/x"]);
+        let rules = rules();
+        let mut cfg = Config::new(&rules);
+        // The root from the config key this time, not --cgroup-root.
+        cfg.cgroup_root = Some(env.cg.root.clone());
+        let path = env.write_config(&cfg);
+        let args = vec![
+            "run".into(),
+            "-c".into(),
+            path.into_os_string(),
+            "-v".into(),
+        ];
+        let mut d = Daemon::start(&args);
+        let running = env.wait_map(&rules);
+        d.kill();
+        assert_eq!(dump_map(), running, "SIGKILL: what was written stays");
+        assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, "SIGKILL: routes stay");
+
+        // Changes while no daemon runs.
+        env.cg.rmdir("/p/stale");
+        env.cg.rmdir("/x");
+        env.cg.mkdir(&["/p/new/deeper", "/d"]);
+        let d = Daemon::start(&args);
+        env.assert_map(&rules);
+        env.wait_map(&rules);
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), MapDump::new());
+        assert_policy_routing(
+            ROUTE_MARK,
+            ROUTE_TABLE,
+            false,
+            "SIGTERM after a restart that followed SIGKILL",
+        );
+    });
+}
+
+#[test]
+fn once_replaces_the_map_and_exits() {
+    e2e("once_replaces_the_map_and_exits", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/a", "/d", "/q"]);
+        let rules = rules();
+        env.once(&Config::new(&rules));
+        env.assert_map(&rules);
+        env.cg.rmdir("/p/a");
+        env.cg.mkdir(&["/x"]);
+        // A different rule set: stale and changed verdicts are replaced.
+        let other = Rules::new(&[("/q", "drop"), ("/p", "direct"), ("/x", "proxy")]);
+        env.once(&Config::new(&other));
+        env.assert_map(&other);
+    });
+}
+
+#[test]
+fn ruleset_reload_and_flush_are_refilled() {
+    e2e("ruleset_reload_and_flush_are_refilled", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/a", "/d", "/x"]);
+        let rules = rules();
+        let mut d = env.start(&Config::new(&rules));
+        env.wait_map(&rules);
+        // A firewall reload replaces the table: the map comes back empty.
+        load_ruleset();
+        env.wait_map(&rules);
+        nft_script("flush map inet cgtproxy cgroups\n");
+        env.wait_map(&rules);
+        // Gone for a while, with cgroups changing meanwhile.
+        nft_script("delete table inet cgtproxy\n");
+        env.cg.mkdir(&["/p/b"]);
+        env.cg.rmdir("/x");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            d.running(),
+            "the daemon died when the table went away:\n{}",
+            d.log()
+        );
+        load_ruleset();
+        env.wait_map(&rules);
+        assert_eq!(d.stop().code(), Some(0));
+    });
+}
+
+#[test]
+fn many_cgroups_at_start_and_while_stopped() {
+    e2e("many_cgroups_at_start_and_while_stopped", |env| {
+        load_ruleset();
+        let rules = rules();
+        // Past one 64 KiB netlink attribute's worth of elements at start.
+        let first: Vec<String> = (0..1500).map(|i| format!("/p/s{}/c{i}", i % 30)).collect();
+        env.cg
+            .mkdir(&first.iter().map(String::as_str).collect::<Vec<_>>());
+        let d = env.start(&Config::new(&rules));
+        let map = env.wait_map(&rules);
+        assert_eq!(map.len(), 1531);
+        // A burst while the daemon is stopped: events queue up and arrive
+        // at once.
+        d.signal(libc::SIGSTOP);
+        let second: Vec<String> = (0..1500).map(|i| format!("/p/b{}/c{i}", i % 30)).collect();
+        env.cg
+            .mkdir(&second.iter().map(String::as_str).collect::<Vec<_>>());
+        for i in 0..15 {
+            env.cg.rmdir(&format!("/p/s{i}"));
+        }
+        d.signal(libc::SIGCONT);
+        let map = env.wait_map(&rules);
+        assert_eq!(map.len(), 1 + 1500 + 30 + 750 + 15);
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), MapDump::new());
+    });
+}
