@@ -89,6 +89,46 @@ pub fn fs_path(root: &Path, path: &[u8]) -> PathBuf {
     }
 }
 
+/// A cgroup directory to hand to a syscall. Paths longer than PATH_MAX
+/// (deep trees of 255-byte names) cannot be named directly: those are opened
+/// one component at a time and named through `/proc/self/fd/N`.
+pub struct Dir {
+    pub path: PathBuf,
+    /// Keeps the `/proc/self/fd/N` name valid.
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Dir {
+    /// Whether `path` is a `/proc/self/fd` link (which must be followed).
+    pub fn via_fd(&self) -> bool {
+        self.fd.is_some()
+    }
+}
+
+/// Leaves room below PATH_MAX (4096, NUL included).
+const SHORT_PATH: usize = 4000;
+
+pub fn dir(root: &Path, path: &[u8]) -> std::io::Result<Dir> {
+    let full = fs_path(root, path);
+    if full.as_os_str().len() < SHORT_PATH {
+        return Ok(Dir {
+            path: full,
+            fd: None,
+        });
+    }
+    use rustix::fs::{Mode, OFlags, open, openat};
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    let mut fd = open(root, flags, Mode::empty())?;
+    for comp in path.split(|&c| c == b'/').filter(|c| !c.is_empty()) {
+        fd = openat(&fd, OsStr::from_bytes(comp), flags, Mode::empty())?;
+    }
+    use std::os::fd::AsRawFd;
+    Ok(Dir {
+        path: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+        fd: Some(fd),
+    })
+}
+
 /// `parent` + `/` + `name`, in the rules' path form.
 pub fn child_path(parent: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = Vec::with_capacity(parent.len() + 1 + name.len());

@@ -242,7 +242,11 @@ fn u32_value(v: &Value) -> Result<u32, String> {
         Value::Number(Number::U64(n)) => {
             u32::try_from(*n).map_err(|_| format!("{n} does not fit in 32 bits"))
         }
-        Value::Number(n) => Err(format!("expected an integer from 1 to 4294967295, got {n}")),
+        // No float formatting here: it would pull a float printer into the binary.
+        Value::Number(Number::I64(n)) => {
+            Err(format!("expected an integer from 1 to 4294967295, got {n}"))
+        }
+        Value::Number(_) => Err("expected an integer from 1 to 4294967295, got a fraction".into()),
         _ => Err(format!("expected an integer, got {}", kind(v))),
     }
 }

@@ -120,8 +120,21 @@ impl Tree {
         let mut stack = vec![(parent, path)];
         let mut first = None;
         while let Some((parent, path)) = stack.pop() {
-            let dir = cgroup::fs_path(&self.root, &path);
-            let wd = match inotify::add_watch(&self.inotify, &dir, WATCH) {
+            let dir = match cgroup::dir(&self.root, &path) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    crate::warn!("{}: cannot open: {e}", cgroup::display(&path));
+                    continue;
+                }
+            };
+            // A /proc/self/fd name is a link that must be followed.
+            let flags = if dir.via_fd() {
+                WATCH.difference(WatchFlags::DONT_FOLLOW)
+            } else {
+                WATCH
+            };
+            let wd = match inotify::add_watch(&self.inotify, &dir.path, flags) {
                 Ok(wd) => Some(wd),
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue, // gone already
                 Err(Errno::NOSPC) => {
@@ -129,17 +142,17 @@ impl Tree {
                         self.warned_watches = true;
                         crate::warn!(
                             "out of inotify watches at {} (raise fs.inotify.max_user_watches): cgroups created below it are not followed until a rescan",
-                            dir.display()
+                            cgroup::display(&path)
                         );
                     }
                     None
                 }
                 Err(e) => {
-                    crate::warn!("{}: cannot watch: {e}", dir.display());
+                    crate::warn!("{}: cannot watch: {e}", cgroup::display(&path));
                     None
                 }
             };
-            let id = match cgroup::id_of(&dir) {
+            let id = match cgroup::id_of(&dir.path) {
                 Ok(id) => id,
                 Err(_) => {
                     // Vanished between the watch and the stat. Drop the
@@ -176,7 +189,7 @@ impl Tree {
             });
             first.get_or_insert(id);
             // Children that exist now; later ones arrive as events.
-            if let Ok(rd) = std::fs::read_dir(&dir) {
+            if let Ok(rd) = std::fs::read_dir(&dir.path) {
                 for e in rd.flatten() {
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
                         stack.push((

@@ -313,7 +313,8 @@ pub fn parse_error(m: &Msg<'_>) -> Result<ErrorMsg, Malformed> {
         orig_len.max(NLMSG_HDRLEN)
     };
     let mut e = ErrorMsg {
-        errno: -error,
+        // wrapping: i32::MIN from a hostile peer must not overflow (found by fuzzing).
+        errno: error.wrapping_neg(),
         seq,
         ext_msg: None,
         offset: None,
@@ -402,6 +403,18 @@ mod tests {
                 let _ = parse_error(&m);
                 for _ in attrs(m.payload) {}
             }
+        }
+    }
+
+    /// fuzz/artifacts/netlink_reply/crash-6b57ff51…: an error code of i32::MIN.
+    #[test]
+    fn error_code_i32_min_does_not_overflow() {
+        let b = [
+            0x20, 0, 0, 0, 0, 0xa6, 0, 0, 0, 0xc7, 0xd7, 0xb3, 0xc7, 0xc7, 0, 0, //
+            0, 0, 0, 0x80, 0, 0, 0, 0x28, 0, 0, 0, 0, 0, 0x38, 0xc7, 0xc7,
+        ];
+        for m in messages(&b).flatten() {
+            let _ = parse_error(&m);
         }
     }
 
