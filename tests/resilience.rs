@@ -1,0 +1,1916 @@
+//! What the daemon must survive (issue 3, INTERFACE.md section 5), end to
+//! end: ruleset reloads, flushes and deletes under it, live config reload,
+//! SIGKILL and restart, create/remove storms, inotify queue overflow,
+//! running out of inotify watches, a CAP_NET_ADMIN-only run, and hostile
+//! cgroup names.
+//!
+//! Each test runs in its own network namespace with its own cgroup subtree
+//! (tests/common/mod.rs). The map is read back with the real `nft`; the
+//! truth is computed here from a walk of the subtree through directory fds
+//! (so paths longer than PATH_MAX and non-UTF-8 names are seen as they are)
+//! and the rules. Transactions are watched with our own NFNLGRP_NFTABLES
+//! listener ([`Monitor`]): each transaction's element events, closed by
+//! NEWGEN with the committer's pid, are what `nft monitor` prints.
+//!
+//! They need root; without it they print SKIP (and fail with CI=true).
+
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{CString, OsStr, OsString};
+use std::fs;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Generous bound for convergence after big changes (storms, overflow).
+const SLOW_CONVERGE: Duration = Duration::from_secs(30);
+
+/// Linux PATH_MAX, including the terminating NUL.
+const PATH_MAX: usize = 4096;
+
+// ---------------------------------------------------------------------------
+// The truth, from directory fds
+// ---------------------------------------------------------------------------
+
+/// The documented match form of a cgroup path: UTF-8 as is; when the path
+/// is not UTF-8, each invalid byte becomes the four characters `\xHH`.
+fn match_form(path: &[u8]) -> String {
+    match std::str::from_utf8(path) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            let mut out = String::new();
+            for chunk in path.utf8_chunks() {
+                out.push_str(chunk.valid());
+                for b in chunk.invalid() {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+            out
+        }
+    }
+}
+
+fn cstr(b: &[u8]) -> CString {
+    CString::new(b).expect("no NUL in a file name")
+}
+
+/// openat(dir, name, O_DIRECTORY|O_NOFOLLOW).
+fn open_dir_at(dir: RawFd, name: &[u8]) -> io::Result<fs::File> {
+    let c = cstr(name);
+    // SAFETY: a valid C string and a caller-supplied directory fd.
+    let fd = unsafe {
+        libc::openat(
+            dir,
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that we now own.
+    Ok(unsafe { fs::File::from_raw_fd(fd) })
+}
+
+fn open_dir(path: &Path) -> fs::File {
+    let c = cstr(path.as_os_str().as_bytes());
+    // SAFETY: a valid C string.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "open {}: {}",
+        path.display(),
+        io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd that we now own.
+    unsafe { fs::File::from_raw_fd(fd) }
+}
+
+/// Subdirectory names of an open directory. `/proc/self/fd/N` follows the
+/// fd itself, so this works however long the directory's path is.
+fn subdirs(dir: &fs::File) -> Vec<Vec<u8>> {
+    let Ok(rd) = fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().as_bytes().to_vec())
+        .collect()
+}
+
+/// Every cgroup below `root` (not `root` itself): (path bytes "/a/b", id).
+fn walk_fd(root: &Path) -> Vec<(Vec<u8>, u64)> {
+    let top = Rc::new(open_dir(root));
+    let mut stack: Vec<(Rc<fs::File>, Vec<u8>, Vec<u8>)> = subdirs(&top)
+        .into_iter()
+        .map(|n| (top.clone(), n.clone(), [b"/".as_slice(), &n].concat()))
+        .collect();
+    let mut out = Vec::new();
+    while let Some((parent, name, path)) = stack.pop() {
+        let Ok(dir) = open_dir_at(parent.as_raw_fd(), &name) else {
+            continue; // removed meanwhile
+        };
+        let Ok(md) = dir.metadata() else { continue };
+        out.push((path.clone(), std::os::unix::fs::MetadataExt::ino(&md)));
+        let dir = Rc::new(dir);
+        for n in subdirs(&dir) {
+            let p = [path.as_slice(), b"/", &n].concat();
+            stack.push((dir.clone(), n, p));
+        }
+    }
+    out
+}
+
+/// What the map should hold: id → verdict, from the walk and the rules.
+fn truth(root: &Path, rules: &Rules) -> MapDump {
+    walk_fd(root)
+        .into_iter()
+        .filter_map(|(p, id)| rules.verdict(&match_form(&p)).map(|v| (id, v)))
+        .collect()
+}
+
+fn names(root: &Path) -> HashMap<u64, String> {
+    walk_fd(root)
+        .into_iter()
+        .map(|(p, id)| {
+            let mut s = match_form(&p);
+            if s.len() > 120 {
+                s = format!("{}…[{} bytes]", &s[..60], p.len());
+            }
+            (id, s)
+        })
+        .collect()
+}
+
+fn diff(root: &Path, expected: &MapDump, actual: &MapDump) -> String {
+    let names = names(root);
+    let ids: BTreeSet<u64> = expected.keys().chain(actual.keys()).copied().collect();
+    let mut s = String::new();
+    let mut n = 0;
+    for id in ids {
+        let (e, a) = (expected.get(&id), actual.get(&id));
+        if e != a {
+            n += 1;
+            if n <= 40 {
+                s.push_str(&format!(
+                    "  id {id} {:?}: expected {e:?}, map has {a:?}\n",
+                    names.get(&id).map(String::as_str).unwrap_or("<gone>")
+                ));
+            }
+        }
+    }
+    if n > 40 {
+        s.push_str(&format!("  … {n} differences in all\n"));
+    }
+    s
+}
+
+/// Waits (up to `limit`) until the map equals the truth; panics with a diff.
+fn converge(env: &Env, rules: &Rules, limit: Duration, what: &str) -> MapDump {
+    let mut last = (MapDump::new(), MapDump::new());
+    let ok = wait_until(limit, Duration::from_millis(25), || {
+        let e = truth(&env.cg.root, rules);
+        let a = match try_dump_map("cgtproxy", "cgroups") {
+            Ok(a) => a,
+            Err(_) => return false,
+        };
+        let same = e == a;
+        last = (e, a);
+        same
+    });
+    assert!(
+        ok,
+        "{what}: map did not converge to the truth within {limit:?}; {} expected, {} in the map:\n{}",
+        last.0.len(),
+        last.1.len(),
+        diff(&env.cg.root, &last.0, &last.1)
+    );
+    last.1
+}
+
+/// Asserts now that the map equals the truth.
+fn assert_truth(env: &Env, rules: &Rules, what: &str) -> MapDump {
+    let (e, a) = (truth(&env.cg.root, rules), dump_map());
+    assert!(
+        e == a,
+        "{what}: map differs from the truth:\n{}",
+        diff(&env.cg.root, &e, &a)
+    );
+    a
+}
+
+// ---------------------------------------------------------------------------
+// Directories by fd: names that are not UTF-8, paths past PATH_MAX
+// ---------------------------------------------------------------------------
+
+/// `mkdir` of a chain of names below `base`, each inside the previous one,
+/// through directory fds (the absolute path may exceed PATH_MAX). Returns
+/// how many were made, and the error that stopped it, if any.
+fn mkdir_chain(base: &Path, names: &[Vec<u8>]) -> (usize, Option<io::Error>) {
+    let mut dir = open_dir(base);
+    for (i, n) in names.iter().enumerate() {
+        let c = cstr(n);
+        // SAFETY: a valid C string and an open directory fd.
+        if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return (i, Some(e));
+            }
+        }
+        dir = match open_dir_at(dir.as_raw_fd(), n) {
+            Ok(d) => d,
+            Err(e) => return (i + 1, Some(e)),
+        };
+    }
+    (names.len(), None)
+}
+
+/// Removes `name` in `dir` and everything below it, bottom-up, by fds.
+fn remove_tree_at(dir: RawFd, name: &[u8]) -> io::Result<()> {
+    let sub = open_dir_at(dir, name)?;
+    for n in subdirs(&sub) {
+        remove_tree_at(sub.as_raw_fd(), &n)?;
+    }
+    drop(sub);
+    let c = cstr(name);
+    // SAFETY: a valid C string and an open directory fd.
+    if unsafe { libc::unlinkat(dir, c.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes, on drop (also when a test fails), subtrees the harness cannot
+/// remove by path (longer than PATH_MAX).
+struct DeepCleanup(Vec<PathBuf>);
+
+impl Drop for DeepCleanup {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let parent = open_dir(p.parent().unwrap());
+            let name = p.file_name().unwrap().as_bytes();
+            match remove_tree_at(parent.as_raw_fd(), name) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("cleanup of {}: {e}", p.display()),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// nf_tables events: our own `nft monitor`
+// ---------------------------------------------------------------------------
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u8 = 0;
+const NFT_MSG_NEWSETELEM: u8 = 12;
+const NFT_MSG_DELSETELEM: u8 = 14;
+const NFT_MSG_NEWGEN: u8 = 15;
+const NFT_MSG_DESTROYSETELEM: u8 = 30;
+const NFNLGRP_NFTABLES: libc::c_int = 7;
+
+/// One element event.
+#[derive(Clone, Debug)]
+struct ElemEvent {
+    del: bool,
+    table: String,
+    set: String,
+    id: u64,
+    /// As `nft` prints it: "goto proxy", "drop", …
+    verdict: Option<String>,
+}
+
+/// One committed transaction, as the kernel announced it.
+#[derive(Clone, Debug, Default)]
+struct Txn {
+    /// When its NEWGEN was received.
+    at: Option<Instant>,
+    generation: u32,
+    pid: u32,
+    /// The committer's comm.
+    name: String,
+    elems: Vec<ElemEvent>,
+    /// Other messages: (kind, first name attribute).
+    others: Vec<(u8, String)>,
+}
+
+impl Txn {
+    fn at(&self) -> Instant {
+        self.at.unwrap()
+    }
+    fn dels(&self) -> BTreeSet<u64> {
+        self.elems.iter().filter(|e| e.del).map(|e| e.id).collect()
+    }
+    fn adds(&self) -> BTreeMap<u64, String> {
+        self.elems
+            .iter()
+            .filter(|e| !e.del)
+            .map(|e| (e.id, e.verdict.clone().unwrap_or_default()))
+            .collect()
+    }
+    fn touches_our_map(&self) -> bool {
+        self.elems
+            .iter()
+            .all(|e| e.table == "cgtproxy" && e.set == "cgroups")
+    }
+}
+
+/// A NFNLGRP_NFTABLES listener in the calling thread's network namespace,
+/// read by a thread of its own, recording every transaction.
+struct Monitor {
+    txns: Arc<Mutex<Vec<Txn>>>,
+    lost: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: &T, what: &str) {
+    // SAFETY: a pointer to a live value with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (v as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "{what}: {}", io::Error::last_os_error());
+}
+
+impl Monitor {
+    fn start() -> Monitor {
+        // SAFETY: socket(2) with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        assert!(fd >= 0, "netlink socket: {}", io::Error::last_os_error());
+        // SAFETY: a fresh fd that we now own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data.
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: binding our socket to a valid sockaddr_nl.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "bind netlink: {}", io::Error::last_os_error());
+        let raw = fd.as_raw_fd();
+        setsockopt(
+            raw,
+            libc::SOL_NETLINK,
+            libc::NETLINK_ADD_MEMBERSHIP,
+            &NFNLGRP_NFTABLES,
+            "NETLINK_ADD_MEMBERSHIP 7",
+        );
+        let size: libc::c_int = 64 << 20;
+        setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &size,
+            "SO_RCVBUFFORCE",
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 50_000,
+        };
+        setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv, "SO_RCVTIMEO");
+        let txns = Arc::new(Mutex::new(Vec::new()));
+        let lost = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (txns, lost, stop) = (txns.clone(), lost.clone(), stop.clone());
+            thread::Builder::new()
+                .name("nft-monitor".into())
+                .spawn(move || monitor_loop(fd, &txns, &lost, &stop))
+                .unwrap()
+        };
+        Monitor {
+            txns,
+            lost,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn txns(&self) -> Vec<Txn> {
+        self.txns.lock().unwrap().clone()
+    }
+
+    fn by_pid(&self, pid: i32) -> Vec<Txn> {
+        self.txns()
+            .into_iter()
+            .filter(|t| t.pid == pid as u32)
+            .collect()
+    }
+
+    /// Asserts that no event was lost (ENOBUFS) so far.
+    fn assert_complete(&self) {
+        assert_eq!(
+            self.lost.load(Ordering::Relaxed),
+            0,
+            "the test's event listener lost events (ENOBUFS)"
+        );
+    }
+
+    /// Waits until `f` holds for the transactions recorded so far.
+    fn wait_for(&self, limit: Duration, f: impl Fn(&[Txn]) -> bool) -> bool {
+        wait_until(limit, Duration::from_millis(10), || f(&self.txns()))
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn monitor_loop(fd: OwnedFd, txns: &Mutex<Vec<Txn>>, lost: &AtomicU64, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut cur = Txn::default();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: reading into our own buffer from our own socket.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                Some(libc::ENOBUFS) => {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                _ => return,
+            }
+        }
+        let now = Instant::now();
+        let mut b = &buf[..n as usize];
+        while b.len() >= 16 {
+            let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
+            if len < 16 || len > b.len() {
+                break;
+            }
+            let ty = u16::from_ne_bytes(b[4..6].try_into().unwrap());
+            if ty >> 8 == NFNL_SUBSYS_NFTABLES && len >= 20 {
+                on_message((ty & 0xff) as u8, &b[20..len], &mut cur, now, txns);
+            }
+            b = &b[align4(len).min(b.len())..];
+        }
+    }
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Attributes of one level: (type without flags, payload).
+fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let l = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let t = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if l < 4 || l > b.len() {
+            break;
+        }
+        out.push((t, &b[4..l]));
+        b = &b[align4(l).min(b.len())..];
+    }
+    out
+}
+
+fn attr<'a>(list: &[(u16, &'a [u8])], t: u16) -> Option<&'a [u8]> {
+    list.iter().find(|(k, _)| *k == t).map(|(_, v)| *v)
+}
+
+fn attr_str(list: &[(u16, &[u8])], t: u16) -> String {
+    let v = attr(list, t).unwrap_or_default();
+    let v = v.split(|&c| c == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(v).into_owned()
+}
+
+fn attr_be32(list: &[(u16, &[u8])], t: u16) -> u32 {
+    attr(list, t)
+        .and_then(|v| v.get(..4))
+        .map(|v| u32::from_be_bytes(v.try_into().unwrap()))
+        .unwrap_or(0)
+}
+
+fn on_message(kind: u8, body: &[u8], cur: &mut Txn, now: Instant, txns: &Mutex<Vec<Txn>>) {
+    let top = attrs(body);
+    match kind {
+        NFT_MSG_NEWGEN => {
+            // NFTA_GEN_ID 1, NFTA_GEN_PROC_PID 2, NFTA_GEN_PROC_NAME 3.
+            cur.generation = attr_be32(&top, 1);
+            cur.pid = attr_be32(&top, 2);
+            cur.name = attr_str(&top, 3);
+            cur.at = Some(now);
+            txns.lock().unwrap().push(std::mem::take(cur));
+        }
+        NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_DESTROYSETELEM => {
+            // NFTA_SET_ELEM_LIST_TABLE 1, _SET 2, _ELEMENTS 3 > NFTA_LIST_ELEM 1.
+            let table = attr_str(&top, 1);
+            let set = attr_str(&top, 2);
+            let elems = attr(&top, 3).map(attrs).unwrap_or_default();
+            for (_, e) in elems {
+                let e = attrs(e);
+                // NFTA_SET_ELEM_KEY 1 > NFTA_DATA_VALUE 1: the id, host order.
+                let key = attr(&e, 1).map(attrs).unwrap_or_default();
+                let Some(id) = attr(&key, 1)
+                    .and_then(|v| v.get(..8))
+                    .map(|v| u64::from_ne_bytes(v.try_into().unwrap()))
+                else {
+                    continue;
+                };
+                // NFTA_SET_ELEM_DATA 2 > NFTA_DATA_VERDICT 2 > CODE 1, CHAIN 2.
+                let verdict = attr(&e, 2)
+                    .map(attrs)
+                    .and_then(|d| attr(&d, 2).map(attrs))
+                    .map(|v| {
+                        let code = attr_be32(&v, 1) as i32;
+                        let chain = attr_str(&v, 2);
+                        match code {
+                            0 => "drop".to_string(),
+                            1 => "accept".to_string(),
+                            -3 => format!("jump {chain}"),
+                            -4 => format!("goto {chain}"),
+                            c => format!("verdict {c}"),
+                        }
+                    });
+                cur.elems.push(ElemEvent {
+                    del: kind != NFT_MSG_NEWSETELEM,
+                    table: table.clone(),
+                    set: set.clone(),
+                    id,
+                    verdict,
+                });
+            }
+        }
+        _ => cur.others.push((kind, attr_str(&top, 1))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Logs, traffic, processes
+// ---------------------------------------------------------------------------
+
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Waits until `log()` has at least `n` lines containing `needle`.
+fn wait_log(log: impl Fn() -> String, needle: &str, n: usize, limit: Duration) -> String {
+    let mut last = String::new();
+    let ok = wait_until(limit, Duration::from_millis(20), || {
+        last = log();
+        count(&last, needle) >= n
+    });
+    assert!(
+        ok,
+        "expected {n} log line(s) containing {needle:?} within {limit:?}; log:\n{last}"
+    );
+    last
+}
+
+/// TCP from a new process in `cg` to the remote address: asserts that the
+/// TPROXY listener answered with the original destination intact.
+fn assert_proxied(env: &Env, proxy: &Server, cg: &Path, dst: SocketAddr) {
+    let msg = env.token("proxied");
+    let r = exchange(cg, Proto::Tcp, dst, &msg);
+    assert_eq!(
+        r,
+        Ok(format!("proxy:{msg}")),
+        "TCP to {dst} from {}: expected the TPROXY listener to answer",
+        cg.display()
+    );
+    let ev = proxy.got(&msg);
+    assert_eq!(ev.len(), 1, "proxy events for {msg}: {ev:?}");
+    assert_eq!(
+        ev[0].local, dst,
+        "original destination seen by the listener"
+    );
+}
+
+/// UDP from a new process in `cg`: asserts that the remote server answered.
+fn assert_direct(env: &Env, proxy: &Server, remote: &Remote, cg: &Path, dst: SocketAddr) {
+    let msg = env.token("direct");
+    let r = exchange(cg, Proto::Udp, dst, &msg);
+    assert_eq!(
+        r,
+        Ok(format!("remote:{msg}")),
+        "UDP to {dst} from {}: expected the remote server to answer",
+        cg.display()
+    );
+    assert_eq!(remote.server.got(&msg).len(), 1);
+    assert!(
+        proxy.got(&msg).is_empty(),
+        "direct traffic reached the proxy"
+    );
+}
+
+/// `ip -4|-6 rule` lines for (mark, table).
+fn policy_rule_lines(family: &str, mark: u32, table: u32) -> usize {
+    let (m, t) = (format!("fwmark {mark:#x}"), format!("lookup {table}"));
+    ip_rules(family)
+        .lines()
+        .filter(|l| l.contains(&m) && l.contains(&t))
+        .count()
+}
+
+fn local_route_lines(family: &str, table: u32) -> usize {
+    ip_routes(family, table)
+        .lines()
+        .filter(|l| l.contains("local default dev lo"))
+        .count()
+}
+
+fn assert_single_policy_routing(when: &str) {
+    for fam in ["-4", "-6"] {
+        assert_eq!(
+            (
+                policy_rule_lines(fam, ROUTE_MARK, ROUTE_TABLE),
+                local_route_lines(fam, ROUTE_TABLE)
+            ),
+            (1, 1),
+            "{when}: expected exactly one `fwmark {ROUTE_MARK:#x} lookup {ROUTE_TABLE}` rule and \
+             one `local default dev lo table {ROUTE_TABLE}` route ({fam}); rules:\n{}\nroutes:\n{}",
+            ip_rules(fam),
+            ip_routes(fam, ROUTE_TABLE)
+        );
+    }
+}
+
+/// Starts the daemon with explicit args (no -v: the default log level).
+fn start_daemon(env: &Env, config: &Path, extra: &[&str]) -> Daemon {
+    let mut args = env.run_args(config);
+    args.extend(extra.iter().map(OsString::from));
+    Daemon::start(&args)
+}
+
+/// Prerequisite tools this file needs beyond the harness's: skip with a
+/// reason, or fail with CI=true.
+fn need(test: &str, tool: &str, arg: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: `{tool}` is missing (CI=true makes this a failure)");
+        }
+        eprintln!("SKIP {test}: `{tool}` is missing");
+    }
+    ok
+}
+
+/// The daemon run as an unprivileged user through `setpriv`, keeping only
+/// CAP_NET_ADMIN (inheritable, ambient, bounding set).
+struct PrivDaemon {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid 2-int array.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2: {}", io::Error::last_os_error());
+    // SAFETY: two fresh fds that we now own.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn reader<R: Read + Send + 'static>(r: R, log: Arc<Mutex<String>>, pid: u32) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = io::BufReader::new(r);
+        let mut line = Vec::new();
+        while io::BufRead::read_until(&mut r, b'\n', &mut line).unwrap_or(0) > 0 {
+            let l = String::from_utf8_lossy(&line);
+            eprint!("[cgtproxy {pid}] {l}");
+            log.lock().unwrap().push_str(&l);
+            line.clear();
+        }
+    })
+}
+
+impl PrivDaemon {
+    fn start(uid: u32, gid: u32, args: &[OsString]) -> PrivDaemon {
+        let (r, w) = pipe();
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg("--inh-caps=-all,+net_admin")
+            .arg("--ambient-caps=-all,+net_admin")
+            .arg("--bounding-set=-all,+net_admin")
+            .arg("--")
+            .arg(BIN)
+            .args(args)
+            .arg("--ready-fd")
+            .arg("3")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let wfd = w.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) after fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if wfd == 3 {
+                    let fl = libc::fcntl(wfd, libc::F_GETFD);
+                    if libc::fcntl(wfd, libc::F_SETFD, fl & !libc::FD_CLOEXEC) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(wfd, 3) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn setpriv cgtproxy");
+        drop(w);
+        let log = Arc::new(Mutex::new(String::new()));
+        let pid = child.id();
+        let readers = vec![
+            reader(child.stderr.take().unwrap(), log.clone(), pid),
+            reader(child.stdout.take().unwrap(), log.clone(), pid),
+        ];
+        let mut d = PrivDaemon {
+            child: Some(child),
+            log,
+            readers,
+        };
+        let mut pfd = libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        let mut b = [0u8; 8];
+        // SAFETY: reading into a local buffer from our pipe.
+        let got = if n > 0 {
+            unsafe { libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) }
+        } else {
+            -1
+        };
+        if got <= 0 || !b[..got as usize].contains(&b'\n') {
+            let (st, log) = d.finish(true);
+            panic!("unprivileged cgtproxy {args:?} did not become ready: {st:?}\n{log}");
+        }
+        d
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("wait").is_none())
+    }
+
+    /// SIGTERM (or SIGKILL) and waits (10 s) for the exit.
+    fn finish(&mut self, kill: bool) -> (Option<ExitStatus>, String) {
+        let Some(mut c) = self.child.take() else {
+            return (None, self.log());
+        };
+        // SAFETY: kill(2) of our own child.
+        unsafe {
+            libc::kill(
+                c.id() as i32,
+                if kill { libc::SIGKILL } else { libc::SIGTERM },
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        (st, self.log())
+    }
+}
+
+impl Drop for PrivDaemon {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A child process killed on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// "Uid:" and "CapEff:" of a process.
+fn uid_and_caps(pid: i32) -> (String, String) {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (field("Uid:"), field("CapEff:"))
+}
+
+/// A small deterministic PRNG (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mkdir_all(env: &Env, rels: &[String]) {
+    for chunk in rels.chunks(2000) {
+        env.cg
+            .mkdir(&chunk.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Ruleset reload while running
+// ---------------------------------------------------------------------------
+
+#[test]
+fn ruleset_reload_refills_2000_elements() {
+    e2e("ruleset_reload_refills_2000_elements", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct")]);
+        let cgs: Vec<String> = (0..2000).map(|i| format!("/p/g{}/c{i}", i % 40)).collect();
+        mkdir_all(env, &cgs);
+        env.cg.mkdir(&["/d", "/other/x"]);
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = start_daemon(env, &config, &["-q"]);
+        let expected = converge(env, &rules, CONVERGE, "initial sync");
+        assert_eq!(expected.len(), 2000 + 40 + 1 + 1);
+
+        let mon = Monitor::start();
+        let mut from_commit = Vec::new();
+        for round in 0..3 {
+            let before = mon.txns().len();
+            let t0 = Instant::now();
+            load_ruleset();
+            let t1 = Instant::now();
+            converge(env, &rules, CONVERGE, "after `nft -f` of the ruleset");
+            // No feedback loop: the daemon does not react to its own refill.
+            thread::sleep(Duration::from_millis(300));
+            mon.assert_complete();
+            let txns: Vec<Txn> = mon.txns().split_off(before);
+            let reload = txns
+                .iter()
+                .find(|t| {
+                    t.pid != d.pid() as u32
+                        && t.others
+                            .iter()
+                            .any(|(k, n)| *k == NFT_MSG_NEWTABLE && n == "cgtproxy")
+                })
+                .unwrap_or_else(|| panic!("no NEWTABLE event for the reload: {txns:?}"));
+            let mine: Vec<&Txn> = txns.iter().filter(|t| t.pid == d.pid() as u32).collect();
+            assert!(
+                !mine.is_empty() && mine.iter().all(|t| t.at() >= reload.at()),
+                "refill transactions: {mine:?}"
+            );
+            assert!(mine.iter().all(|t| t.touches_our_map()));
+            assert_eq!(
+                mine.len(),
+                1,
+                "the refill is one transaction, and nothing follows it"
+            );
+            let added: BTreeMap<u64, String> = mine.iter().flat_map(|t| t.adds()).collect();
+            assert_eq!(added, expected, "the refill adds exactly the truth");
+            let done = mine.last().unwrap().at();
+            let since_commit = done - reload.at();
+            let since_return = done.checked_duration_since(t1);
+            eprintln!(
+                "reload→refilled (round {round}): {:.1} ms after the reload's commit event, \
+                 {} after `nft -f` returned (nft ran {:.1} ms); {} elements in {} transaction(s)",
+                ms(since_commit),
+                since_return.map_or("before it".to_string(), |d| format!("{:.1} ms", ms(d))),
+                ms(t1 - t0),
+                added.len(),
+                mine.len()
+            );
+            assert!(since_commit < Duration::from_secs(5));
+            from_commit.push(since_commit);
+        }
+        from_commit.sort();
+        eprintln!(
+            "reload→refilled: median {:.1} ms over {} reloads of a 2042-element map",
+            ms(from_commit[1]),
+            from_commit.len()
+        );
+        assert_proxied(env, &proxy, &env.cg.path("/p/g7/c7"), Remote::v4());
+        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v6());
+        assert!(d.running());
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 2. Flush of the map; the table deleted (and the whole ruleset flushed),
+//    cgroups changing while it is gone, then re-loaded
+// ---------------------------------------------------------------------------
+
+#[test]
+fn map_flush_and_table_delete_while_cgroups_change() {
+    e2e("map_flush_and_table_delete_while_cgroups_change", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let rules = Rules::new(&[
+            ("/p(/.*)?", "proxy"),
+            ("/d[0-9]*", "direct"),
+            ("/x", "drop"),
+        ]);
+        let cgs: Vec<String> = (0..300).map(|i| format!("/p/a{}/b{i}", i % 10)).collect();
+        mkdir_all(env, &cgs);
+        env.cg.mkdir(&["/d", "/x", "/n/o"]);
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = start_daemon(env, &config, &[]);
+        converge(env, &rules, CONVERGE, "initial sync");
+
+        let mon = Monitor::start();
+        nft_script("flush map inet cgtproxy cgroups\n");
+        let map = converge(env, &rules, CONVERGE, "after `nft flush map`");
+        assert!(
+            mon.wait_for(CONVERGE, |t| t.iter().any(|t| t.pid == d.pid() as u32)),
+            "no refill transaction"
+        );
+        let refill: Vec<Txn> = mon.by_pid(d.pid());
+        assert_eq!(refill.len(), 1, "refill after a flush: one transaction");
+        assert_eq!(refill[0].adds(), map);
+
+        // Gone for a while (past the 2 s retry timer), cgroups changing.
+        let missing = "table inet cgtproxy does not exist";
+        let absences: [(&str, &str); 2] = [
+            ("delete table inet cgtproxy\n", "delete table"),
+            ("flush ruleset\n", "flush ruleset"),
+        ];
+        for (round, (script, what)) in absences.iter().enumerate() {
+            nft_script(script);
+            env.cg.mkdir(&[
+                &format!("/p/new{round}/deep/er"),
+                &format!("/d{round}"),
+                &format!("/q{round}"),
+            ]);
+            env.cg.rmdir(&format!("/p/a{round}"));
+            if round == 0 {
+                env.cg.rmdir("/x");
+            } else {
+                env.cg.mkdir(&["/x"]);
+            }
+            wait_log(|| d.log(), missing, round + 1, Duration::from_secs(5));
+            thread::sleep(Duration::from_millis(2500));
+            env.cg.mkdir(&[&format!("/p/late{round}")]);
+            thread::sleep(Duration::from_millis(300));
+            assert!(d.running(), "died after `{what}`:\n{}", d.log());
+            assert_eq!(
+                count(&d.log(), missing),
+                round + 1,
+                "while the table is missing ({what}), say so once:\n{}",
+                d.log()
+            );
+            load_ruleset();
+            converge(env, &rules, CONVERGE, &format!("re-load after `{what}`"));
+            wait_log(|| d.log(), "is back", round + 1, CONVERGE);
+            assert_proxied(
+                env,
+                &proxy,
+                &env.cg.path(&format!("/p/late{round}")),
+                Remote::v4(),
+            );
+            assert_direct(
+                env,
+                &proxy,
+                &remote,
+                &env.cg.path(&format!("/d{round}")),
+                Remote::v4(),
+            );
+        }
+        assert_eq!(count(&d.log(), missing), 2, "{}", d.log());
+        mon.assert_complete();
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 3. SIGHUP with changed rules: one transaction, never a missing element
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sighup_switches_verdicts_in_one_transaction() {
+    e2e("sighup_switches_verdicts_in_one_transaction", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/a", "/b", "/c/k", "/z", "/n"]);
+        let old = Rules::new(&[
+            ("/a", "proxy"),
+            ("/b", "direct"),
+            ("/c(/.*)?", "proxy"),
+            ("/z", "drop"),
+        ]);
+        let new = Rules::new(&[
+            ("/a", "direct"),
+            ("/b", "proxy"),
+            ("/c(/.*)?", "proxy"),
+            ("/n", "proxy"),
+        ]);
+        let config = env.write_config(&Config::new(&old));
+        let d = start_daemon(env, &config, &[]);
+        let before = converge(env, &old, CONVERGE, "initial sync");
+        assert_proxied(env, &proxy, &env.cg.path("/a"), Remote::v4());
+
+        let mon = Monitor::start();
+        fs::write(&config, Config::new(&new).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        let after = converge(env, &new, CONVERGE, "after SIGHUP");
+        wait_log(|| d.log(), "configuration reloaded", 1, CONVERGE);
+        thread::sleep(Duration::from_millis(300));
+        mon.assert_complete();
+        let mine = mon.by_pid(d.pid());
+        assert_eq!(
+            mine.len(),
+            1,
+            "SIGHUP must change the map in one transaction: {mine:?}"
+        );
+        let t = &mine[0];
+        let (a, b, z, n) = (
+            env.cg.id("/a"),
+            env.cg.id("/b"),
+            env.cg.id("/z"),
+            env.cg.id("/n"),
+        );
+        // The verdict changes are a delete and an add of the same key in
+        // one generation: no packet sees the key missing.
+        assert_eq!(t.dels(), BTreeSet::from([a, b, z]), "deleted in {t:?}");
+        assert_eq!(
+            t.adds(),
+            BTreeMap::from([
+                (a, "goto direct".to_string()),
+                (b, "goto proxy".to_string()),
+                (n, "goto proxy".to_string()),
+            ]),
+            "added in {t:?}"
+        );
+        eprintln!(
+            "SIGHUP: generation {} by pid {} ({}): {} deletes, {} adds",
+            t.generation,
+            t.pid,
+            t.name,
+            t.dels().len(),
+            t.adds().len()
+        );
+        assert_eq!(t.name, "cgtproxy");
+        // What did not change was not touched.
+        assert_eq!(before.get(&env.cg.id("/c")), after.get(&env.cg.id("/c")));
+        assert!(t.elems.iter().all(|e| e.id != env.cg.id("/c")));
+        assert_proxied(env, &proxy, &env.cg.path("/b"), Remote::v6());
+        assert_proxied(env, &proxy, &env.cg.path("/n"), Remote::v4());
+        assert_direct(env, &proxy, &remote, &env.cg.path("/a"), Remote::v4());
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 4. SIGHUP with a broken config: refused, the running one stays
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sighup_with_broken_config_keeps_the_old_one() {
+    e2e("sighup_with_broken_config_keeps_the_old_one", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/p", "/d"]);
+        let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/d(/.*)?", "direct")]);
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = start_daemon(env, &config, &[]);
+        converge(env, &rules, CONVERGE, "initial sync");
+
+        let refused = "reload refused, keeping the running configuration";
+        let cases: [(&str, Option<String>, &[&str]); 3] = [
+            (
+                "malformed JSON",
+                Some("{\"rules\": [{\"match\": \"/d\" \"target\": \"proxy\"}]}".into()),
+                &[],
+            ),
+            (
+                "a rule naming a missing chain",
+                Some(
+                    Config::new(&Rules::new(&[("/d(/.*)?", "proxy2"), ("/p", "direct")])).to_json(),
+                ),
+                &["proxy2"],
+            ),
+            ("the config file removed", None, &[]),
+        ];
+        for (i, (what, content, needles)) in cases.iter().enumerate() {
+            match content {
+                Some(c) => fs::write(&config, c).unwrap(),
+                None => fs::remove_file(&config).unwrap(),
+            }
+            d.signal(libc::SIGHUP);
+            let log = wait_log(|| d.log(), refused, i + 1, CONVERGE);
+            let line = log.lines().filter(|l| l.contains(refused)).nth(i).unwrap();
+            assert!(
+                line.contains(config.to_str().unwrap()),
+                "{what}: the message names the file: {line}"
+            );
+            for n in *needles {
+                assert!(line.contains(n), "{what}: the message names {n:?}: {line}");
+            }
+            // Cgroups made afterwards get their elements by the old rules.
+            let (p, dd) = (format!("/p/after{i}"), format!("/d/after{i}"));
+            env.cg.mkdir(&[&p, &dd]);
+            converge(env, &rules, CONVERGE, &format!("after SIGHUP with {what}"));
+            assert!(d.running(), "{what}: the daemon stopped:\n{}", d.log());
+            assert_proxied(env, &proxy, &env.cg.path(&p), Remote::v4());
+            assert_direct(env, &proxy, &remote, &env.cg.path(&dd), Remote::v4());
+        }
+        // A ruleset reload now refills by the running (old) rules.
+        load_ruleset();
+        converge(
+            env,
+            &rules,
+            CONVERGE,
+            "ruleset reload after refused reloads",
+        );
+        assert_eq!(count(&d.log(), "configuration reloaded"), 0);
+        // A good config is taken again.
+        let good = Rules::new(&[("/d(/.*)?", "proxy")]);
+        fs::write(&config, Config::new(&good).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        wait_log(|| d.log(), "configuration reloaded", 1, CONVERGE);
+        converge(env, &good, CONVERGE, "after a good SIGHUP");
+        assert_proxied(env, &proxy, &env.cg.path("/d/after0"), Remote::v4());
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 5. SIGKILL, the tree changes while down, restart
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sigkill_restart_converges_in_one_transaction() {
+    e2e("sigkill_restart_converges_in_one_transaction", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct"), ("/x.*", "drop")]);
+        let old: Vec<String> = (0..200).map(|i| format!("/p/s{}/c{i}", i % 10)).collect();
+        mkdir_all(env, &old);
+        env.cg.mkdir(&["/d", "/x1", "/x2", "/keep"]);
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = start_daemon(env, &config, &[]);
+        let running = converge(env, &rules, CONVERGE, "first run");
+        assert_single_policy_routing("first run");
+        d.kill();
+        assert_eq!(dump_map(), running, "SIGKILL: what was written stays");
+        assert_proxied(env, &proxy, &env.cg.path("/p/s1/c1"), Remote::v4());
+
+        // While down: matched cgroups removed (whole subtrees, one
+        // verdict-bearing leaf), new ones made (nested, matched or not).
+        for i in 0..4 {
+            env.cg.rmdir(&format!("/p/s{i}"));
+        }
+        env.cg.rmdir("/p/s5/c5");
+        env.cg.rmdir("/x1");
+        env.cg
+            .mkdir(&["/p/new/a/b", "/x3", "/other/x", "/p/s6/c1000"]);
+        let want = truth(&env.cg.root, &rules);
+        let stale: BTreeSet<u64> = running
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        let fresh: BTreeMap<u64, String> = want
+            .iter()
+            .filter(|(k, _)| !running.contains_key(k))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        assert!(stale.len() > 80 && fresh.len() == 5);
+
+        let mon = Monitor::start();
+        let mut d = start_daemon(env, &config, &[]);
+        // Converged when it says it is ready, not later.
+        assert_truth(env, &rules, "restart, at readiness");
+        thread::sleep(Duration::from_millis(300));
+        mon.assert_complete();
+        let mine = mon.by_pid(d.pid());
+        assert_eq!(mine.len(), 1, "restart: one transaction, got {mine:?}");
+        assert_eq!(mine[0].dels(), stale, "restart deletes exactly the stale");
+        assert_eq!(mine[0].adds(), fresh, "restart adds exactly the new");
+        assert_single_policy_routing("restart after SIGKILL");
+        assert_proxied(env, &proxy, &env.cg.path("/p/new/a/b"), Remote::v6());
+
+        // Killed again in the middle of a burst, restarted while it goes on.
+        let root = env.cg.root.clone();
+        let progress = Arc::new(AtomicU64::new(0));
+        let burst = {
+            let progress = progress.clone();
+            thread::spawn(move || {
+                for i in 0..1500 {
+                    fs::create_dir_all(root.join(format!("p/burst{}/c{i}", i % 6))).unwrap();
+                    progress.store(i + 1, Ordering::Relaxed);
+                    // Paced, so that the restart lands in the middle.
+                    thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        wait_until(CONVERGE, Duration::from_millis(1), || {
+            progress.load(Ordering::Relaxed) >= 300
+        });
+        d.kill();
+        let mut d = start_daemon(env, &config, &[]);
+        let at_restart = progress.load(Ordering::Relaxed);
+        burst.join().unwrap();
+        eprintln!("burst: killed after 300 mkdirs, restarted (ready) after {at_restart} of 1500");
+        converge(env, &rules, CONVERGE, "restart during a burst");
+        assert_single_policy_routing("second restart");
+
+        // Killed with nothing changed: the restart has nothing to write.
+        d.kill();
+        let before = mon.txns().len();
+        let d = start_daemon(env, &config, &[]);
+        assert_truth(env, &rules, "restart without changes");
+        thread::sleep(Duration::from_millis(200));
+        let mine: Vec<Txn> = mon
+            .txns()
+            .split_off(before)
+            .into_iter()
+            .filter(|t| t.pid == d.pid() as u32)
+            .collect();
+        assert!(mine.is_empty(), "nothing to change, yet: {mine:?}");
+        assert_single_policy_routing("third restart");
+        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), MapDump::new());
+        for fam in ["-4", "-6"] {
+            assert_eq!(policy_rule_lines(fam, ROUTE_MARK, ROUTE_TABLE), 0);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 6. A storm of create/remove with random nesting
+// ---------------------------------------------------------------------------
+
+struct StormNode {
+    path: String,
+    depth: usize,
+    children: Vec<usize>,
+    parent: Option<usize>,
+}
+
+#[test]
+fn storm_of_20000_nested_creates_and_removes() {
+    e2e("storm_of_20000_nested_creates_and_removes", |env| {
+        load_ruleset();
+        let rules = Rules::new(&[
+            ("/p[0-9]+(/.*)?", "proxy"),
+            (".*/d[0-9]+", "direct"),
+            (".*/x[0-9]+", "drop"),
+            ("/q[0-9]+/p[0-9]+(/.*)?", "proxy"),
+        ]);
+        let config = env.write_config(&Config::new(&rules));
+        let d = start_daemon(env, &config, &["-q"]);
+        let root = env.cg.root.clone();
+
+        const OPS: usize = 22_000;
+        const MAX_DEPTH: usize = 6;
+        let mut rng = Rng(0x5eed_cafe_f00d_0003);
+        let mut nodes: Vec<StormNode> = Vec::new();
+        // Live node indices, and each one's position in `live`.
+        let mut live: Vec<usize> = Vec::new();
+        let mut pos: HashMap<usize, usize> = HashMap::new();
+        let (mut made, mut removed, mut max_depth) = (0usize, 0usize, 0usize);
+        let start = Instant::now();
+        while made + removed < OPS {
+            let create = live.is_empty() || rng.below(100) < 56;
+            if create {
+                let parent = if live.is_empty() || rng.below(5) == 0 {
+                    None
+                } else {
+                    let p = live[rng.below(live.len())];
+                    (nodes[p].depth < MAX_DEPTH).then_some(p)
+                };
+                let prefix = ["p", "d", "x", "q"][rng.below(4)];
+                let name = format!("{prefix}{}", nodes.len());
+                let (path, depth) = match parent {
+                    Some(p) => (format!("{}/{name}", nodes[p].path), nodes[p].depth + 1),
+                    None => (format!("/{name}"), 1),
+                };
+                fs::create_dir(root.join(&path[1..]))
+                    .unwrap_or_else(|e| panic!("mkdir {path}: {e}"));
+                let id = nodes.len();
+                nodes.push(StormNode {
+                    path,
+                    depth,
+                    children: Vec::new(),
+                    parent,
+                });
+                if let Some(p) = parent {
+                    nodes[p].children.push(id);
+                }
+                pos.insert(id, live.len());
+                live.push(id);
+                made += 1;
+                max_depth = max_depth.max(depth);
+            } else {
+                let mut victim = live[rng.below(live.len())];
+                let whole = rng.below(10) == 0;
+                if !whole {
+                    while !nodes[victim].children.is_empty() {
+                        let c = &nodes[victim].children;
+                        victim = c[rng.below(c.len())];
+                    }
+                }
+                // Post-order: children before parents.
+                let mut order = Vec::new();
+                let mut stack = vec![(victim, false)];
+                while let Some((n, done)) = stack.pop() {
+                    if done {
+                        order.push(n);
+                    } else {
+                        stack.push((n, true));
+                        stack.extend(nodes[n].children.iter().map(|&c| (c, false)));
+                    }
+                }
+                for n in order {
+                    fs::remove_dir(root.join(&nodes[n].path[1..]))
+                        .unwrap_or_else(|e| panic!("rmdir {}: {e}", nodes[n].path));
+                    removed += 1;
+                    let at = pos.remove(&n).unwrap();
+                    let last = live.pop().unwrap();
+                    if last != n {
+                        live[at] = last;
+                        pos.insert(last, at);
+                    }
+                }
+                if let Some(p) = nodes[victim].parent {
+                    nodes[p].children.retain(|&c| c != victim);
+                }
+            }
+        }
+        let storm = start.elapsed();
+        let t = Instant::now();
+        let map = converge(env, &rules, SLOW_CONVERGE, "after the storm");
+        eprintln!(
+            "storm: {made} mkdir + {removed} rmdir in {:.0} ms ({} live cgroups, depth up to {max_depth}); \
+             map equal to the truth ({} elements) {:.0} ms after the last rmdir",
+            ms(storm),
+            live.len(),
+            map.len(),
+            ms(t.elapsed())
+        );
+        assert!(max_depth >= 5);
+        assert!(
+            map.len() > 200,
+            "the storm left too few matches to mean anything"
+        );
+        let log = d.log();
+        eprintln!(
+            "storm: the daemon logged {} overflow(s)",
+            count(&log, "overflow")
+        );
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), MapDump::new());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 7. inotify queue overflow while stopped with SIGSTOP
+// ---------------------------------------------------------------------------
+
+#[test]
+fn inotify_overflow_while_sigstopped_converges() {
+    e2e("inotify_overflow_while_sigstopped_converges", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let max_queued: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        if max_queued > 100_000 {
+            eprintln!(
+                "SKIP inotify_overflow_while_sigstopped_converges: max_queued_events is {max_queued}; too many cgroups to make"
+            );
+            return;
+        }
+        let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct"), ("/x", "drop")]);
+        let pre: Vec<String> = (0..100).map(|i| format!("/p/pre{i}")).collect();
+        mkdir_all(env, &pre);
+        env.cg.mkdir(&["/d", "/x", "/p/gone/deep"]);
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = start_daemon(env, &config, &["-q"]);
+        converge(env, &rules, CONVERGE, "initial sync");
+
+        let mon = Monitor::start();
+        d.signal(libc::SIGSTOP);
+        // Each mkdir and rmdir is one event on /p's watch; more than the
+        // queue holds, leaving a known final set.
+        let total = max_queued + max_queued / 4;
+        let creates = total / 2 + 500;
+        let root = env.cg.root.clone();
+        for i in 0..creates {
+            fs::create_dir(root.join(format!("p/n{i}"))).unwrap();
+        }
+        let mut events = creates;
+        for i in 0..creates {
+            if i % 5 != 0 {
+                fs::remove_dir(root.join(format!("p/n{i}"))).unwrap();
+                events += 1;
+            }
+        }
+        for i in 0..50 {
+            fs::remove_dir(root.join(format!("p/pre{i}"))).unwrap();
+        }
+        env.cg.rmdir("/p/gone");
+        env.cg.rmdir("/x");
+        env.cg.mkdir(&["/x", "/p/late/a/b"]);
+        assert!(events > max_queued);
+        let t0 = Instant::now();
+        d.signal(libc::SIGCONT);
+        let map = converge(env, &rules, SLOW_CONVERGE, "after SIGCONT");
+        thread::sleep(Duration::from_millis(300));
+        mon.assert_complete();
+        let mine = mon.by_pid(d.pid());
+        let last = mine
+            .iter()
+            .map(|t| t.at())
+            .max()
+            .expect("no transaction after SIGCONT");
+        eprintln!(
+            "overflow→converged: {:.1} ms from SIGCONT to the last of {} transaction(s); \
+             {events} events against max_queued_events {max_queued}; map {} elements (seen by dump {:.0} ms after SIGCONT)",
+            ms(last - t0),
+            mine.len(),
+            map.len(),
+            ms(t0.elapsed())
+        );
+        let log = d.log();
+        assert!(
+            count(&log, "overflow") >= 1 && log.contains("rescan"),
+            "the log must mention the overflow and the rescan:\n{log}"
+        );
+        assert!(d.running());
+        assert_proxied(env, &proxy, &env.cg.path("/p/late/a/b"), Remote::v4());
+        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 8. Out of inotify watches
+// ---------------------------------------------------------------------------
+
+fn read_sysctl(name: &str) -> usize {
+    fs::read_to_string(format!("/proc/sys/fs/inotify/{name}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Makes `dir` and `files` readable by anyone (the unprivileged daemon
+/// reads its config from the scratch dir).
+fn world_readable(dir: &Path, files: &[&Path]) {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    for f in files {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+/// A process of `uid` that holds every inotify watch the user may have
+/// but `leave`, on `files` across several instances (the limit,
+/// fs.inotify.max_user_watches, is per user). It is `sleep`: the watches
+/// are added between fork and exec, on fds without CLOEXEC.
+fn hold_watches(uid: u32, files: &[PathBuf], instances: usize, leave: usize) -> io::Result<Child> {
+    let paths: Vec<CString> = files
+        .iter()
+        .map(|p| cstr(p.as_os_str().as_bytes()))
+        .collect();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: after fork only raw syscalls; no allocation (paths were built
+    // before the fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            let id = uid as libc::c_long;
+            if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, id, id, id) != 0
+                || libc::syscall(libc::SYS_setresuid, id, id, id) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            let mut last: Option<(i32, i32)> = None;
+            let mut full = false;
+            'all: for _ in 0..instances {
+                let ifd = libc::inotify_init1(0);
+                if ifd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                for p in &paths {
+                    let wd = libc::inotify_add_watch(ifd, p.as_ptr(), libc::IN_ATTRIB);
+                    if wd < 0 {
+                        let e = io::Error::last_os_error();
+                        if e.raw_os_error() == Some(libc::ENOSPC) {
+                            full = true;
+                            break 'all;
+                        }
+                        return Err(e);
+                    }
+                    last = Some((ifd, wd));
+                }
+            }
+            if !full {
+                return Err(io::Error::from_raw_os_error(libc::EDQUOT));
+            }
+            // Watch descriptors of one instance are handed out 1, 2, 3, …
+            let (ifd, wd) = last.unwrap();
+            for k in 0..leave as i32 {
+                if libc::inotify_rm_watch(ifd, wd - k) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+#[test]
+fn out_of_inotify_watches_is_reported_once_and_survived() {
+    e2e(
+        "out_of_inotify_watches_is_reported_once_and_survived",
+        |env| {
+            let name = "out_of_inotify_watches_is_reported_once_and_survived";
+            if !need(name, "setpriv", "--version") || !need(name, "sleep", "--version") {
+                return;
+            }
+            let max_watches = read_sysctl("max_user_watches");
+            let max_instances = read_sysctl("max_user_instances");
+            if max_watches > 2_000_000 || max_instances < 8 {
+                eprintln!(
+                    "SKIP {name}: max_user_watches {max_watches}, max_user_instances {max_instances}: \
+                     too many watches to exhaust in a test"
+                );
+                return;
+            }
+            load_ruleset();
+            let remote = Remote::start();
+            let proxy = start_proxy();
+            // A user of its own: the watch limit is per user.
+            let uid = 3_100_000 + (std::process::id() % 100_000);
+            let instances = (max_instances - 4).min(100);
+            let per = max_watches.div_ceil(instances) + 1;
+            let dir = env.tmp.join("watchees");
+            fs::create_dir(&dir).unwrap();
+            let files: Vec<PathBuf> = (0..per).map(|i| dir.join(i.to_string())).collect();
+            for f in &files {
+                fs::write(f, "").unwrap();
+            }
+            world_readable(&env.tmp, &[]);
+            world_readable(
+                &dir,
+                &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+            );
+            let t = Instant::now();
+            // One watch left: the daemon gets its root's, no more.
+            let holder = match hold_watches(uid, &files, instances, 1) {
+                Ok(c) => KillOnDrop(c),
+                Err(e) => {
+                    eprintln!("SKIP {name}: could not exhaust the watches of uid {uid}: {e}");
+                    return;
+                }
+            };
+            eprintln!(
+                "uid {uid}: {max_watches} inotify watches taken by pid {} in {:.0} ms, one left",
+                holder.0.id(),
+                ms(t.elapsed())
+            );
+
+            let rules = Rules::new(&[("/p[0-9]*(/.*)?", "proxy"), ("/d", "direct")]);
+            env.cg
+                .mkdir(&["/p/a/b", "/p/c", "/d", "/q/p/x", "/gone/p1"]);
+            let config = env.write_config(&Config::new(&rules));
+            world_readable(&env.tmp, &[&config]);
+            let mut d = PrivDaemon::start(uid, uid, &env.run_args(&config));
+            // The scan needs no watches: everything there is served.
+            converge(env, &rules, CONVERGE, "initial sync without watches");
+            let warning = "out of inotify watches";
+            let log = wait_log(|| d.log(), warning, 1, CONVERGE);
+            // Changes in the watched root are followed; new directories
+            // cannot be watched and must not make it say so again.
+            env.cg.mkdir(&["/p2", "/p3", "/d2"]);
+            env.cg.rmdir("/gone");
+            converge(env, &rules, CONVERGE, "changes in the watched root");
+            env.cg.rmdir("/p");
+            env.cg.mkdir(&["/p", "/p4"]);
+            converge(env, &rules, CONVERGE, "more changes in the watched root");
+            thread::sleep(Duration::from_millis(200));
+            let log2 = d.log();
+            assert_eq!(
+                count(&log2, warning),
+                1,
+                "running out of watches is said once:\n{log2}"
+            );
+            assert!(d.running(), "{log2}");
+            eprintln!(
+                "out of watches, said once: {}",
+                log.lines().find(|l| l.contains(warning)).unwrap()
+            );
+            assert_proxied(env, &proxy, &env.cg.path("/p4"), Remote::v4());
+            assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+            let (st, log) = d.finish(false);
+            assert_eq!(st.and_then(|s| s.code()), Some(0), "{log}");
+            assert_eq!(dump_map(), MapDump::new());
+            drop(holder);
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 9. Least privilege: nobody with CAP_NET_ADMIN only
+// ---------------------------------------------------------------------------
+
+#[test]
+fn runs_as_nobody_with_only_cap_net_admin() {
+    e2e("runs_as_nobody_with_only_cap_net_admin", |env| {
+        let name = "runs_as_nobody_with_only_cap_net_admin";
+        if !need(name, "setpriv", "--version") {
+            return;
+        }
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct"), ("/x", "drop")]);
+        env.cg.mkdir(&["/p/a", "/d", "/x"]);
+        let config = env.write_config(&Config::new(&rules));
+        world_readable(&env.tmp, &[&config]);
+        let mut d = PrivDaemon::start(65534, 65534, &env.run_args(&config));
+        let (uid, caps) = uid_and_caps(d.pid());
+        assert_eq!(uid, "65534", "the daemon runs as nobody");
+        assert_eq!(
+            u64::from_str_radix(&caps, 16).unwrap(),
+            1 << 12, // CAP_NET_ADMIN
+            "effective capabilities: CAP_NET_ADMIN only"
+        );
+        converge(env, &rules, CONVERGE, "initial sync as nobody");
+        assert_single_policy_routing("as nobody");
+        env.cg.mkdir(&["/p/new/deeper"]);
+        converge(env, &rules, CONVERGE, "a new cgroup, as nobody");
+        assert_proxied(env, &proxy, &env.cg.path("/p/new/deeper"), Remote::v4());
+        assert_proxied(env, &proxy, &env.cg.path("/p/a"), Remote::v6());
+        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+        // Self-healing works unprivileged too.
+        load_ruleset();
+        converge(env, &rules, CONVERGE, "ruleset reload, as nobody");
+        assert!(d.running());
+        let (st, log) = d.finish(false);
+        assert_eq!(st.and_then(|s| s.code()), Some(0), "{log}");
+        assert_eq!(dump_map(), MapDump::new(), "SIGTERM empties the map");
+        assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, false, "after SIGTERM as nobody");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 10. Odd names: non-UTF-8 bytes, paths past PATH_MAX
+// ---------------------------------------------------------------------------
+
+#[test]
+fn non_utf8_names_match_on_the_escaped_form() {
+    e2e("non_utf8_names_match_on_the_escaped_form", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let rules = Rules::new(&[
+            // The documented form: an invalid byte is the 4 characters \xff.
+            ("/u/bad\\\\xff[^/]*", "direct"),
+            ("/u/\\\\xc3\\\\xa9", "drop"),
+            ("/u/mixed é\\\\xfe(/.*)?", "proxy"),
+            // Lossy decoding (U+FFFD) must not be what is matched.
+            ("/u/bad\u{fffd}.*", "drop"),
+            ("/u/.*\u{fffd}.*", "drop"),
+            ("/p(/.*)?", "proxy"),
+            ("/renamed", "drop"),
+            ("(?s)/new.line", "drop"),
+        ]);
+        let raw = |rel: &[u8]| -> PathBuf {
+            env.cg
+                .root
+                .join(OsStr::from_bytes(rel.strip_prefix(b"/").unwrap()))
+        };
+        let before: [&[u8]; 3] = [b"/u/bad\xffname", b"/u/mixed \xc3\xa9\xfe", b"/p/\xff\xfe"];
+        let after: [&[u8]; 4] = [
+            b"/u/bad\xff",
+            b"/u/\xc3\xa9", // valid UTF-8: "é", matches nothing
+            b"/u/\xc3",     // a truncated sequence: \xc3
+            b"/u/mixed \xc3\xa9\xfe/child \x80",
+        ];
+        fs::create_dir(env.cg.path("/u")).unwrap();
+        for p in before {
+            fs::create_dir_all(raw(p)).unwrap();
+        }
+        let config = env.write_config(&Config::new(&rules));
+        let d = start_daemon(env, &config, &[]);
+        for p in after {
+            fs::create_dir_all(raw(p)).unwrap();
+        }
+        // What cgroupfs allows besides: on 6.18 a newline in a name is
+        // refused (EINVAL) and so is rename (EPERM). Should a kernel allow
+        // either, the daemon must follow it like any other change.
+        match fs::create_dir(env.cg.path("/new\nline")) {
+            Ok(()) => eprintln!("cgroupfs allows a newline in a cgroup name"),
+            Err(e) => eprintln!("cgroupfs refuses a newline in a cgroup name: {e}"),
+        }
+        env.cg.mkdir(&["/ren"]);
+        converge(env, &rules, CONVERGE, "before a rename");
+        match fs::rename(env.cg.path("/ren"), env.cg.path("/renamed")) {
+            Ok(()) => eprintln!("cgroupfs allows rename"),
+            Err(e) => eprintln!("cgroupfs refuses rename: {e}"),
+        }
+        let map = converge(env, &rules, CONVERGE, "non-UTF-8 names");
+        let id = |p: &[u8]| {
+            fs::metadata(raw(p))
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .unwrap()
+        };
+        let expect = [
+            (&b"/u/bad\xffname"[..], Some("goto direct")),
+            (b"/u/bad\xff", Some("goto direct")),
+            (b"/u/\xc3\xa9", None),
+            (b"/u/\xc3", None),
+            (b"/u/mixed \xc3\xa9\xfe", Some("goto proxy")),
+            (b"/u/mixed \xc3\xa9\xfe/child \x80", Some("goto proxy")),
+            (b"/p/\xff\xfe", Some("goto proxy")),
+        ];
+        for (p, v) in expect {
+            assert_eq!(
+                map.get(&id(p)).map(String::as_str),
+                v,
+                "{} ({})",
+                match_form(p),
+                String::from_utf8_lossy(p)
+            );
+        }
+        // A process in a non-UTF-8 cgroup is steered by its element.
+        assert_proxied(env, &proxy, &raw(b"/p/\xff\xfe"), Remote::v4());
+        assert_direct(env, &proxy, &remote, &raw(b"/u/bad\xff"), Remote::v4());
+        // Removal of non-UTF-8 cgroups is followed too.
+        fs::remove_dir(raw(b"/u/bad\xff")).unwrap();
+        fs::remove_dir(raw(b"/u/mixed \xc3\xa9\xfe/child \x80")).unwrap();
+        converge(env, &rules, CONVERGE, "non-UTF-8 names removed");
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+#[test]
+fn paths_past_path_max_are_followed() {
+    e2e("paths_past_path_max_are_followed", |env| {
+        load_ruleset();
+        let _remote = Remote::start();
+        let proxy = start_proxy();
+        let rules = Rules::new(&[
+            ("/deep[0-9](/.*)?", "proxy"),
+            (".*/b{255}/b{255}", "drop"),
+            ("/p(/.*)?", "proxy"),
+        ]);
+        // 20 levels of 255-byte names: about 5 KiB below the test root.
+        let chain = |c: u8| -> Vec<Vec<u8>> { (0..20).map(|_| vec![c; 255]).collect() };
+        let cleanup = DeepCleanup(vec![env.cg.path("/deep1"), env.cg.path("/deep2")]);
+        env.cg.mkdir(&["/deep1", "/deep2", "/p"]);
+        // One chain made before the start (found by the scan), one after
+        // (found through events).
+        let (n, e) = mkdir_chain(&env.cg.path("/deep1"), &chain(b'a'));
+        assert!(e.is_none(), "cgroupfs refused level {n}: {e:?}");
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = start_daemon(env, &config, &[]);
+        let (n, e) = mkdir_chain(&env.cg.path("/deep2"), &chain(b'b'));
+        assert!(e.is_none(), "cgroupfs refused level {n}: {e:?}");
+        env.cg.mkdir(&["/p/after"]);
+
+        let base = env.cg.root.as_os_str().len();
+        let all = walk_fd(&env.cg.root);
+        let longest = all.iter().map(|(p, _)| base + p.len()).max().unwrap();
+        assert!(longest > PATH_MAX + 512, "longest path {longest}");
+        let past = all
+            .iter()
+            .filter(|(p, _)| base + p.len() >= PATH_MAX)
+            .count();
+        let map = converge(env, &rules, CONVERGE, "chains past PATH_MAX");
+        eprintln!(
+            "PATH_MAX: {} cgroups, {past} of them with paths of {PATH_MAX} bytes or more \
+             (longest {longest}); the map holds all {} matching",
+            all.len(),
+            map.len()
+        );
+        // Removal deep down the chain is followed too.
+        let mut dir = open_dir(&env.cg.path("/deep1"));
+        for name in &chain(b'a')[..9] {
+            dir = open_dir_at(dir.as_raw_fd(), name).unwrap();
+        }
+        remove_tree_at(dir.as_raw_fd(), &[b'a'; 255]).unwrap();
+        let (n, e) = mkdir_chain(&env.cg.path("/deep1"), &chain(b'c')[..18]);
+        assert!(e.is_none(), "cgroupfs refused level {n}: {e:?}");
+        converge(
+            env,
+            &rules,
+            CONVERGE,
+            "part of a chain removed, another made",
+        );
+        assert!(d.running(), "the daemon died:\n{}", d.log());
+        assert!(!d.log().contains("panicked"), "{}", d.log());
+        assert_proxied(env, &proxy, &env.cg.path("/p/after"), Remote::v4());
+        drop(cleanup);
+        env.cg.mkdir(&["/p/last"]);
+        converge(env, &rules, CONVERGE, "after the chains were removed");
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
