@@ -115,11 +115,13 @@ pub fn run(opts: Options) -> Result<(), Error> {
     // Routes before elements: a proxied packet must never be marked while
     // its mark still routes normally.
     let routes = cfg.route;
-    if let Some(r) = &routes {
-        route::install(r)?;
-    }
+    let created = match &routes {
+        Some(r) => route::install(r)?,
+        None => false,
+    };
     if let Err(e) = rs.apply(&ops, &|id| name(&tree, &HashMap::new(), id)) {
-        if let Some(r) = &routes {
+        // Leave the kernel as it was: remove only routes this run created.
+        if let (Some(r), true) = (&routes, created) {
             route::remove(r);
         }
         return Err(Error::Runtime(format!(

@@ -61,6 +61,8 @@ pub struct Socket {
     sock: NlSocket,
     seq: u32,
     buf: Vec<u8>,
+    /// The receive buffer size asked for so far; it only grows.
+    rcvbuf: std::cell::Cell<usize>,
 }
 
 impl Socket {
@@ -82,6 +84,7 @@ impl Socket {
             sock,
             seq,
             buf: vec![0; RECV_BUF],
+            rcvbuf: std::cell::Cell::new(0),
         })
     }
 
@@ -90,7 +93,7 @@ impl Socket {
     pub fn subscribe(family: NlFamily, group: u32, rcvbuf: usize) -> io::Result<Socket> {
         let s = Socket::open(family)?;
         s.sock.add_mcast_membership(Groups::new_groups(&[group]))?;
-        grow_rcvbuf(s.fd(), rcvbuf);
+        s.reserve(rcvbuf);
         s.sock.nonblock()?;
         Ok(s)
     }
@@ -116,9 +119,13 @@ impl Socket {
         s
     }
 
-    /// Makes sure the acks of a batch of `messages` fit in the buffer.
-    pub fn reserve_for(&self, messages: usize) {
-        grow_rcvbuf(self.fd(), (messages + 16) * 1024);
+    /// Grows the receive buffer to at least `bytes` (one setsockopt, and
+    /// only when it must grow).
+    pub fn reserve(&self, bytes: usize) {
+        if bytes > self.rcvbuf.get() {
+            grow_rcvbuf(self.fd(), bytes);
+            self.rcvbuf.set(bytes);
+        }
     }
 
     fn send(&self, bytes: &[u8]) -> Result<(), NlError> {
@@ -191,7 +198,8 @@ impl Socket {
         acked: &[u32],
         begin_seq: u32,
     ) -> Result<Vec<ErrorMsg>, NlError> {
-        self.reserve_for(acked.len());
+        // About 1 KiB per answer, or acks get lost (ENOBUFS).
+        self.reserve((acked.len() + 16) * 1024);
         self.send(bytes)?;
         let mut pending: std::collections::HashSet<u32> = acked.iter().copied().collect();
         let mut errors = Vec::new();

@@ -189,15 +189,9 @@ impl Batch {
                 self.close_list(start);
                 list = None;
             }
-            let start = match list {
-                Some(s) => s,
-                None => {
-                    let s = self.open_list(kind, ty, flags, map);
-                    list = Some(s);
-                    s
-                }
-            };
-            let _ = start;
+            if list.is_none() {
+                list = Some(self.open_list(kind, ty, flags, map));
+            }
             self.note(if kind == ElemMsg::New {
                 Blame::Added(id)
             } else {

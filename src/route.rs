@@ -137,8 +137,10 @@ fn errno(e: &NlError) -> Option<i32> {
 }
 
 /// Installs the rule and the route for both families. IPv6 being disabled
-/// is not an error (said once); anything else is.
-pub fn install(r: &Route) -> Result<(), Error> {
+/// is not an error (said once); anything else is. Returns whether anything
+/// was created (rather than found in place).
+pub fn install(r: &Route) -> Result<bool, Error> {
+    let mut created = false;
     let mut nl = Socket::open(NlFamily::Route)
         .map_err(|e| Error::Runtime(format!("rtnetlink socket: {e}")))?;
     let lo = loopback_index();
@@ -158,7 +160,7 @@ pub fn install(r: &Route) -> Result<(), Error> {
             nl.request(&rule_msg(seq, true, family, r), seq, false, |_| Ok(()))
         };
         match added {
-            Ok(()) => {}
+            Ok(()) => created |= !exists,
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
             Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => {
                 crate::info!("{name} is disabled; no {name} policy routing installed");
@@ -173,7 +175,7 @@ pub fn install(r: &Route) -> Result<(), Error> {
         }
         let seq = nl.seq();
         match nl.request(&route_msg(seq, true, family, r, lo), seq, false, |_| Ok(())) {
-            Ok(()) => {}
+            Ok(()) => created = true,
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
             Err(e) => {
                 return Err(Error::Runtime(format!(
@@ -183,7 +185,7 @@ pub fn install(r: &Route) -> Result<(), Error> {
             }
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Removes both; already-absent ones are fine. Returns what could not be removed.
