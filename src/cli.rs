@@ -6,11 +6,14 @@ use lexopt::prelude::*;
 
 use crate::daemon::{self, Options};
 use crate::error::Error;
+use crate::inspect;
 
 pub const USAGE: &str = "\
 usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
                       [--ready-fd N] [-v|-q]
-       cgtproxy check   [-c FILE]              validate config against the live table
+       cgtproxy check   [-c FILE] [--cgroup-root DIR]
+       cgtproxy status  [-c FILE] [--cgroup-root DIR] [--json]
+       cgtproxy explain [-c FILE] [--cgroup-root DIR] PATH|PID...
        cgtproxy --help | --version
 
 Keeps the nftables verdict map `cgroups` (table inet cgtproxy, loaded from
@@ -19,16 +22,24 @@ gets that rule's verdict (goto proxy, goto direct, drop, goto CHAIN).
 
 commands:
   run (default)        sync the map in one transaction, then follow cgroupfs
-  check                check the config and that the ruleset has what it names
+  check                check the config, the live ruleset, the kernel and
+                       known traps; print a checklist
+  status               each element of the map: verdict, packets, bytes, cgroup
+  explain PATH|PID...  for a cgroup (path as rules see it, or its directory)
+                       or a process: id, levels, the matching rule, and the
+                       verdict the kernel holds for it now
 
 options:
   -c, --config FILE    config file (default /etc/cgtproxy/config.json; when it
                        does not exist, a built-in default applies)
       --cgroup-root DIR
-                       watch DIR instead of the config's cgroup-root
-      --once           sync once and exit (elements and routes stay)
-      --dry-run        print the element changes a sync would make; change nothing
-      --ready-fd N     write a newline to fd N once the initial sync committed
+                       use DIR instead of the config's cgroup-root
+      --once           (run) sync once and exit (elements and routes stay)
+      --dry-run        (run) print the element changes a sync would make;
+                       change nothing
+      --ready-fd N     (run) write a newline to fd N once the initial sync
+                       committed
+      --json           (status) one JSON object instead of a table
   -v, --verbose        log more
   -q, --quiet          log only warnings and errors
   -h, --help           this text
@@ -36,13 +47,17 @@ options:
 
 signals: SIGHUP reloads the config; SIGTERM and SIGINT remove the daemon's
 elements and routes (unless keep-on-exit) and exit 0.
-exit status: 0 success, 1 runtime failure, 2 usage or configuration error.
+exit status: 0 success, 1 runtime failure (check: a check failed or warned;
+explain: a cgroup or process not found), 2 usage or configuration error.
+See cgtproxy(8) and cgtproxy.json(5).
 ";
 
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
     Run,
     Check,
+    Status,
+    Explain,
     Help,
     Version,
 }
@@ -52,6 +67,10 @@ struct Args {
     command: Command,
     opts: Options,
     verbosity: u8,
+    /// `status --json`
+    json: bool,
+    /// `explain` operands: cgroup paths or PIDs.
+    targets: Vec<std::ffi::OsString>,
 }
 
 fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Error> {
@@ -60,6 +79,8 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     let mut opts = Options::default();
     let mut verbosity = crate::log::INFO;
     let mut restricted: Vec<&'static str> = Vec::new();
+    let mut json = false;
+    let mut targets = Vec::new();
     while let Some(arg) = p.next()? {
         match arg {
             Short('c') | Long("config") => opts.config = Some(PathBuf::from(p.value()?)),
@@ -98,6 +119,7 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                 }
                 opts.ready_fd = Some(n);
             }
+            Long("json") => json = true,
             Short('v') | Long("verbose") => verbosity = crate::log::DEBUG,
             Short('q') | Long("quiet") => verbosity = crate::log::QUIET,
             Short('h') | Long("help") => command = Some(Command::Help),
@@ -106,6 +128,8 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                 command = Some(match v.to_str() {
                     Some("run") => Command::Run,
                     Some("check") => Command::Check,
+                    Some("status") => Command::Status,
+                    Some("explain") => Command::Explain,
                     _ => {
                         return Err(Error::Usage(format!(
                             "unknown command {:?} (try --help)",
@@ -114,19 +138,30 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                     }
                 });
             }
+            Value(v) if command == Some(Command::Explain) => targets.push(v),
             _ => return Err(arg.unexpected().into()),
         }
     }
     let command = command.unwrap_or(Command::Run);
-    if command == Command::Check
+    if matches!(command, Command::Check | Command::Status | Command::Explain)
         && let Some(o) = restricted.iter().find(|o| **o != "--cgroup-root")
     {
         return Err(Error::Usage(format!("{o} only applies to `run`")));
+    }
+    if json && !matches!(command, Command::Status | Command::Help | Command::Version) {
+        return Err(Error::Usage("--json only applies to `status`".into()));
+    }
+    if command == Command::Explain && targets.is_empty() {
+        return Err(Error::Usage(
+            "explain needs a cgroup PATH or a PID (try --help)".into(),
+        ));
     }
     Ok(Args {
         command,
         opts,
         verbosity,
+        json,
+        targets,
     })
 }
 
@@ -146,37 +181,24 @@ pub fn main() -> i32 {
     let result = match args.command {
         Command::Help => {
             print!("{USAGE}");
-            Ok(())
+            Ok(0)
         }
         Command::Version => {
             println!("cgtproxy {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+            Ok(0)
         }
-        Command::Run => daemon::run(args.opts),
-        Command::Check => check(&args.opts),
+        Command::Run => daemon::run(args.opts).map(|()| 0),
+        Command::Check => inspect::check(&args.opts),
+        Command::Status => inspect::status(&args.opts, args.json),
+        Command::Explain => inspect::explain(&args.opts, &args.targets),
     };
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             crate::warn!("{e}");
             e.exit_code()
         }
     }
-}
-
-fn check(opts: &Options) -> Result<(), Error> {
-    let (cfg, root) = daemon::load(opts)?;
-    let mut rs = crate::ruleset::Ruleset::open(&cfg.table, &cfg.map)?;
-    rs.check(&cfg)?;
-    println!(
-        "ok: {} ({} rules); table inet {} has map {} and every chain the rules name; cgroup root {}",
-        cfg.source,
-        cfg.rules.len(),
-        cfg.table,
-        cfg.map,
-        root.display()
-    );
-    Ok(())
 }
 
 #[cfg(test)]
@@ -208,6 +230,12 @@ mod tests {
         assert_eq!(a.command, Command::Check);
         assert_eq!(p(&[]).unwrap().command, Command::Run);
         assert_eq!(p(&["-V"]).unwrap().command, Command::Version);
+        let a = p(&["status", "--json", "--cgroup-root", "/x"]).unwrap();
+        assert_eq!((a.command, a.json), (Command::Status, true));
+        let a = p(&["explain", "/a", "-c", "f", "1234", "--", "-odd"]).unwrap();
+        assert_eq!(a.command, Command::Explain);
+        assert_eq!(a.targets, ["/a", "1234", "-odd"]);
+        assert_eq!(a.opts.config, Some(PathBuf::from("f")));
     }
 
     #[test]
@@ -218,5 +246,9 @@ mod tests {
         assert!(matches!(p(&["check", "--once"]), Err(Error::Usage(_))));
         assert!(matches!(p(&["--bogus"]), Err(Error::Usage(_))));
         assert!(matches!(p(&["run", "extra"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["check", "extra"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["status", "--dry-run"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["run", "--json"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["explain"]), Err(Error::Usage(_))));
     }
 }

@@ -2,14 +2,15 @@
 //! cgroupfs, so each application's traffic is proxied, dropped or left alone.
 //!
 //! Modules, in the order data flows through them:
-//! - `cli`: the command line (lexopt) and the commands;
+//! - `cli`: the command line (lexopt);
 //! - `config`: the JSON configuration and its rules;
 //! - `cgroup`, `watch`: the cgroup tree and its inotify watcher;
 //! - `reconcile`: cgroups × rules against the kernel map → element changes;
 //! - `ruleset`, `nftables`: the live ruleset and the nf_tables wire format;
 //! - `netlink`, `wire`: the netlink transport and framing;
 //! - `route`: the policy routing of the proxy mark;
-//! - `daemon`: the single-threaded loop that joins them.
+//! - `daemon`: the single-threaded loop that joins them;
+//! - `inspect`: `check`, `status` and `explain` (read-only).
 
 pub mod log;
 
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod inspect;
 pub mod netlink;
 pub mod nftables;
 pub mod reconcile;

@@ -1,0 +1,1131 @@
+//! The operator's side: `check`, `status`, `explain`, readiness, the man
+//! pages and the service files. The kernel tests run as root, each in its
+//! own network namespace and cgroup subtree (tests/common/mod.rs); the file
+//! tests need `mandoc`, `systemd-analyze` and `sh`. A missing prerequisite
+//! prints SKIP and passes, except with `CI=true`, where it fails.
+
+mod common;
+
+use common::*;
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn manifest() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `cgtproxy ARGS -c CONFIG --cgroup-root ROOT` (options after the
+/// operands, as the contract allows).
+fn cli(env: &Env, config: &Path, args: &[&str]) -> Finished {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("-c")
+        .arg(config)
+        .arg("--cgroup-root")
+        .arg(&env.cg.root);
+    run_cmd(&mut cmd, LIMIT)
+}
+
+/// Runs a command and asserts its exit status; returns stdout.
+fn expect(f: Finished, code: i32, what: &str) -> String {
+    assert_eq!(f.code(), Some(code), "{what}: {}", f.describe());
+    f.stdout
+}
+
+/// Sets net.bridge.bridge-nf-call-ip(6)tables in this network namespace;
+/// false when br_netfilter is not there.
+fn bridge_nf(on: bool) -> bool {
+    let v = if on { "1" } else { "0" };
+    ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"]
+        .iter()
+        .all(|f| fs::write(format!("/proc/sys/net/bridge/{f}"), v).is_ok())
+}
+
+/// A tool that a non-kernel test needs, found in PATH: `false` means skip
+/// (printed), and with `CI=true` a missing tool fails the test.
+fn have(test: &str, tool: &str) -> bool {
+    let ok = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| {
+        fs::metadata(d.join(tool)).is_ok_and(|m| {
+            m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+        })
+    });
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{test}: `{tool}` is missing (CI=true makes this a failure)");
+        }
+        eprintln!("SKIP {test}: `{tool}` is missing");
+    }
+    ok
+}
+
+/// The level of a cgroup directory as the kernel counts it.
+fn level(env: &Env, dir: &Path) -> usize {
+    dir.strip_prefix(&env.mount).unwrap().components().count()
+}
+
+/// The line of `text` that starts with `prefix`.
+fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in:\n{text}"))
+}
+
+// ---------------------------------------------------------------------------
+// status
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StatusRow {
+    id: u64,
+    path: Option<String>,
+    verdict: String,
+    chain: Option<String>,
+    packets: Option<u64>,
+    bytes: Option<u64>,
+}
+
+/// The keys `status --json` promises (cgtproxy(8), STATUS JSON).
+const TOP_KEYS: [&str; 3] = ["elements", "map", "table"];
+const ELEMENT_KEYS: [&str; 6] = ["bytes", "chain", "id", "packets", "path", "verdict"];
+
+fn status_json(env: &Env, config: &Path) -> Vec<StatusRow> {
+    use miniserde::json::{Number, Value};
+    let out = expect(cli(env, config, &["status", "--json"]), 0, "status --json");
+    assert_eq!(out.lines().count(), 1, "one line of JSON: {out}");
+    let v: Value = miniserde::json::from_str(&out).unwrap_or_else(|_| panic!("not JSON: {out}"));
+    let Value::Object(top) = v else {
+        panic!("not an object: {out}")
+    };
+    assert_eq!(top.keys().map(String::as_str).collect::<Vec<_>>(), TOP_KEYS);
+    assert!(matches!(top.get("table"), Some(Value::String(t)) if t == "cgtproxy"));
+    assert!(matches!(top.get("map"), Some(Value::String(m)) if m == "cgroups"));
+    let Some(Value::Array(els)) = top.get("elements") else {
+        panic!("no elements array: {out}")
+    };
+    let num = |v: Option<&Value>| match v {
+        Some(Value::Number(Number::U64(n))) => Some(*n),
+        Some(Value::Null) => None,
+        other => panic!("not a number or null: {other:?} in {out}"),
+    };
+    let string = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Null) => None,
+        other => panic!("not a string or null: {other:?} in {out}"),
+    };
+    els.iter()
+        .map(|e| {
+            let Value::Object(o) = e else {
+                panic!("element not an object: {out}")
+            };
+            assert_eq!(
+                o.keys().map(String::as_str).collect::<Vec<_>>(),
+                ELEMENT_KEYS
+            );
+            StatusRow {
+                id: num(o.get("id")).expect("id"),
+                path: string(o.get("path")),
+                verdict: string(o.get("verdict")).expect("verdict"),
+                chain: string(o.get("chain")),
+                packets: num(o.get("packets")),
+                bytes: num(o.get("bytes")),
+            }
+        })
+        .collect()
+}
+
+fn row<'a>(rows: &'a [StatusRow], path: &str) -> &'a StatusRow {
+    rows.iter()
+        .find(|r| r.path.as_deref() == Some(path))
+        .unwrap_or_else(|| panic!("no element for {path} in {rows:?}"))
+}
+
+#[test]
+fn status_counters_rise_with_traffic() {
+    e2e("status_counters_rise_with_traffic", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let _proxy = start_proxy();
+        env.cg.mkdir(&["/p/child", "/d"]);
+        let rules = Rules::new(&[("/p", "proxy"), ("/d", "direct")]);
+        let cfg = Config::new(&rules);
+        let config = env.write_config(&cfg);
+        let daemon = env.start(&cfg);
+        env.wait_map(&rules);
+
+        let before = status_json(env, &config);
+        assert_eq!(before.len(), 2, "{before:?}");
+        let p0 = row(&before, "/p").clone();
+        assert_eq!(p0.id, env.cg.id("/p"));
+        assert_eq!(
+            (p0.verdict.as_str(), p0.chain.as_deref()),
+            ("goto", Some("proxy"))
+        );
+        let d0 = row(&before, "/d").clone();
+        assert_eq!(d0.chain.as_deref(), Some("direct"));
+
+        // A TCP and a UDP connection from /p, one from /p/child (which has
+        // no element and inherits /p's), one from /d.
+        for (cg, proto) in [
+            ("/p", Proto::Tcp),
+            ("/p", Proto::Udp),
+            ("/p/child", Proto::Tcp),
+        ] {
+            let msg = env.token("counted");
+            let r = exchange(&env.cg.path(cg), proto, Remote::v4(), &msg);
+            assert_eq!(r, Ok(format!("proxy:{msg}")), "{proto:?} from {cg}");
+        }
+        let msg = env.token("direct");
+        let r = exchange(&env.cg.path("/d"), Proto::Tcp, Remote::v4(), &msg);
+        assert_eq!(r, Ok(format!("remote:{msg}")));
+        assert_eq!(remote.server.got(&msg).len(), 1);
+
+        let after = status_json(env, &config);
+        let (p1, d1) = (row(&after, "/p"), row(&after, "/d"));
+        let n = |r: &StatusRow| (r.packets.expect("counter"), r.bytes.expect("counter"));
+        // One lookup per new connection: the verdict sticks to it after.
+        assert!(n(p1).0 >= n(&p0).0 + 3, "/p packets: {p0:?} then {p1:?}");
+        assert!(n(p1).1 > n(&p0).1, "/p bytes: {p0:?} then {p1:?}");
+        assert!(n(d1).0 > n(&d0).0, "/d packets: {d0:?} then {d1:?}");
+
+        // The table says the same.
+        let table = expect(cli(env, &config, &["status"]), 0, "status");
+        let head = table.lines().next().unwrap();
+        assert_eq!(
+            head.split_whitespace().collect::<Vec<_>>(),
+            ["VERDICT", "PACKETS", "BYTES", "CGROUP"]
+        );
+        let p_line = table
+            .lines()
+            .find(|l| l.ends_with("  /p"))
+            .unwrap_or_else(|| panic!("no /p row:\n{table}"));
+        assert_eq!(
+            p_line.split_whitespace().collect::<Vec<_>>(),
+            [
+                "goto",
+                "proxy",
+                &n(p1).0.to_string(),
+                &n(p1).1.to_string(),
+                "/p"
+            ],
+            "{table}"
+        );
+        // Columns are aligned: CGROUP starts at the same offset on every line.
+        let col = head.find("CGROUP").unwrap();
+        for l in table.lines().skip(1) {
+            assert_eq!(l.find('/'), Some(col), "misaligned:\n{table}");
+        }
+        daemon.stop();
+    });
+}
+
+#[test]
+fn status_shows_a_gone_cgroup_by_its_id() {
+    e2e("status_shows_a_gone_cgroup_by_its_id", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/gone", "/kept"]);
+        let rules = Rules::new(&[("/gone|/kept", "drop")]);
+        let mut cfg = Config::new(&rules);
+        cfg.route = RouteCfg::Off;
+        let config = env.write_config(&cfg);
+        env.once(&cfg);
+        let id = env.cg.id("/gone");
+        env.cg.rmdir("/gone");
+        let rows = status_json(env, &config);
+        let gone = rows.iter().find(|r| r.id == id).expect("element stays");
+        assert_eq!(gone.path, None);
+        assert_eq!(
+            (gone.verdict.as_str(), gone.chain.as_deref()),
+            ("drop", None)
+        );
+        assert_eq!(row(&rows, "/kept").verdict, "drop");
+        // Listed after the cgroups that exist, by its bare id.
+        let table = expect(cli(env, &config, &["status"]), 0, "status");
+        let last = table.lines().last().unwrap();
+        assert_eq!(
+            last.split_whitespace().last(),
+            Some(id.to_string().as_str())
+        );
+        assert!(last.starts_with("drop"), "{table}");
+    });
+}
+
+#[test]
+fn status_without_the_table_fails() {
+    e2e("status_without_the_table_fails", |env| {
+        let config = env.write_config(&Config::new(&Rules::new(&[("/p", "proxy")])));
+        let f = cli(env, &config, &["status"]);
+        assert_eq!(f.code(), Some(1), "{}", f.describe());
+        assert!(f.stderr.contains("table inet cgtproxy"), "{}", f.stderr);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// explain
+// ---------------------------------------------------------------------------
+
+/// A `sleep` running in `dir`; killed on drop.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn start(dir: &Path, fd3: Option<i32>) -> Sleeper {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo $$ > \"$CG/cgroup.procs\" && exec sleep 60"])
+            .env("CG", dir)
+            .stdin(Stdio::null());
+        if let Some(fd) = fd3 {
+            // SAFETY: only dup2/fcntl between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == 3 {
+                        let fl = libc::fcntl(3, libc::F_GETFD);
+                        libc::fcntl(3, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(fd, 3) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn sh");
+        let pid = child.id().to_string();
+        let procs = dir.join("cgroup.procs");
+        assert!(
+            wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+                fs::read_to_string(&procs).is_ok_and(|p| p.lines().any(|l| l == pid))
+            }),
+            "process {pid} did not join {}",
+            dir.display()
+        );
+        // Past `exec`: the comm is the sleeper's.
+        wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        });
+        Sleeper(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn explain_names_the_rule_for_a_nested_cgroup() {
+    e2e("explain_names_the_rule_for_a_nested_cgroup", |env| {
+        load_ruleset();
+        let _remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/app/inner/deep", "/app/inner/own"]);
+        let rules = Rules::new(&[("/app", "proxy"), ("/app/inner/own", "direct")]);
+        let cfg = Config::new(&rules);
+        let config = env.write_config(&cfg);
+        let daemon = env.start(&cfg);
+        env.wait_map(&rules);
+
+        let deep = env.cg.path("/app/inner/deep");
+        let l = level(env, &deep);
+        let out = expect(
+            cli(env, &config, &["explain", "/app/inner/deep"]),
+            0,
+            "explain",
+        );
+        assert_eq!(line(&out, "cgroup "), "cgroup     /app/inner/deep");
+        assert_eq!(
+            line(&out, "id "),
+            format!("id         {}", env.cg.id("/app/inner/deep"))
+        );
+        assert_eq!(line(&out, "level "), format!("level      {l}"));
+        assert!(line(&out, "rule ").contains("none matches"), "{out}");
+        assert_eq!(line(&out, "element "), "element    none");
+        // The lookups: the deep cgroup, /app/inner, then /app decides.
+        let app = out
+            .lines()
+            .find(|x| x.trim_end().ends_with("/app   <- decides"))
+            .unwrap_or_else(|| panic!("/app does not decide:\n{out}"));
+        assert_eq!(
+            app.split_whitespace().take(5).collect::<Vec<_>>(),
+            [
+                &(l - 2).to_string(),
+                &env.cg.id("/app").to_string(),
+                "rules[0]",
+                "goto",
+                "proxy"
+            ],
+            "{out}"
+        );
+        for rel in ["/app/inner/deep", "/app/inner"] {
+            let r = out
+                .lines()
+                .filter(|x| x.starts_with("  ") && !x.starts_with("  LEVEL"))
+                .find(|x| x.trim_end().ends_with(&format!("  {rel}")))
+                .unwrap_or_else(|| panic!("no lookup row for {rel}:\n{out}"));
+            assert_eq!(r.split_whitespace().nth(2), Some("-"), "{out}");
+            assert_eq!(r.split_whitespace().nth(3), Some("-"), "{out}");
+        }
+        assert_eq!(
+            line(&out, "verdict "),
+            format!(
+                "verdict    goto proxy, inherited from the element of /app (level {})",
+                l - 2
+            )
+        );
+        assert_eq!(
+            line(&out, "by rules "),
+            "by rules   rules[0] \"/app\" -> goto proxy, inherited from /app"
+        );
+        // And the kernel agrees: traffic from there is proxied.
+        let msg = env.token("deep");
+        let r = exchange(&deep, Proto::Tcp, Remote::v4(), &msg);
+        assert_eq!(r, Ok(format!("proxy:{msg}")));
+        assert_eq!(proxy.got(&msg).len(), 1);
+
+        // By PID, and by directory, and one that does not exist.
+        let sleeper = Sleeper::start(&deep, None);
+        let own = env.cg.path("/app/inner/own");
+        let pid = sleeper.pid().to_string();
+        let f = cli(
+            env,
+            &config,
+            &["explain", &pid, own.to_str().unwrap(), "/no/such"],
+        );
+        let out = expect(f, 1, "explain PID DIR missing");
+        assert!(
+            out.contains(&format!(
+                "process {pid} (sleep)\ncgroup     /app/inner/deep\n"
+            )),
+            "{out}"
+        );
+        let verdicts: Vec<&str> = out.lines().filter(|x| x.starts_with("verdict ")).collect();
+        assert_eq!(
+            verdicts,
+            [
+                format!(
+                    "verdict    goto proxy, inherited from the element of /app (level {})",
+                    l - 2
+                )
+                .as_str(),
+                "verdict    goto direct, from its own element",
+            ],
+            "{out}"
+        );
+        assert!(out.contains("/no/such: no such cgroup"), "{out}");
+        daemon.stop();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// check
+// ---------------------------------------------------------------------------
+
+#[test]
+fn check_passes_then_catches_a_missing_chain() {
+    e2e("check_passes_then_catches_a_missing_chain", |env| {
+        load_ruleset();
+        bridge_nf(false);
+        let _proxy = start_proxy();
+        nft_script("add chain inet cgtproxy mine { accept; }\n");
+        env.cg.mkdir(&["/p", "/m"]);
+        let rules = Rules::new(&[("/p", "proxy"), ("/m", "mine")]);
+        let config = env.write_config(&Config::new(&rules));
+
+        let out = expect(cli(env, &config, &["check"]), 0, "check, all well");
+        assert!(out.ends_with("all checks passed\n"), "{out}");
+        for want in [
+            "ok    table inet cgtproxy",
+            "ok    map cgroups: cgroupsv2 : verdict, with counters",
+            "ok    chains the rules name: proxy, mine",
+            "ok    kernel: socket cgroupv2 (the ruleset looks up levels 1-16",
+            "ok    kernel: TPROXY (to port 7893, for mark 9011)",
+            "ok    route.mark 9011 is the mark the TPROXY rules match",
+            "ok    cgroup namespace: the initial one",
+        ] {
+            assert!(out.contains(want), "missing {want:?} in:\n{out}");
+        }
+        assert!(
+            out.contains("listening on port 7893) runs in cgroup"),
+            "{out}"
+        );
+
+        // The chain a rule names disappears from the table.
+        nft_script("delete chain inet cgtproxy mine\n");
+        let out = expect(cli(env, &config, &["check"]), 1, "check, chain missing");
+        assert!(
+            out.contains(
+                "FAIL  chain 'mine' named by rules[1].target does not exist in table inet cgtproxy"
+            ),
+            "{out}"
+        );
+        assert!(out.ends_with("1 failure, 0 warnings\n"), "{out}");
+        // `run` refuses the same config as a configuration error.
+        let run = cli(env, &config, &["run", "--once"]);
+        assert_eq!(run.code(), Some(2), "{}", run.describe());
+
+        // A rule that names the internal helper chain.
+        let reroute = env.write_config(&Config::new(&Rules::new(&[("/p", "reroute")])));
+        let out = expect(cli(env, &reroute, &["check"]), 1, "check, reroute");
+        assert!(
+            out.contains("WARN  rules[0].target is \"reroute\""),
+            "{out}"
+        );
+
+        // A config that does not load is exit 2, nothing else.
+        let bad = env.write_file("bad.json", "{ \"rules\": [ }");
+        let f = cli(env, &bad, &["check"]);
+        assert_eq!(f.code(), Some(2), "{}", f.describe());
+        assert!(f.stderr.contains("bad.json:1:"), "{}", f.stderr);
+
+        // No table at all.
+        nft_script("delete table inet cgtproxy\n");
+        let out = expect(cli(env, &config, &["check"]), 1, "check, no table");
+        assert!(
+            out.contains("FAIL  table inet cgtproxy does not exist"),
+            "{out}"
+        );
+    });
+}
+
+#[test]
+fn check_catches_the_proxy_capturing_itself() {
+    e2e("check_catches_the_proxy_capturing_itself", |env| {
+        load_ruleset();
+        bridge_nf(false);
+        env.cg.mkdir(&["/proxy/svc"]);
+        let svc = env.cg.path("/proxy/svc");
+        // The "proxy": a process in /proxy/svc holding the listening socket.
+        let listener = TcpListener::bind(("127.0.0.1", PROXY_PORT)).expect("bind 7893");
+        let sleeper = Sleeper::start(&svc, Some(listener.as_raw_fd()));
+        drop(listener);
+        let pid = sleeper.pid();
+        let who = format!(
+            "the proxy (pid {pid} sleep, listening on port 7893) runs in cgroup /proxy/svc"
+        );
+
+        let rules = Rules::new(&[("/proxy", "proxy")]);
+        let mut cfg = Config::new(&rules);
+        cfg.route = RouteCfg::Off;
+        let config = env.write_config(&cfg);
+        // Before the daemon ran: the rules would send it to proxy.
+        let out = expect(cli(env, &config, &["check"]), 1, "check, by rules");
+        let warn = line(&out, &format!("WARN  {who}"));
+        assert!(
+            warn.contains("rules[0] \"/proxy\" sends its ancestor /proxy to goto proxy"),
+            "{out}"
+        );
+        assert!(warn.contains("unless it marks them with 6666"), "{out}");
+        assert!(!warn.contains("the map now"), "{out}");
+        assert!(out.ends_with("0 failures, 1 warning\n"), "{out}");
+
+        // After it ran: the map does too.
+        env.once(&cfg);
+        let out = expect(cli(env, &config, &["check"]), 1, "check, by the map");
+        let warn = line(&out, &format!("WARN  {who}"));
+        let lvl = level(env, &env.cg.path("/proxy"));
+        assert!(
+            warn.contains(&format!(
+                "the map now sends it to goto proxy (element of /proxy, level {lvl})"
+            )),
+            "{out}"
+        );
+
+        // Listing the proxy's own cgroup as direct fixes it.
+        let rules = Rules::new(&[("/proxy/svc", "direct"), ("/proxy", "proxy")]);
+        let mut cfg = Config::new(&rules);
+        cfg.route = RouteCfg::Off;
+        let config = env.write_config(&cfg);
+        env.once(&cfg);
+        let out = expect(cli(env, &config, &["check"]), 0, "check, fixed");
+        assert!(
+            out.contains(&format!("ok    {who}, which is not proxied")),
+            "{out}"
+        );
+        drop(sleeper);
+    });
+}
+
+#[test]
+fn check_warns_about_br_netfilter_and_cgroup_namespaces() {
+    e2e(
+        "check_warns_about_br_netfilter_and_cgroup_namespaces",
+        |env| {
+            load_ruleset();
+            let _proxy = start_proxy();
+            env.cg.mkdir(&["/p", "/ns"]);
+            let config = env.write_config(&Config::new(&Rules::new(&[("/p", "proxy")])));
+            if bridge_nf(true) {
+                let out = expect(cli(env, &config, &["check"]), 1, "check, br_netfilter");
+                assert!(
+                out.contains("WARN  br_netfilter: net.bridge.bridge-nf-call-iptables and bridge-nf-call-ip6tables = 1"),
+                "{out}"
+            );
+                bridge_nf(false);
+            } else {
+                eprintln!("br_netfilter is not available here: that trap is not staged");
+            }
+            expect(cli(env, &config, &["check"]), 0, "check, all well");
+
+            // From inside a cgroup namespace rooted at /ns.
+            let f = run_cmd(
+                Command::new("sh")
+                    .args([
+                        "-c",
+                        "echo $$ > \"$CG/cgroup.procs\" && exec unshare -C \"$@\"",
+                        "sh",
+                        BIN,
+                        "check",
+                        "-c",
+                        config.to_str().unwrap(),
+                        "--cgroup-root",
+                        env.cg.root.to_str().unwrap(),
+                    ])
+                    .env("CG", env.cg.path("/ns")),
+                LIMIT,
+            );
+            let out = expect(f, 1, "check in a cgroup namespace");
+            assert!(
+                out.contains("WARN  running in a non-root cgroup namespace"),
+                "{out}"
+            );
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Readiness
+// ---------------------------------------------------------------------------
+
+/// Many cgroups, so a premature "ready" would be caught with the map
+/// still (partly) empty.
+fn many(env: &Env) -> Rules {
+    let dirs: Vec<String> = (0..300).map(|i| format!("/many/c{i}")).collect();
+    let refs: Vec<&str> = dirs.iter().map(String::as_str).collect();
+    env.cg.mkdir(&refs);
+    Rules::new(&[("/many/c[0-9]+", "proxy")])
+}
+
+#[test]
+fn ready_fd_is_written_after_the_map_is_filled() {
+    e2e("ready_fd_is_written_after_the_map_is_filled", |env| {
+        load_ruleset();
+        let rules = many(env);
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = Daemon::spawn(&env.run_args(&config), true);
+        if let Err(e) = d.wait_ready(Duration::from_secs(20)) {
+            panic!("{e}\n{}", d.kill().describe());
+        }
+        // Read at once, no waiting: the newline came after the commit.
+        env.assert_map(&rules);
+        assert_eq!(dump_map().len(), 300);
+        d.stop();
+    });
+}
+
+/// The unit's ExecStart (with the binary under test), and what it says.
+fn exec_start() -> Vec<String> {
+    let unit = fs::read_to_string(manifest().join("init/systemd/cgtproxy.service")).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart=");
+    line.split_whitespace()
+        .map(|w| w.replace("/usr/bin/cgtproxy", BIN))
+        .collect()
+}
+
+/// Receives notifications until one contains `want` (10 s).
+fn notified(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = m.lines().any(|l| l == want);
+                seen.push(m);
+                if hit {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+    panic!("no {want} on NOTIFY_SOCKET; got {seen:?}");
+}
+
+#[test]
+fn notify_socket_gets_ready_after_the_map_is_filled() {
+    e2e("notify_socket_gets_ready_after_the_map_is_filled", |env| {
+        load_ruleset();
+        let rules = many(env);
+        let config = env.write_config(&Config::new(&rules));
+        let path = env.tmp.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        // The unit's command line, as systemd would run it.
+        let argv = exec_start();
+        let log = fs::File::create(env.tmp.join("daemon.log")).unwrap();
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .arg("-c")
+            .arg(&config)
+            .arg("--cgroup-root")
+            .arg(&env.cg.root)
+            .env("NOTIFY_SOCKET", &path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut seen = Vec::new();
+        notified(&sock, "READY=1", &mut seen);
+        env.assert_map(&rules);
+        // ExecReload, with $MAINPID as systemd sets it.
+        let reload = exec_line("ExecReload=");
+        let f = run_cmd(
+            Command::new("sh")
+                .args(["-c", &reload])
+                .env("MAINPID", child.id().to_string()),
+            LIMIT,
+        );
+        assert!(f.status.success(), "{}", f.describe());
+        seen.clear();
+        notified(&sock, "RELOADING=1", &mut seen);
+        notified(&sock, "READY=1", &mut seen);
+        // SIGTERM (systemd's stop): STOPPING=1 and exit 0.
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        notified(&sock, "STOPPING=1", &mut seen);
+        let st = child.wait().unwrap();
+        let log = fs::read_to_string(env.tmp.join("daemon.log")).unwrap();
+        assert!(st.success(), "{st:?}\n{log}");
+        assert!(log.contains("configuration reloaded"), "{log}");
+        assert!(dump_map().is_empty(), "elements left after SIGTERM");
+    });
+}
+
+fn exec_line(key: &str) -> String {
+    let unit = fs::read_to_string(manifest().join("init/systemd/cgtproxy.service")).unwrap();
+    unit.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no {key} in the unit"))
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Man pages and --help
+// ---------------------------------------------------------------------------
+
+const PAGES: [&str; 2] = ["man/cgtproxy.8", "man/cgtproxy.json.5"];
+
+#[test]
+fn man_pages_lint_clean() {
+    if !have("man_pages_lint_clean", "mandoc") {
+        return;
+    }
+    for page in PAGES {
+        let f = run_cmd(
+            Command::new("mandoc")
+                .args(["-T", "lint"])
+                .arg(manifest().join(page)),
+            LIMIT,
+        );
+        // Cross-references to pages this machine has not installed (our
+        // own included) and a stale mandoc.db say nothing about the page.
+        let complaints: Vec<&str> = f
+            .stdout
+            .lines()
+            .chain(f.stderr.lines())
+            .filter(|l| !l.contains("referenced manual not found") && !l.contains("mandoc.db"))
+            .collect();
+        assert!(
+            complaints.is_empty(),
+            "mandoc -T lint {page}:\n{}",
+            complaints.join("\n")
+        );
+    }
+}
+
+/// A page rendered as plain text.
+fn render(page: &str) -> String {
+    let f = run_cmd(
+        Command::new("mandoc")
+            .args(["-T", "utf8", "-O", "width=200"])
+            .arg(manifest().join(page)),
+        LIMIT,
+    );
+    assert!(f.status.success(), "{}", f.describe());
+    // Drop the overstrike of bold and underline.
+    let mut out = String::new();
+    for c in f.stdout.chars() {
+        if c == '\u{8}' {
+            out.pop();
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The body of a section of a rendered page (up to the next heading).
+fn section<'a>(page: &'a str, name: &str) -> &'a str {
+    let start = page
+        .find(&format!("\n{name}\n"))
+        .unwrap_or_else(|| panic!("no section {name}"))
+        + name.len()
+        + 2;
+    let rest = &page[start..];
+    let end = rest
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .find(|&i| rest[i..].starts_with(|c: char| c.is_ascii_uppercase()))
+        .unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// Every `-x`/`--long` option and every command of `--help` in `text`.
+fn options_and_commands(help: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in help.split(|c: char| c.is_whitespace() || "[]|,".contains(c)) {
+        let w = w.trim_end_matches(['.', ')']);
+        if (w.starts_with("--") && w.len() > 3) || (w.len() == 2 && w.starts_with('-') && w != "--")
+        {
+            out.push(w.to_string());
+        }
+    }
+    for c in ["run", "check", "status", "explain"] {
+        out.push(c.to_string());
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn help_agrees_with_the_man_page() {
+    if !have("help_agrees_with_the_man_page", "mandoc") {
+        return;
+    }
+    let help = expect(run_cmd(Command::new(BIN).arg("--help"), LIMIT), 0, "--help");
+    let page = render("man/cgtproxy.8");
+    let synopsis = page
+        .split("DESCRIPTION")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let usage = help
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let in_help = options_and_commands(&help);
+    let in_page = options_and_commands(&format!(
+        "{}\n{}",
+        section(&page, "SYNOPSIS"),
+        section(&page, "OPTIONS")
+    ));
+    for o in &in_help {
+        assert!(in_page.contains(o), "{o} is in --help, not in cgtproxy(8)");
+    }
+    for o in in_page.iter().filter(|o| o.starts_with('-')) {
+        assert!(in_help.contains(o), "{o} is in cgtproxy(8), not in --help");
+    }
+    // The usage lines and the synopsis name the same things in the same order.
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| c.is_whitespace() || "[]|".contains(c))
+            .filter(|w| !w.is_empty() && *w != "usage:" && *w != "cgtproxy" && !w.contains('('))
+            .filter(|w| w.starts_with('-') || ["run", "check", "status", "explain"].contains(w))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(words(&usage), words(&synopsis), "--help usage vs SYNOPSIS");
+    // The status JSON keys are documented.
+    for k in TOP_KEYS.iter().chain(&ELEMENT_KEYS) {
+        assert!(page.contains(k), "status --json key {k} not in cgtproxy(8)");
+    }
+    // The exit statuses, the signals and the config keys.
+    for w in ["SIGHUP", "SIGTERM", "SIGINT", "NOTIFY_SOCKET", "READY=1"] {
+        assert!(page.contains(w), "{w} not in cgtproxy(8)");
+    }
+    let five = render("man/cgtproxy.json.5");
+    for k in [
+        "cgroup-root",
+        "table",
+        "map",
+        "route",
+        "keep-on-exit",
+        "rules",
+        "match",
+        "target",
+    ] {
+        assert!(five.contains(k), "config key {k} not in cgtproxy.json(5)");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Service files
+// ---------------------------------------------------------------------------
+
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let unit_path = manifest().join("init/systemd/cgtproxy.service");
+    let unit = fs::read_to_string(&unit_path).unwrap();
+    for want in [
+        "Type=notify",
+        "ExecStart=/usr/bin/cgtproxy run",
+        "ExecReload=kill -HUP $MAINPID",
+        "After=nftables.service",
+        "Wants=nftables.service",
+        "CapabilityBoundingSet=CAP_NET_ADMIN\n",
+        "AmbientCapabilities=CAP_NET_ADMIN\n",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_NETLINK AF_UNIX\n",
+        "RestartPreventExitStatus=2",
+    ] {
+        assert!(unit.contains(want), "{want:?} missing from the unit");
+    }
+    if !have("systemd_unit_verifies_and_is_hardened", "systemd-analyze") {
+        return;
+    }
+    // verify wants ExecStart to exist: point it at the binary under test.
+    let dir = std::env::temp_dir().join(format!("cgtproxy-unit-{}", random_hex()));
+    fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("cgtproxy.service");
+    fs::write(&copy, unit.replace("/usr/bin/cgtproxy", BIN)).unwrap();
+    let f = run_cmd(
+        Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&copy),
+        LIMIT,
+    );
+    let _ = fs::remove_dir_all(&dir);
+    assert!(
+        f.status.success() && f.stderr.trim().is_empty(),
+        "systemd-analyze verify: {}",
+        f.describe()
+    );
+}
+
+#[test]
+fn openrc_and_runit_scripts_parse() {
+    let files = [
+        "init/openrc/cgtproxy.initd",
+        "init/openrc/cgtproxy.confd",
+        "init/runit/cgtproxy/run",
+        "init/runit/cgtproxy/log/run",
+        "init/runit/cgtproxy/conf",
+    ];
+    for f in files {
+        let r = run_cmd(Command::new("sh").arg("-n").arg(manifest().join(f)), LIMIT);
+        assert!(r.status.success(), "sh -n {f}: {}", r.describe());
+    }
+    for f in [
+        "init/openrc/cgtproxy.initd",
+        "init/runit/cgtproxy/run",
+        "init/runit/cgtproxy/log/run",
+    ] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(manifest().join(f)).unwrap().permissions(),
+        );
+        assert!(mode & 0o111 != 0, "{f} is not executable");
+    }
+    // OpenRC, without OpenRC: source the script with its helpers stubbed
+    // and ask it what it would do. supervise-daemon is a command (dash takes
+    // no `-` in function names), written by the shell itself: a file this
+    // multi-threaded process wrote could still be open in a child forked
+    // meanwhile, and fail to run (ETXTBSY).
+    let stubs = std::env::temp_dir().join(format!("cgtproxy-stubs-{}", random_hex()));
+    let f = run_cmd(
+        Command::new("sh")
+            .args([
+                "-c",
+                r#"
+mkdir -p "$STUBS" && printf '#!/bin/sh\necho "supervise-daemon $*"\n' > "$STUBS/supervise-daemon" &&
+    chmod +x "$STUBS/supervise-daemon" && PATH="$STUBS:$PATH" || exit 9
+need() { echo "need $*"; }; want() { echo "want $*"; }; after() { echo "after $*"; }
+use() { echo "use $*"; }; ebegin() { :; }; eend() { return "$1"; }
+. "$1"; . "$2"
+echo "supervisor=$supervisor"; echo "command=$command $command_args"
+echo "extra=$extra_started_commands"
+depend; reload
+"#,
+                "sh",
+            ])
+            .arg(manifest().join("init/openrc/cgtproxy.confd"))
+            .arg(manifest().join("init/openrc/cgtproxy.initd"))
+            .env("RC_SVCNAME", "cgtproxy")
+            .env("STUBS", &stubs),
+        LIMIT,
+    );
+    let _ = fs::remove_dir_all(&stubs);
+    let out = expect(f, 0, "openrc script");
+    for want in [
+        "supervisor=supervise-daemon",
+        "command=/usr/bin/cgtproxy run",
+        "extra=reload",
+        "want firewall",
+        "after firewall",
+        "supervise-daemon cgtproxy --signal HUP",
+    ] {
+        assert!(
+            out.lines().any(|l| l.trim_end() == want),
+            "{want:?} not in:\n{out}"
+        );
+    }
+}
+
+/// Runs a service's command line in the test's namespace until the map is
+/// filled, then stops it with SIGTERM: exit 0 and the map emptied.
+fn run_service(env: &Env, rules: &Rules, mut cmd: Command, what: &str) {
+    let log_path = env.tmp.join(format!("{what}.log"));
+    let log = fs::File::create(&log_path).unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let ok = wait_until(CONVERGE, Duration::from_millis(20), || {
+        try_dump_map("cgtproxy", "cgroups").is_ok_and(|m| m == env.cg.truth(rules))
+    });
+    let log = || fs::read_to_string(&log_path).unwrap_or_default();
+    if !ok {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{what}: the map did not fill\n{}", log());
+    }
+    // SAFETY: kill(2) of our own child (the script exec'd the daemon).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{what}: {st:?}\n{}", log());
+    assert!(dump_map().is_empty(), "{what}: elements left after SIGTERM");
+}
+
+/// PATH with the binary under test first, as `cgtproxy`.
+fn path_with_bin() -> OsString {
+    let mut p = OsString::from(Path::new(BIN).parent().unwrap());
+    p.push(":");
+    p.push(std::env::var_os("PATH").unwrap_or_default());
+    p
+}
+
+#[test]
+fn runit_run_script_starts_the_daemon() {
+    e2e("runit_run_script_starts_the_daemon", |env| {
+        // No ruleset loaded: the run script loads it.
+        env.cg.mkdir(&["/p"]);
+        let rules = Rules::new(&[("/p", "proxy")]);
+        let config = env.write_config(&Config::new(&rules));
+        let sv = env.tmp.join("sv/cgtproxy");
+        fs::create_dir_all(&sv).unwrap();
+        fs::copy(manifest().join("init/runit/cgtproxy/run"), sv.join("run")).unwrap();
+        let conf = fs::read_to_string(manifest().join("init/runit/cgtproxy/conf")).unwrap();
+        assert!(
+            conf.contains("\nOPTS=\"\"\n") && conf.contains("\nRULESET="),
+            "{conf}"
+        );
+        let conf = format!(
+            "{conf}\nOPTS=\"-c {} --cgroup-root {}\"\nRULESET={}\n",
+            config.display(),
+            env.cg.root.display(),
+            ruleset_path().display()
+        );
+        fs::write(sv.join("conf"), conf).unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.arg("./run")
+            .current_dir(&sv)
+            .env("PATH", path_with_bin());
+        run_service(env, &rules, cmd, "runit run");
+        // The table stays (the script loaded it, like a firewall would).
+        assert!(try_dump_map("cgtproxy", "cgroups").is_ok());
+    });
+}
+
+#[test]
+fn openrc_command_line_starts_the_daemon() {
+    e2e("openrc_command_line_starts_the_daemon", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let rules = Rules::new(&[("/p", "proxy")]);
+        let config = env.write_config(&Config::new(&rules));
+        // /etc/conf.d/cgtproxy as a user would edit it.
+        let confd = fs::read_to_string(manifest().join("init/openrc/cgtproxy.confd")).unwrap();
+        assert!(confd.contains("\nCGTPROXY_OPTS=\"\"\n"), "{confd}");
+        let confd = confd.replace(
+            "\nCGTPROXY_OPTS=\"\"\n",
+            &format!(
+                "\nCGTPROXY_OPTS=\"-c {} --cgroup-root {}\"\n",
+                config.display(),
+                env.cg.root.display()
+            ),
+        );
+        let confd_path = env.write_file("cgtproxy.confd", &confd);
+        // What supervise-daemon would be told to run.
+        let f = run_cmd(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    ". \"$1\"; . \"$2\"; echo \"$command $command_args\"",
+                    "sh",
+                ])
+                .arg(&confd_path)
+                .arg(manifest().join("init/openrc/cgtproxy.initd")),
+            LIMIT,
+        );
+        let line = expect(f, 0, "openrc command line");
+        let argv: Vec<String> = line
+            .split_whitespace()
+            .map(|w| w.replace("/usr/bin/cgtproxy", BIN))
+            .collect();
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        run_service(env, &rules, cmd, "openrc command");
+    });
+}
+
+#[test]
+fn install_paths_in_the_man_page_exist_here() {
+    // Every file the man page's FILES section says is shipped is in init/.
+    let page = fs::read_to_string(manifest().join("man/cgtproxy.8")).unwrap();
+    for (installed, shipped) in [
+        (
+            "/usr/lib/systemd/system/cgtproxy.service",
+            "init/systemd/cgtproxy.service",
+        ),
+        ("/etc/init.d/cgtproxy", "init/openrc/cgtproxy.initd"),
+        ("/etc/conf.d/cgtproxy", "init/openrc/cgtproxy.confd"),
+        ("/etc/sv/cgtproxy/run", "init/runit/cgtproxy/run"),
+        ("/etc/sv/cgtproxy/log/run", "init/runit/cgtproxy/log/run"),
+        ("/etc/sv/cgtproxy/conf", "init/runit/cgtproxy/conf"),
+    ] {
+        assert!(page.contains(installed), "{installed} not in cgtproxy(8)");
+        assert!(manifest().join(shipped).exists(), "{shipped} missing");
+    }
+}
