@@ -12,6 +12,12 @@ use crate::error::Error;
 /// The cgroup2 mount point, from `/proc/self/mountinfo` (unified layout at
 /// /sys/fs/cgroup, hybrid at /sys/fs/cgroup/unified, or anywhere else).
 pub fn find_mount(mountinfo: &str) -> Option<PathBuf> {
+    find_mount_and_root(mountinfo).map(|(_, mp)| mp)
+}
+
+/// `(root field, mount point)` of the first cgroup2 line: the root field is
+/// the mounted directory within the hierarchy (`/` unless a subtree is mounted).
+pub fn find_mount_and_root(mountinfo: &str) -> Option<(Vec<u8>, PathBuf)> {
     for line in mountinfo.lines() {
         // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
         let Some((left, right)) = line.split_once(" - ") else {
@@ -20,8 +26,12 @@ pub fn find_mount(mountinfo: &str) -> Option<PathBuf> {
         if right.split(' ').next() != Some("cgroup2") {
             continue;
         }
-        if let Some(mp) = left.split(' ').nth(4) {
-            return Some(PathBuf::from(OsStr::from_bytes(&unescape(mp))));
+        let mut f = left.split(' ').skip(3);
+        if let (Some(root), Some(mp)) = (f.next(), f.next()) {
+            return Some((
+                unescape(root),
+                PathBuf::from(OsStr::from_bytes(&unescape(mp))),
+            ));
         }
     }
     None
@@ -33,18 +43,21 @@ fn unescape(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(
+                    d.iter()
+                        .fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')),
+                );
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
         }
     }
     out

@@ -41,50 +41,6 @@ struct Hierarchy {
     root: PathBuf,
 }
 
-/// `(root field, mount point)` of the first cgroup2 line of mountinfo.
-fn cgroup2_mount(mountinfo: &str) -> Option<(Vec<u8>, PathBuf)> {
-    for line in mountinfo.lines() {
-        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if right.split(' ').next() != Some("cgroup2") {
-            continue;
-        }
-        let mut f = left.split(' ').skip(3);
-        if let (Some(root), Some(mp)) = (f.next(), f.next()) {
-            return Some((
-                unescape(root),
-                PathBuf::from(OsStr::from_bytes(&unescape(mp))),
-            ));
-        }
-    }
-    None
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
 /// Normal components of `p` (`..` makes it unknowable: `None`).
 fn depth(p: &Path) -> Option<usize> {
     let mut n = 0;
@@ -110,7 +66,7 @@ impl Hierarchy {
         let mount = std::fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .as_deref()
-            .and_then(cgroup2_mount)
+            .and_then(cgroup::find_mount_and_root)
             .map(|(r, mp)| (mp, depth(Path::new(OsStr::from_bytes(&r)))));
         Hierarchy { mount, root }
     }
@@ -1668,7 +1624,7 @@ mod tests {
     fn mountinfo_root_and_point() {
         let mi = "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
                   41 31 0:38 /../.. /sys/fs/cgroup/uni\\040fied rw - cgroup2 cgroup2 rw\n";
-        let (root, mp) = cgroup2_mount(mi).unwrap();
+        let (root, mp) = cgroup::find_mount_and_root(mi).unwrap();
         assert_eq!(root, b"/../..");
         assert_eq!(mp, PathBuf::from("/sys/fs/cgroup/uni fied"));
         assert_eq!(depth(Path::new("/")), Some(0));
