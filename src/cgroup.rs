@@ -92,6 +92,14 @@ pub fn id_of(dir: &Path) -> std::io::Result<u64> {
     Ok(std::fs::metadata(dir)?.ino())
 }
 
+/// The cgroup id and whether the directory has subdirectories: on kernfs,
+/// as on most file systems, a directory's link count is 2 plus its number
+/// of subdirectories, so a leaf (nearly every cgroup) needs no readdir.
+pub fn id_and_children(dir: &Path) -> std::io::Result<(u64, bool)> {
+    let m = std::fs::metadata(dir)?;
+    Ok((m.ino(), m.nlink() != 2))
+}
+
 /// `root` + `/a/b` (a path as rules see it, always starting with `/`).
 pub fn fs_path(root: &Path, path: &[u8]) -> PathBuf {
     let rel = path.strip_prefix(b"/").unwrap_or(path);

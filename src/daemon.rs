@@ -94,9 +94,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
                 .map_err(|e| Error::Runtime(format!("nf_tables event socket: {e}")))?,
         )
     };
-    let mut scratch = Vec::new();
-    let tree = Tree::scan(&root, &mut scratch)
-        .map_err(|e| Error::Runtime(format!("{}: {e}", root.display())))?;
+    let tree = Tree::scan(&root).map_err(|e| Error::Runtime(format!("{}: {e}", root.display())))?;
     let actual = rs
         .dump()?
         .ok_or_else(|| Error::Config(rs.table_missing()))?;
@@ -146,6 +144,10 @@ pub fn run(opts: Options) -> Result<(), Error> {
         return Ok(());
     }
 
+    // The initial sync's temporaries (a path per cgroup, the dump) would
+    // otherwise stay resident for the daemon's whole life.
+    drop(ops);
+    drop(actual);
     let mut d = Daemon {
         opts,
         cfg,
@@ -313,8 +315,7 @@ impl Daemon {
     }
 
     fn rescan(&mut self) {
-        let mut scratch = Vec::new();
-        match Tree::scan(&self.root, &mut scratch) {
+        match Tree::scan(&self.root) {
             Ok(t) => self.tree = t,
             Err(e) => warn!("rescan of {}: {e}", self.root.display()),
         }

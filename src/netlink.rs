@@ -61,8 +61,9 @@ pub struct Socket {
     sock: NlSocket,
     seq: u32,
     buf: Vec<u8>,
-    /// The receive buffer size asked for so far; it only grows.
+    /// The buffer sizes asked for so far; they only grow.
     rcvbuf: std::cell::Cell<usize>,
+    sndbuf: std::cell::Cell<usize>,
 }
 
 impl Socket {
@@ -85,6 +86,7 @@ impl Socket {
             seq,
             buf: vec![0; RECV_BUF],
             rcvbuf: std::cell::Cell::new(0),
+            sndbuf: std::cell::Cell::new(160 * 1024),
         })
     }
 
@@ -123,12 +125,20 @@ impl Socket {
     /// only when it must grow).
     pub fn reserve(&self, bytes: usize) {
         if bytes > self.rcvbuf.get() {
-            grow_rcvbuf(self.fd(), bytes);
+            grow_buf(self.fd(), libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes);
             self.rcvbuf.set(bytes);
         }
     }
 
     fn send(&self, bytes: &[u8]) -> Result<(), NlError> {
+        // A batch goes out in one send(), which netlink refuses with
+        // EMSGSIZE past the send buffer (~200 KiB by default: ~4,000
+        // elements). Grow it to fit; it only ever grows.
+        let need = bytes.len() + 4096;
+        if need > self.sndbuf.get() {
+            grow_buf(self.fd(), libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, need);
+            self.sndbuf.set(need);
+        }
         let n = self.sock.send(bytes, MsgFlags::empty())?;
         if n != bytes.len() {
             return Err(NlError::Unknown("short send to netlink"));
@@ -282,11 +292,11 @@ fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, opt: i32, val: i32) -> bool {
     }
 }
 
-/// SO_RCVBUFFORCE (root or CAP_NET_ADMIN, which we have) ignores rmem_max;
-/// fall back to SO_RCVBUF, capped by the sysctl.
-fn grow_rcvbuf(fd: BorrowedFd<'_>, size: usize) {
-    let size = size.min(i32::MAX as usize) as i32;
-    if !setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size) {
-        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, size);
+/// The FORCE variants (CAP_NET_ADMIN, which we have) ignore the rmem_max /
+/// wmem_max sysctls; fall back to the plain ones, capped by them.
+fn grow_buf(fd: BorrowedFd<'_>, force: i32, plain: i32, size: usize) {
+    let size = size.min(i32::MAX as usize / 2) as i32;
+    if !setsockopt_int(fd, libc::SOL_SOCKET, force, size) {
+        setsockopt_int(fd, libc::SOL_SOCKET, plain, size);
     }
 }

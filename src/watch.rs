@@ -63,9 +63,9 @@ const WATCH: WatchFlags = WatchFlags::CREATE
     .union(WatchFlags::DONT_FOLLOW);
 
 impl Tree {
-    /// Watches and scans the whole tree under `root`; every cgroup found is
-    /// reported as `Added` in `out`.
-    pub fn scan(root: &Path, out: &mut Vec<Change>) -> std::io::Result<Tree> {
+    /// Watches and scans the whole tree under `root`. What it found is the
+    /// tree itself ([`Tree::iter`]); no changes are reported.
+    pub fn scan(root: &Path) -> std::io::Result<Tree> {
         let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
         let mut t = Tree {
             root: root.to_path_buf(),
@@ -76,7 +76,7 @@ impl Tree {
             warned_watches: false,
             buf: vec![MaybeUninit::uninit(); 64 * 1024],
         };
-        match t.add(None, b"/".to_vec(), out) {
+        match t.add(None, b"/".to_vec(), None) {
             Some(id) => t.root_id = id,
             None => {
                 return Err(std::io::Error::new(
@@ -116,7 +116,13 @@ impl Tree {
     /// Watches `path` first, then reads its id and scans its children,
     /// iteratively (a deep tree must not exhaust the stack). Returns the id,
     /// or `None` when the directory vanished meanwhile.
-    fn add(&mut self, parent: Option<u64>, path: Vec<u8>, out: &mut Vec<Change>) -> Option<u64> {
+    /// Reports each cgroup added in `out`, when given.
+    fn add(
+        &mut self,
+        parent: Option<u64>,
+        path: Vec<u8>,
+        mut out: Option<&mut Vec<Change>>,
+    ) -> Option<u64> {
         let mut stack = vec![(parent, path)];
         let mut first = None;
         while let Some((parent, path)) = stack.pop() {
@@ -152,8 +158,8 @@ impl Tree {
                     None
                 }
             };
-            let id = match cgroup::id_of(&dir.path) {
-                Ok(id) => id,
+            let (id, has_children) = match cgroup::id_and_children(&dir.path) {
+                Ok(x) => x,
                 Err(_) => {
                     // Vanished between the watch and the stat. Drop the
                     // watch only if it is not some live node's.
@@ -183,13 +189,16 @@ impl Tree {
             if let Some(p) = parent.and_then(|p| self.nodes.get_mut(&p)) {
                 p.children.insert(name, id);
             }
-            out.push(Change::Added {
-                id,
-                path: path.clone(),
-            });
+            if let Some(out) = out.as_deref_mut() {
+                out.push(Change::Added {
+                    id,
+                    path: path.clone(),
+                });
+            }
             first.get_or_insert(id);
-            // Children that exist now; later ones arrive as events.
-            if let Ok(rd) = std::fs::read_dir(&dir.path) {
+            // Children that exist now; later ones arrive as events (the
+            // watch is already in place).
+            if has_children && let Ok(rd) = std::fs::read_dir(&dir.path) {
                 for e in rd.flatten() {
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
                         stack.push((
@@ -214,10 +223,22 @@ impl Tree {
 
     /// Removes a cgroup and everything below it from the tree.
     fn remove(&mut self, id: u64, out: &mut Vec<Change>) {
-        if let Some(parent) = self.nodes.get(&id).and_then(|n| n.parent)
-            && let Some(p) = self.nodes.get_mut(&parent)
+        // Unlink from the parent by name: a burst of removals must not cost
+        // a scan of the siblings each.
+        if let Some(n) = self.nodes.get(&id)
+            && let Some(parent) = n.parent
         {
-            p.children.retain(|_, c| *c != id);
+            let name = n
+                .path
+                .rsplit(|&c| c == b'/')
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            if let Some(p) = self.nodes.get_mut(&parent)
+                && p.children.get(&name) == Some(&id)
+            {
+                p.children.remove(&name);
+            }
         }
         let mut stack = vec![id];
         while let Some(id) = stack.pop() {
@@ -289,7 +310,7 @@ impl Tree {
                 {
                     self.remove(old, out);
                 }
-                self.add(Some(parent), cgroup::child_path(&ppath, &name), out);
+                self.add(Some(parent), cgroup::child_path(&ppath, &name), Some(out));
             } else if flags.intersects(ReadFlags::DELETE | ReadFlags::MOVED_FROM) {
                 if let Some(child) = self
                     .nodes
@@ -316,15 +337,8 @@ mod tests {
         let base = std::env::temp_dir().join(format!("cgtproxy-watch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(base.join("a/b")).unwrap();
-        let mut out = Vec::new();
-        let mut t = Tree::scan(&base, &mut out).unwrap();
-        let mut paths: Vec<_> = out
-            .iter()
-            .map(|c| match c {
-                Change::Added { path, .. } => path.clone(),
-                _ => panic!(),
-            })
-            .collect();
+        let mut t = Tree::scan(&base).unwrap();
+        let mut paths: Vec<_> = t.iter().map(|(_, p)| p.to_vec()).collect();
         paths.sort();
         assert_eq!(paths, vec![b"/".to_vec(), b"/a".to_vec(), b"/a/b".to_vec()]);
 

@@ -748,3 +748,25 @@ fn many_cgroups_at_start_and_while_stopped() {
         assert_eq!(dump_map(), MapDump::new());
     });
 }
+
+/// A whole map in one transaction, past the netlink socket's default send
+/// buffer (~4,000 elements): it used to fail with EMSGSIZE.
+#[test]
+fn once_fills_10000_elements_in_one_transaction() {
+    e2e("once_fills_10000_elements_in_one_transaction", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        for i in 0..100 {
+            let dir = env.cg.path(&format!("/p/d{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            for j in 0..99 {
+                std::fs::create_dir(dir.join(format!("e{j}"))).unwrap();
+            }
+        }
+        let rules = Rules::new(&[("/p/.*", "proxy")]);
+        let done = env.once(&Config::new(&rules));
+        assert_eq!(done.code(), Some(0), "{}", done.describe());
+        env.assert_map(&rules);
+        assert_eq!(dump_map().len(), 10_000);
+    });
+}
