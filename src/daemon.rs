@@ -451,12 +451,28 @@ fn name(tree: &Tree, gone: &HashMap<u64, &[u8]>, id: u64) -> String {
     }
 }
 
-/// One line per element change, for the log or `--dry-run`.
+/// Beyond this many element changes in one transaction the log gets one
+/// summary line (each change with `-v`): a start on a big system or a burst
+/// must not flood the journal.
+const LOG_EACH_UP_TO: usize = 16;
+
+/// One line per element change, for the log or `--dry-run` (which always
+/// lists every change).
 fn describe(ops: &Ops<'_>, tree: &Tree, gone: &HashMap<u64, &[u8]>, would: &str) -> String {
     if !crate::log::enabled(crate::log::INFO) && would.is_empty() {
         return String::new();
     }
     let mut s = String::new();
+    let changes = ops.del.len().max(ops.add.len());
+    if would.is_empty() && changes > LOG_EACH_UP_TO && !crate::log::enabled(crate::log::DEBUG) {
+        let _ = writeln!(
+            s,
+            "cgtproxy: {} elements deleted, {} added in one transaction (-v lists each)",
+            ops.del.len(),
+            ops.add.len()
+        );
+        return s;
+    }
     let replaced: std::collections::HashSet<u64> = ops.add.iter().map(|(id, _)| *id).collect();
     for id in &ops.del {
         if !replaced.contains(id) {
