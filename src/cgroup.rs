@@ -79,9 +79,10 @@ pub fn resolve_root(root: &CgroupRoot) -> Result<PathBuf, Error> {
     match std::fs::metadata(dir.join("cgroup.procs")) {
         Ok(_) => Ok(dir),
         Err(e) => Err(Error::Config(format!(
-            "cgroup root {}: not a cgroup v2 directory ({}: {e})",
+            "cgroup root {}: not a cgroup v2 directory ({}: {})",
             dir.display(),
-            dir.join("cgroup.procs").display()
+            dir.join("cgroup.procs").display(),
+            crate::error::io(&e)
         ))),
     }
 }
@@ -165,7 +166,7 @@ pub fn child_path(parent: &[u8], name: &[u8]) -> Vec<u8> {
 /// as seen from our cgroup namespace.
 pub fn path_of_pid(pid: u32) -> Result<Vec<u8>, String> {
     let f = format!("/proc/{pid}/cgroup");
-    let data = std::fs::read(&f).map_err(|e| format!("{f}: {e}"))?;
+    let data = std::fs::read(&f).map_err(|e| format!("{f}: {}", crate::error::io(&e)))?;
     for line in data.split(|&c| c == b'\n') {
         if let Some(p) = line.strip_prefix(b"0::") {
             return Ok(p.to_vec());

@@ -108,7 +108,11 @@ impl Config {
             Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
                 Config::parse("<built-in default>", EMBEDDED_DEFAULT)
             }
-            Err(e) => Err(Error::Config(format!("{}: {e}", path.display()))),
+            Err(e) => Err(Error::Config(format!(
+                "{}: {}",
+                path.display(),
+                crate::error::io(&e)
+            ))),
         }
     }
 

@@ -94,7 +94,8 @@ pub fn run(opts: Options) -> Result<(), Error> {
                 .map_err(|e| Error::Runtime(format!("nf_tables event socket: {e}")))?,
         )
     };
-    let tree = Tree::scan(&root).map_err(|e| Error::Runtime(format!("{}: {e}", root.display())))?;
+    let tree = Tree::scan(&root)
+        .map_err(|e| Error::Runtime(format!("{}: {}", root.display(), crate::error::io(&e))))?;
     let actual = rs
         .dump()?
         .ok_or_else(|| Error::Config(rs.table_missing()))?;

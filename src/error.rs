@@ -31,6 +31,16 @@ impl Error {
     }
 }
 
+/// An I/O error as words: "No such file or directory", without Rust's
+/// " (os error 2)" suffix, which means nothing to an operator.
+pub fn io(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
