@@ -68,6 +68,8 @@ struct Daemon {
     missing: bool,
     /// Consecutive failed attempts; past one, wait for an event or RETRY.
     failures: u32,
+    /// The last failure logged: a persistent one is said once, not every RETRY.
+    last_failure: Option<String>,
 }
 
 pub fn run(opts: Options) -> Result<(), Error> {
@@ -160,6 +162,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
         resync: false,
         missing: false,
         failures: 0,
+        last_failure: None,
     };
     let code = d.serve(&signals);
     d.shutdown();
@@ -267,7 +270,10 @@ impl Daemon {
                 self.failures = u32::from(self.resync);
             }
             ApplyError::Failed(m) => {
-                warn!("{m}; retrying");
+                if self.last_failure.as_ref() != Some(m) {
+                    warn!("{m}; retrying every {} s", RETRY.tv_sec);
+                    self.last_failure = Some(m.clone());
+                }
                 self.failures += 1;
             }
         }
@@ -306,6 +312,9 @@ impl Daemon {
                         ops.del.len(),
                         ops.add.len()
                     );
+                }
+                if self.last_failure.take().is_some() {
+                    info!("map {} is right again", self.cfg.map);
                 }
                 self.missing = false;
                 self.resync = false;
