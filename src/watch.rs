@@ -10,12 +10,15 @@
 //! - IN_Q_OVERFLOW is never papered over: the caller rebuilds the tree.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::cgroup;
@@ -117,30 +120,51 @@ impl Tree {
     /// iteratively (a deep tree must not exhaust the stack). Returns the id,
     /// or `None` when the directory vanished meanwhile.
     /// Reports each cgroup added in `out`, when given.
+    ///
+    /// Children found by a scan are named relative to their parent: the
+    /// process changes into the parent directory (as `find` does) and hands
+    /// inotify_add_watch and stat a single component. Resolving the absolute
+    /// path twice per cgroup was the largest cost of a start with thousands
+    /// of cgroups, and it also removes any PATH_MAX limit for them. The
+    /// working directory is restored before returning.
     fn add(
         &mut self,
         parent: Option<u64>,
         path: Vec<u8>,
         mut out: Option<&mut Vec<Change>>,
     ) -> Option<u64> {
-        let mut stack = vec![(parent, path)];
+        let mut stack: Vec<Pending> = vec![(parent, path, None)];
         let mut first = None;
-        while let Some((parent, path)) = stack.pop() {
-            let dir = match cgroup::dir(&self.root, &path) {
-                Ok(d) => d,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    crate::warn!("{}: cannot open: {e}", cgroup::display(&path));
-                    continue;
+        let mut cwd = Cwd::default();
+        while let Some((parent, path, base)) = stack.pop() {
+            let name = path
+                .rsplit(|&c| c == b'/')
+                .next()
+                .unwrap_or_default()
+                .to_vec();
+            // How to name it: one component inside the parent, or in full.
+            let full;
+            let (target, flags): (&Path, WatchFlags) = match &base {
+                Some(fd) if cwd.enter(fd) => (Path::new(OsStr::from_bytes(&name)), WATCH),
+                _ => {
+                    full = match cgroup::dir(&self.root, &path) {
+                        Ok(d) => d,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            crate::warn!("{}: cannot open: {e}", cgroup::display(&path));
+                            continue;
+                        }
+                    };
+                    // A /proc/self/fd name is a link that must be followed.
+                    let flags = if full.via_fd() {
+                        WATCH.difference(WatchFlags::DONT_FOLLOW)
+                    } else {
+                        WATCH
+                    };
+                    (full.path.as_path(), flags)
                 }
             };
-            // A /proc/self/fd name is a link that must be followed.
-            let flags = if dir.via_fd() {
-                WATCH.difference(WatchFlags::DONT_FOLLOW)
-            } else {
-                WATCH
-            };
-            let wd = match inotify::add_watch(&self.inotify, &dir.path, flags) {
+            let wd = match inotify::add_watch(&self.inotify, target, flags) {
                 Ok(wd) => Some(wd),
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue, // gone already
                 Err(Errno::NOSPC) => {
@@ -158,7 +182,7 @@ impl Tree {
                     None
                 }
             };
-            let (id, has_children) = match cgroup::id_and_children(&dir.path) {
+            let (id, has_children) = match cgroup::id_and_children(target) {
                 Ok(x) => x,
                 Err(_) => {
                     // Vanished between the watch and the stat. Drop the
@@ -181,13 +205,8 @@ impl Tree {
             if let Some(wd) = wd {
                 self.wds.insert(wd, id);
             }
-            let name = path
-                .rsplit(|&c| c == b'/')
-                .next()
-                .unwrap_or_default()
-                .to_vec();
             if let Some(p) = parent.and_then(|p| self.nodes.get_mut(&p)) {
-                p.children.insert(name, id);
+                p.children.insert(name.clone(), id);
             }
             if let Some(out) = out.as_deref_mut() {
                 out.push(Change::Added {
@@ -197,14 +216,20 @@ impl Tree {
             }
             first.get_or_insert(id);
             // Children that exist now; later ones arrive as events (the
-            // watch is already in place).
-            if has_children && let Ok(rd) = std::fs::read_dir(&dir.path) {
-                for e in rd.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        stack.push((
-                            Some(id),
-                            cgroup::child_path(&path, e.file_name().as_bytes()),
-                        ));
+            // watch is already in place). Leaves need no readdir.
+            if has_children
+                && let Ok(fd) = rustix::fs::open(
+                    target,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                && let Ok(entries) = rustix::fs::Dir::read_from(&fd)
+            {
+                let fd = Rc::new(fd);
+                for e in entries.flatten() {
+                    let n = e.file_name().to_bytes();
+                    if e.file_type() == rustix::fs::FileType::Directory && n != b"." && n != b".." {
+                        stack.push((Some(id), cgroup::child_path(&path, n), Some(fd.clone())));
                     }
                 }
             }
@@ -218,6 +243,7 @@ impl Tree {
                 },
             );
         }
+        cwd.restore();
         first
     }
 
@@ -323,6 +349,50 @@ impl Tree {
             }
         }
         Ok(Status::Ok)
+    }
+}
+
+/// A directory still to add: its parent, its path, and the parent's open
+/// directory when it is to be named relative to it.
+type Pending = (Option<u64>, Vec<u8>, Option<Rc<OwnedFd>>);
+
+/// The working directory during a scan: which parent we are in, and the
+/// directory to return to.
+#[derive(Default)]
+struct Cwd {
+    here: Option<Rc<OwnedFd>>,
+    original: Option<OwnedFd>,
+}
+
+impl Cwd {
+    /// Changes into `dir` unless already there; false if that failed (the
+    /// caller then names the cgroup in full).
+    fn enter(&mut self, dir: &Rc<OwnedFd>) -> bool {
+        if self.here.as_ref().is_some_and(|h| Rc::ptr_eq(h, dir)) {
+            return true;
+        }
+        if self.original.is_none() {
+            match rustix::fs::open(
+                ".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => self.original = Some(fd),
+                Err(_) => return false, // could not come back: don't leave
+            }
+        }
+        if rustix::process::fchdir(dir.as_ref()).is_err() {
+            return false;
+        }
+        self.here = Some(dir.clone());
+        true
+    }
+
+    fn restore(&mut self) {
+        if let Some(o) = self.original.take() {
+            let _ = rustix::process::fchdir(&o);
+        }
+        self.here = None;
     }
 }
 
