@@ -306,8 +306,13 @@ impl Ruleset {
 }
 
 /// DESTROYSETELEM arrived in Linux 6.3. Older kernels (and odd version
-/// strings) get plain deletes of known elements.
+/// strings) get plain deletes of known elements. `CGTPROXY_NO_DESTROY=1`
+/// forces the older way, for kernels whose backports misbehave and for
+/// testing it on a new kernel.
 fn destroy_supported() -> bool {
+    if std::env::var_os("CGTPROXY_NO_DESTROY").is_some_and(|v| v == "1") {
+        return false;
+    }
     let u = rustix::system::uname();
     let rel = u.release().to_string_lossy();
     let mut it = rel

@@ -770,3 +770,40 @@ fn once_fills_10000_elements_in_one_transaction() {
         assert_eq!(dump_map().len(), 10_000);
     });
 }
+
+/// Kernels before 6.3 have no DESTROYSETELEM: deletes must name only keys
+/// known present, and a delete of a key someone else removed (ENOENT, which
+/// aborts the whole batch) must end in a full reconcile, not a stuck map.
+#[test]
+fn plain_deletes_as_on_kernels_before_6_3() {
+    e2e("plain_deletes_as_on_kernels_before_6_3", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/a", "/p/b", "/d", "/x"]);
+        let rules = rules();
+        let cfg = env.write_config(&Config::new(&rules));
+        let mut args = env.run_args(&cfg);
+        args.push("-v".into());
+        let mut d = Daemon::spawn_env(&args, true, &[("CGTPROXY_NO_DESTROY", "1")]);
+        d.wait_ready(Duration::from_secs(10)).unwrap();
+        env.wait_map(&rules);
+        // Plain removals and additions.
+        env.cg.rmdir("/x");
+        env.cg.mkdir(&["/p/c"]);
+        env.wait_map(&rules);
+        // A flush by someone else is refilled.
+        nft_script("flush map inet cgtproxy cgroups\n");
+        env.wait_map(&rules);
+        // The map is flushed while the daemon is stopped, then /d goes: its
+        // plain delete fails with ENOENT and the batch, which also adds
+        // /p/e, is refused as a whole ("no such element ... reconciling").
+        // The daemon must converge anyway.
+        d.signal(libc::SIGSTOP);
+        nft_script("flush map inet cgtproxy cgroups\n");
+        env.cg.rmdir("/d");
+        env.cg.mkdir(&["/p/e"]);
+        d.signal(libc::SIGCONT);
+        env.wait_map(&rules);
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}

@@ -1071,7 +1071,13 @@ fn log_reader<R: Read + Send + 'static>(r: R, log: Arc<Mutex<String>>, pid: u32)
 impl Daemon {
     /// Spawns `cgtproxy ARGS` (plus `--ready-fd 3` when `ready`).
     pub fn spawn(args: &[OsString], ready: bool) -> Daemon {
+        Daemon::spawn_env(args, ready, &[])
+    }
+
+    /// As `spawn`, with extra environment variables.
+    pub fn spawn_env(args: &[OsString], ready: bool, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(BIN);
+        cmd.envs(env.iter().copied());
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
