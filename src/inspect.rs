@@ -23,6 +23,20 @@ use crate::nftables::{self, Element, Object as NftObject};
 use crate::ruleset::Ruleset;
 use crate::wire::{self, ErrorMsg, Msg, Writer};
 
+/// Chains of nft/cgtproxy*.nft that are plumbing, never a rule's target.
+const INTERNAL_CHAINS: &[&str] = &[
+    "output",
+    "lookup",
+    "pre_bypass",
+    "pre_proxy",
+    "reroute",
+    "prerouting",
+    "listener",
+    "dns",
+    "forward",
+    "forward_new",
+];
+
 /// The port `CGTPROXY_PORT` defines in the shipped ruleset; used when the
 /// live ruleset cannot say.
 const DEFAULT_TPROXY_PORT: u16 = 7893;
@@ -1065,13 +1079,20 @@ pub fn check(opts: &Options) -> Result<i32, Error> {
         format!("config {}: {} rules", cfg.source, cfg.rules.len()),
     );
     for (i, r) in cfg.rules.iter().enumerate() {
-        if r.target == Verdict::Goto("reroute".into()) {
-            c.add(
+        match &r.target {
+            Verdict::Goto(c2) if c2 == "reroute" => c.add(
                 Mark::Warn,
                 format!(
                     "rules[{i}].target is \"reroute\", the ruleset's internal helper: it marks packets without recording the verdict on the connection; use \"proxy\""
                 ),
-            );
+            ),
+            Verdict::Goto(c2) if INTERNAL_CHAINS.contains(&c2.as_str()) => c.add(
+                Mark::Warn,
+                format!(
+                    "rules[{i}].target is \"{c2}\", a chain internal to the shipped rulesets (a loop or a base chain, which the kernel refuses as a verdict); use proxy, direct, drop or a chain of your own"
+                ),
+            ),
+            _ => {}
         }
     }
     let h = match cgroup::resolve_root(&cfg.cgroup_root) {

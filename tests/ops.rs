@@ -483,6 +483,20 @@ fn check_passes_then_catches_a_missing_chain() {
             out.contains("WARN  rules[0].target is \"reroute\""),
             "{out}"
         );
+        // Any other internal chain: a loop (lookup) or a base chain (output).
+        let internal = env.write_config(&Config::new(&Rules::new(&[
+            ("/p", "lookup"),
+            ("/q", "output"),
+        ])));
+        let out = expect(cli(env, &internal, &["check"]), 1, "check, internal chains");
+        for (i, c) in [(0, "lookup"), (1, "output")] {
+            assert!(
+                out.contains(&format!(
+                    "WARN  rules[{i}].target is \"{c}\", a chain internal"
+                )),
+                "{out}"
+            );
+        }
 
         // A config that does not load is exit 2, nothing else.
         let bad = env.write_file("bad.json", "{ \"rules\": [ }");
