@@ -12,16 +12,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use neli::consts::socket::NlFamily;
-
 use crate::cgroup;
 use crate::config::{CgroupRoot, Config, Verdict, match_form};
 use crate::daemon::Options;
 use crate::error::Error;
-use crate::netlink::{NlError, Socket};
+use crate::netlink::NlError;
 use crate::nftables::{self, Element, Object as NftObject};
-use crate::ruleset::Ruleset;
-use crate::wire::{self, ErrorMsg, Msg, Writer};
+use crate::ruleset::{Ruleset, nl_error};
+use crate::wire::{self, Msg, Writer};
 
 /// Chains of nft/cgtproxy*.nft that are plumbing, never a rule's target.
 const INTERNAL_CHAINS: &[&str] = &[
@@ -506,20 +504,9 @@ fn analyse(rules: &[NftRule], map: &str) -> Facts {
     f
 }
 
-/// The table as the kernel has it, read over its own netlink socket.
+/// The table as the kernel has it, read through the daemon's own `Ruleset`.
 struct Live {
-    nl: Socket,
-    table: String,
-    map: String,
-}
-
-fn nl_error(what: &str, e: NlError) -> Error {
-    match e {
-        NlError::Kernel(ErrorMsg {
-            errno: libc::EPERM, ..
-        }) => Error::Runtime("nf_tables: permission denied (this needs CAP_NET_ADMIN)".into()),
-        e => Error::Runtime(format!("{what}: {e}")),
-    }
+    rs: Ruleset,
 }
 
 /// The parts of a NEWSET reply `check` reports.
@@ -531,57 +518,38 @@ struct MapInfo {
 
 impl Live {
     fn open(table: &str, map: &str) -> Result<Live, Error> {
-        let nl = Socket::open(NlFamily::Netfilter)
-            .map_err(|e| Error::Runtime(format!("netlink socket: {e}")))?;
         Ok(Live {
-            nl,
-            table: table.into(),
-            map: map.into(),
+            rs: Ruleset::open(table, map)?,
         })
     }
 
-    /// Asks for one object; `None` when it does not exist.
-    fn get(&mut self, obj: &NftObject<'_>) -> Result<Option<MapInfo>, Error> {
-        let seq = self.nl.seq();
-        let mut info = MapInfo::default();
-        let r = self
-            .nl
-            .request(&nftables::get_request(seq, obj), seq, false, |m| {
-                if let NftObject::Set(..) = obj {
-                    info.set = Some(nftables::parse_set(m)?);
-                    info.counter = set_has_counter(m);
-                }
-                Ok(())
-            });
-        match r {
-            Ok(()) => Ok(Some(info)),
-            Err(NlError::Kernel(ErrorMsg {
-                errno: libc::ENOENT,
-                ..
-            })) => Ok(None),
-            Err(e) => Err(nl_error("nf_tables", e)),
-        }
-    }
-
     fn table(&mut self) -> Result<bool, Error> {
-        let t = self.table.clone();
-        Ok(self.get(&NftObject::Table(&t))?.is_some())
+        let t = self.rs.map.table.clone();
+        self.rs.get(&NftObject::Table(&t), |_| Ok(()))
     }
 
     fn map_info(&mut self) -> Result<Option<MapInfo>, Error> {
-        let (t, m) = (self.table.clone(), self.map.clone());
-        self.get(&NftObject::Set(&t, &m))
+        let (t, m) = (self.rs.map.table.clone(), self.rs.map.map.clone());
+        let mut info = MapInfo::default();
+        let found = self.rs.get(&NftObject::Set(&t, &m), |m| {
+            info.set = Some(nftables::parse_set(m)?);
+            info.counter = set_has_counter(m);
+            Ok(())
+        })?;
+        Ok(found.then_some(info))
     }
 
     fn chain(&mut self, chain: &str) -> Result<bool, Error> {
-        let t = self.table.clone();
-        Ok(self.get(&NftObject::Chain(&t, chain))?.is_some())
+        let t = self.rs.map.table.clone();
+        self.rs.get(&NftObject::Chain(&t, chain), |_| Ok(()))
     }
 
     /// Every rule of the table, in chain order.
     fn rules(&mut self) -> Result<Vec<NftRule>, Error> {
         for _ in 0..10 {
-            let seq = self.nl.seq();
+            let table = self.rs.map.table.clone();
+            let nl = self.rs.socket();
+            let seq = nl.seq();
             let mut w = Writer::new();
             // nft list table inet TABLE (its rules)
             w.begin_msg(
@@ -590,11 +558,10 @@ impl Live {
                 seq,
             );
             w.put(&[nftables::FAMILY_INET, 0, 0, 0]); // nfgenmsg: family, v0, res_id 0
-            w.attr_str(NFTA_RULE_TABLE, &self.table);
+            w.attr_str(NFTA_RULE_TABLE, &table);
             w.end_msg();
             let mut out = Vec::new();
-            let table = self.table.clone();
-            let r = self.nl.request(&w.buf, seq, true, |m| {
+            let r = nl.request(&w.buf, seq, true, |m| {
                 let (t, _, rule) = parse_rule(m)?;
                 if t == table {
                     out.push(rule);
@@ -1209,10 +1176,7 @@ fn check_ruleset(
         }
         Ok(Some(info)) => {
             counter = Some(info.counter);
-            els = Ruleset::open(&cfg.table, &cfg.map)
-                .and_then(|mut r| r.dump())
-                .ok()
-                .flatten();
+            els = live.rs.dump().ok().flatten();
             let n = els
                 .as_ref()
                 .map_or("? elements".to_string(), |e| format!("{} elements", e.len()));

@@ -118,7 +118,6 @@ pub struct Batch {
     pub blame: Vec<(u32, Vec<(usize, Blame)>)>,
     /// Which kind of element message each sequence number carries.
     pub kinds: Vec<(u32, ElemMsg)>,
-    pub elements: usize,
 }
 
 impl Batch {
@@ -136,7 +135,6 @@ impl Batch {
             acked: Vec::new(),
             blame: Vec::new(),
             kinds: Vec::new(),
-            elements: 0,
         }
     }
 
@@ -209,7 +207,6 @@ impl Batch {
                 self.w.nest_end(d); // NFTA_SET_ELEM_DATA
             }
             self.w.nest_end(e); // NFTA_LIST_ELEM
-            self.elements += 1;
         }
         if let Some(start) = list {
             self.close_list(start);
@@ -239,10 +236,6 @@ impl Batch {
         self.note(Blame::Map);
         self.w.attr_str(NFTA_SET_ELEM_LIST_SET, &map.map);
         self.w.end_msg();
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.acked.is_empty()
     }
 
     /// `END`; returns the bytes to send.

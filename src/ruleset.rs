@@ -48,14 +48,14 @@ fn errno_text(errno: i32) -> String {
     s.split(" (os error").next().unwrap_or(&s).to_string()
 }
 
-fn permission(e: &NlError) -> Option<Error> {
+/// A netlink failure as an error: EPERM means the missing capability,
+/// anything else is said with `what` was being done.
+pub fn nl_error(what: &str, e: NlError) -> Error {
     match e {
         NlError::Kernel(ErrorMsg {
             errno: libc::EPERM, ..
-        }) => Some(Error::Runtime(
-            "nf_tables: permission denied (cgtproxy needs CAP_NET_ADMIN)".into(),
-        )),
-        _ => None,
+        }) => Error::Runtime("nf_tables: permission denied (cgtproxy needs CAP_NET_ADMIN)".into()),
+        e => Error::Runtime(format!("{what}: {e}")),
     }
 }
 
@@ -73,6 +73,11 @@ impl Ruleset {
         })
     }
 
+    /// The socket, for read-only requests of other kinds (`check` dumps rules).
+    pub fn socket(&mut self) -> &mut Socket {
+        &mut self.nl
+    }
+
     pub fn table_missing(&self) -> String {
         format!(
             "table inet {} does not exist — load nft/cgtproxy.nft first",
@@ -87,7 +92,9 @@ impl Ruleset {
         )
     }
 
-    fn get(
+    /// Asks the kernel for one object; `f` sees its reply. False when it
+    /// does not exist.
+    pub fn get(
         &mut self,
         obj: &Object<'_>,
         mut f: impl FnMut(&crate::wire::Msg<'_>) -> Result<(), NlError>,
@@ -102,9 +109,7 @@ impl Ruleset {
                 errno: libc::ENOENT,
                 ..
             })) => Ok(false),
-            Err(e) => {
-                Err(permission(&e).unwrap_or_else(|| Error::Runtime(format!("nf_tables: {e}"))))
-            }
+            Err(e) => Err(nl_error("nf_tables", e)),
         }
     }
 
@@ -178,11 +183,7 @@ impl Ruleset {
                     ..
                 })) => return Ok(None),
                 Err(NlError::Unknown("interrupted dump")) => continue,
-                Err(e) => {
-                    return Err(permission(&e).unwrap_or_else(|| {
-                        Error::Runtime(format!("dump of map {}: {e}", self.map.map))
-                    }));
-                }
+                Err(e) => return Err(nl_error(&format!("dump of map {}", self.map.map), e)),
             }
         }
         Err(Error::Runtime(format!(

@@ -95,10 +95,6 @@ impl Tree {
         self.inotify.as_fd()
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

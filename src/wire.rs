@@ -88,11 +88,6 @@ impl Writer {
         self.buf.len() - self.msg_start
     }
 
-    /// Size of the current message so far.
-    pub fn msg_len(&self) -> usize {
-        self.msg_offset()
-    }
-
     /// Raw fixed header bytes (nfgenmsg, rtmsg, fib_rule_hdr …).
     pub fn put(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
