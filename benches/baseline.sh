@@ -7,8 +7,13 @@
 # usage: baseline.sh DIR
 #   DIR      a directory on the cgroup2 mount (host path, e.g.
 #            /sys/fs/cgroup/unified/some/subtree); every cgroup under it,
-#            DIR included, gets the element VERDICT.
-#   env TABLE (cgtproxy), MAP (cgroups), VERDICT ("goto direct")
+#            DIR included, gets an element that stands for VERDICT.
+#   env TABLE (cgtproxy), MAP (cgroups), VMAP (verdicts),
+#       VERDICT ("goto direct"), NUMBER (1000)
+#            the ruleset maps a cgroup to a number (MAP) and the number to
+#            its verdict (VMAP): the script puts NUMBER : VERDICT in VMAP once
+#            and every cgroup's element is "PATH" : NUMBER. NUMBER is far
+#            from the daemon's own (1, 2, ...), so the two never conflict.
 #   env READY_FD  a descriptor that gets "\n" once the watches are in place
 #                 and the cgroups that already existed are in the map.
 #
@@ -31,7 +36,9 @@ fi
 dir=${1:?usage: baseline.sh DIR}
 table=${TABLE:-cgtproxy}
 map=${MAP:-cgroups}
+vmap=${VMAP:-verdicts}
 verdict=${VERDICT:-goto direct}
+number=${NUMBER:-1000}
 
 # Where cgroup2 is mounted (unified or hybrid layout), and DIR relative to it.
 mnt=$(awk '$0 ~ / - cgroup2 / { print $5; exit }' /proc/self/mountinfo)
@@ -53,8 +60,9 @@ done
 
 tmp=$(mktemp)
 {
+	printf 'add element inet %s %s { %s : %s }\n' "$table" "$vmap" "$number" "$verdict"
 	printf 'add element inet %s %s {\n' "$table" "$map"
-	find "$top" -type d | sed -e 's|^/sys/fs/cgroup/||' -e "s|.*|\"&\" : $verdict,|"
+	find "$top" -type d | sed -e 's|^/sys/fs/cgroup/||' -e "s|.*|\"&\" : $number,|"
 	printf '}\n'
 } >"$tmp"
 nft -f "$tmp"
@@ -66,7 +74,7 @@ while IFS= read -r line <&"$ev"; do
 	path=${line#* }
 	path=${path#/sys/fs/cgroup/}
 	case $event in
-	CREATE,ISDIR) nft add element inet "$table" "$map" "{ \"$path\" : $verdict }" ;;
+	CREATE,ISDIR) nft add element inet "$table" "$map" "{ \"$path\" : $number }" ;;
 	DELETE,ISDIR) nft delete element inet "$table" "$map" "{ \"$path\" }" ;;
 	esac
 done

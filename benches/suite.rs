@@ -65,6 +65,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_cgtproxy");
 const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 const TABLE: &str = "cgtproxy";
 const MAP: &str = "cgroups";
+/// The ruleset's second map: verdict number → verdict.
+const VMAP: &str = "verdicts";
+/// The number baseline.sh (and the fallback fill) gives `goto direct`: far
+/// from the daemon's own 1, 2, …, so the two never conflict.
+const BASELINE_NUMBER: u32 = 1000;
 const CLIENT_V4: &str = "198.18.0.1";
 const SERVER_V4: &str = "198.18.0.2";
 const IPERF_PORT: &str = "5201";
@@ -491,7 +496,9 @@ impl Inst {
                     .env("READY_FD", "3")
                     .env("TABLE", TABLE)
                     .env("MAP", MAP)
-                    .env("VERDICT", "goto direct");
+                    .env("VMAP", VMAP)
+                    .env("VERDICT", "goto direct")
+                    .env("NUMBER", BASELINE_NUMBER.to_string());
                 c
             }
         };
@@ -1381,7 +1388,10 @@ impl PacketEnv<'_> {
                         Some(String::from_utf8_lossy(&out.stderr).trim().to_string());
                 }
                 let mount = cgroup2_mount().unwrap();
-                let mut f = format!("add element inet {TABLE} {MAP} {{\n");
+                let mut f = format!(
+                    "add element inet {TABLE} {VMAP} {{ {BASELINE_NUMBER} : goto direct }}\n\
+                     add element inet {TABLE} {MAP} {{\n"
+                );
                 let mut stack = vec![w.clone()];
                 while let Some(d) = stack.pop() {
                     let rel = d
@@ -1390,7 +1400,7 @@ impl PacketEnv<'_> {
                         .to_str()
                         .unwrap()
                         .to_string();
-                    let _ = writeln!(f, "\"{rel}\" : goto direct,");
+                    let _ = writeln!(f, "\"{rel}\" : {BASELINE_NUMBER},");
                     for e in fs::read_dir(&d).unwrap().flatten() {
                         if e.file_type().is_ok_and(|t| t.is_dir()) {
                             stack.push(e.path());

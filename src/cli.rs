@@ -16,12 +16,12 @@ usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
        cgtproxy explain [-c FILE] [--cgroup-root DIR] PATH|PID...
        cgtproxy --help | --version
 
-Keeps the nftables verdict map `cgroups` (table inet cgtproxy, loaded from
-cgtproxy.nft) in step with cgroupfs: each cgroup whose path matches a rule
+Keeps the nftables maps `cgroups` and `verdicts` (table inet cgtproxy, loaded
+from cgtproxy.nft) in step with cgroupfs: each cgroup whose path matches a rule
 gets that rule's verdict (goto proxy, goto direct, drop, goto CHAIN).
 
 commands:
-  run (default)        sync the map in one transaction, then follow cgroupfs
+  run (default)        sync the maps in one transaction, then follow cgroupfs
   check                check the config, the live ruleset, the kernel and
                        known traps; print a checklist
   status               each element of the map: verdict, packets, bytes, cgroup

@@ -25,14 +25,18 @@ pub const EMBEDDED_DEFAULT: &str = r#"{
   ]
 }"#;
 
-/// What a matched cgroup's element says: the plain verdict `drop`, or
+/// What a matched cgroup's element stands for: the plain verdict `drop`, or
 /// `goto CHAIN` (`proxy`, `direct`, or a chain of the user's).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Verdict {
     Drop,
     Goto(String),
-    /// Anything else found in the kernel map (written by someone else).
+    /// Anything else found in the kernel's `verdicts` map (written by
+    /// someone else).
     Other(i32, Option<String>),
+    /// A `cgroups` element whose number `verdicts` does not have (the
+    /// ruleset sends such packets direct).
+    Unbound(u32),
 }
 
 impl fmt::Display for Verdict {
@@ -45,6 +49,7 @@ impl fmt::Display for Verdict {
             Verdict::Other(-5, _) => f.write_str("return"),
             Verdict::Other(code, Some(c)) => write!(f, "verdict {code} {c}"),
             Verdict::Other(code, None) => write!(f, "verdict {code}"),
+            Verdict::Unbound(n) => write!(f, "number {n}, which has no verdict"),
         }
     }
 }
@@ -81,6 +86,7 @@ pub struct Config {
     pub cgroup_root: CgroupRoot,
     pub table: String,
     pub map: String,
+    pub verdict_map: String,
     pub route: Option<Route>,
     pub keep_on_exit: bool,
     pub rules: Vec<Rule>,
@@ -131,6 +137,7 @@ impl Config {
             cgroup_root: CgroupRoot::Auto,
             table: "cgtproxy".into(),
             map: "cgroups".into(),
+            verdict_map: "verdicts".into(),
             route: Some(DEFAULT_ROUTE),
             keep_on_exit: false,
             rules: Vec::new(),
@@ -153,6 +160,7 @@ impl Config {
                 }
                 "table" => cfg.table = name(v).map_err(|w| err(key, w))?,
                 "map" => cfg.map = name(v).map_err(|w| err(key, w))?,
+                "verdict-map" => cfg.verdict_map = name(v).map_err(|w| err(key, w))?,
                 "keep-on-exit" => match v {
                     Value::Bool(b) => cfg.keep_on_exit = *b,
                     _ => return Err(err(key, format!("expected true or false, got {}", kind(v)))),
@@ -174,13 +182,22 @@ impl Config {
                 _ => {
                     return Err(err(
                         key,
-                        "unknown key (expected cgroup-root, table, map, route, keep-on-exit or rules)".into(),
+                        "unknown key (expected cgroup-root, table, map, verdict-map, route, keep-on-exit or rules)".into(),
                     ));
                 }
             }
         }
         if !have_rules {
             return Err(err("top level", "missing key \"rules\"".into()));
+        }
+        if cfg.verdict_map == cfg.map {
+            return Err(err(
+                "verdict-map",
+                format!(
+                    "{:?} is also \"map\"; the two maps need different names",
+                    cfg.map
+                ),
+            ));
         }
         Ok(cfg)
     }
@@ -598,14 +615,19 @@ mod tests {
     fn full_example_parses() {
         let c = Config::parse(
             "c",
-            r#"{ "cgroup-root": "auto", "table": "t", "map": "m", "keep-on-exit": true,
+            r#"{ "cgroup-root": "auto", "table": "t", "map": "m", "verdict-map": "v", "keep-on-exit": true,
                  "route": { "mark": 1, "table": 100 },
                  "rules": [ { "match": "/a", "target": "direct" }, { "match": "/.*", "target": "drop" } ] }"#,
         )
         .unwrap();
         assert_eq!(
-            (c.table.as_str(), c.map.as_str(), c.keep_on_exit),
-            ("t", "m", true)
+            (
+                c.table.as_str(),
+                c.map.as_str(),
+                c.verdict_map.as_str(),
+                c.keep_on_exit
+            ),
+            ("t", "m", "v", true)
         );
         assert_eq!(
             c.route,
@@ -643,7 +665,7 @@ mod tests {
         assert!(msg("{\"rules\": [").starts_with("c.json:1:12: expected a value"));
         assert_eq!(
             msg(r#"{"rules":[],"bogus":1}"#),
-            "c.json: bogus: unknown key (expected cgroup-root, table, map, route, keep-on-exit or rules)"
+            "c.json: bogus: unknown key (expected cgroup-root, table, map, verdict-map, route, keep-on-exit or rules)"
         );
         assert_eq!(
             msg(r#"{"rules":[{"match":"/a","target":"x"},{"match":"(","target":"x"}]}"#)

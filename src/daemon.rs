@@ -85,7 +85,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
             )));
         }
     }
-    let mut rs = Ruleset::open(&cfg.table, &cfg.map)?;
+    let mut rs = Ruleset::open(&cfg)?;
     rs.check(&cfg)?;
     // Subscribe before the first dump, so no change after it goes unseen.
     let events = if opts.once || opts.dry_run {
@@ -334,11 +334,15 @@ impl Daemon {
     }
 
     /// nf_tables events: someone else's transaction that touched our table,
-    /// map or its elements means the map may be wrong now.
+    /// either map or their elements means the map may be wrong now.
     fn ruleset_events(&mut self) {
         let Some(ev) = &mut self.events else { return };
         let me = std::process::id();
-        let (table, map) = (self.cfg.table.as_str(), self.cfg.map.as_str());
+        let (table, map, verdicts) = (
+            self.cfg.table.as_str(),
+            self.cfg.map.as_str(),
+            self.cfg.verdict_map.as_str(),
+        );
         let mut touched = false;
         let mut resync = false;
         let r = ev.drain(|m| {
@@ -363,7 +367,7 @@ impl Daemon {
                 | nftables::NFT_MSG_DELSET
                 | nftables::NFT_MSG_NEWSETELEM
                 | nftables::NFT_MSG_DELSETELEM
-                | nftables::NFT_MSG_DESTROYSETELEM => a == table && b == map,
+                | nftables::NFT_MSG_DESTROYSETELEM => a == table && (b == map || b == verdicts),
                 _ => false,
             };
         });
@@ -387,7 +391,7 @@ impl Daemon {
         notify("RELOADING=1");
         let result = (|| {
             let (cfg, root) = load(&self.opts)?;
-            let mut rs = Ruleset::open(&cfg.table, &cfg.map)?;
+            let mut rs = Ruleset::open(&cfg)?;
             rs.check(&cfg)?;
             Ok::<_, Error>((cfg, root, rs))
         })();
@@ -399,9 +403,15 @@ impl Daemon {
                 return;
             }
         };
-        if cfg.table != self.cfg.table || cfg.map != self.cfg.map {
+        if cfg.table != self.cfg.table
+            || cfg.map != self.cfg.map
+            || cfg.verdict_map != self.cfg.verdict_map
+        {
             if let Err(e) = self.rs.flush() {
-                warn!("emptying the old map {}: {e}", self.cfg.map);
+                warn!(
+                    "emptying the old maps {} and {}: {e}",
+                    self.cfg.map, self.cfg.verdict_map
+                );
             }
             self.rs = rs;
         }
@@ -436,14 +446,14 @@ impl Daemon {
         notify("STOPPING=1");
         if self.cfg.keep_on_exit {
             info!(
-                "keep-on-exit: leaving map {} and the routes in place",
-                self.cfg.map
+                "keep-on-exit: leaving maps {} and {} and the routes in place",
+                self.cfg.map, self.cfg.verdict_map
             );
             return;
         }
         match self.rs.flush() {
             Ok(()) | Err(ApplyError::Missing(_)) => {}
-            Err(e) => warn!("emptying map {}: {e}", self.cfg.map),
+            Err(e) => warn!("{e}"),
         }
         if let Some(r) = &self.routes {
             for f in route::remove(r) {

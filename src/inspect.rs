@@ -25,6 +25,8 @@ use crate::wire::{self, Msg, Writer};
 const INTERNAL_CHAINS: &[&str] = &[
     "output",
     "lookup",
+    "dispatch",
+    "pass",
     "pre_bypass",
     "pre_proxy",
     "reroute",
@@ -187,9 +189,11 @@ const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTA_SOCKET_KEY: u16 = 1;
 const NFTA_SOCKET_DREG: u16 = 2;
 const NFTA_SOCKET_LEVEL: u16 = 3;
+const NFT_SOCKET_MARK: u32 = 1;
 const NFT_SOCKET_CGROUPV2: u32 = 3;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_DREG: u16 = 3;
 const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_META_DREG: u16 = 1;
@@ -312,6 +316,13 @@ struct Facts {
     levels: BTreeSet<u32>,
     /// Chains that hold those lookups.
     lookup_chains: BTreeSet<String>,
+    /// A rule looks the packet mark up in the verdicts map.
+    dispatches: bool,
+    /// Chains known to exist (those with rules; `check` adds the empty
+    /// ones the config names), and those whose first rule is `meta mark set
+    /// socket mark`.
+    chains: BTreeSet<String>,
+    restores: BTreeSet<String>,
     /// `tproxy ... to :PORT` ports.
     tproxy_ports: BTreeSet<u16>,
     /// The packet mark the TPROXY rules match (`meta mark X ... tproxy`).
@@ -364,8 +375,9 @@ fn reaching(seed: BTreeSet<String>, edges: &[(String, String)]) -> BTreeSet<Stri
 }
 
 /// Reads what the rules do, register by register: which levels feed a
-/// lookup in `map`, where TPROXY sends to, and which marks steer it.
-fn analyse(rules: &[NftRule], map: &str) -> Facts {
+/// lookup in `map`, whether the mark feeds one in `verdicts`, where TPROXY
+/// sends to, and which marks steer it.
+fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
     #[derive(Clone)]
     enum Reg {
         Cgroup(u32),
@@ -439,12 +451,17 @@ fn analyse(rules: &[NftRule], map: &str) -> Facts {
                 }
                 "lookup" => {
                     let set = e.attr(NFTA_LOOKUP_SET).map(wire::string);
-                    if set.as_deref() == Some(map)
-                        && let Some(Reg::Cgroup(l)) =
-                            e.u32(NFTA_LOOKUP_SREG).and_then(|s| regs.get(&s))
-                    {
-                        f.levels.insert(*l);
-                        f.lookup_chains.insert(r.chain.clone());
+                    match e.u32(NFTA_LOOKUP_SREG).and_then(|s| regs.get(&s)) {
+                        Some(Reg::Cgroup(l)) if set.as_deref() == Some(map) => {
+                            f.levels.insert(*l);
+                            f.lookup_chains.insert(r.chain.clone());
+                        }
+                        Some(Reg::Mark) if set.as_deref() == Some(verdicts) => f.dispatches = true,
+                        _ => {}
+                    }
+                    // A map lookup writes what it found over its register.
+                    if let Some(d) = e.u32(NFTA_LOOKUP_DREG) {
+                        regs.remove(&d);
                     }
                 }
                 "tproxy" => {
@@ -461,6 +478,9 @@ fn analyse(rules: &[NftRule], map: &str) -> Facts {
         }
         let names: Vec<&str> = r.exprs.iter().map(|e| e.name.as_str()).collect();
         sum.exempt = names == ["meta", "cmp", "immediate"] && accept && sum.mark_eq.is_some();
+        if f.chains.insert(r.chain.clone()) && restores_mark(&r.exprs) {
+            f.restores.insert(r.chain.clone());
+        }
         summaries.push((&r.chain, sum));
     }
     // The mark TPROXY takes: matched by a rule that does TPROXY itself or
@@ -504,6 +524,19 @@ fn analyse(rules: &[NftRule], map: &str) -> Facts {
     f
 }
 
+/// `meta mark set socket mark`: socket mark into a register, the packet
+/// mark from it.
+fn restores_mark(exprs: &[Expr]) -> bool {
+    let [sock, meta] = exprs else { return false };
+    let reg = sock.u32(NFTA_SOCKET_DREG);
+    sock.name == "socket"
+        && sock.u32(NFTA_SOCKET_KEY) == Some(NFT_SOCKET_MARK)
+        && meta.name == "meta"
+        && meta.u32(NFTA_META_KEY) == Some(NFT_META_MARK)
+        && reg.is_some()
+        && meta.u32(NFTA_META_SREG) == reg
+}
+
 /// The table as the kernel has it, read through the daemon's own `Ruleset`.
 struct Live {
     rs: Ruleset,
@@ -517,9 +550,9 @@ struct MapInfo {
 }
 
 impl Live {
-    fn open(table: &str, map: &str) -> Result<Live, Error> {
+    fn open(cfg: &Config) -> Result<Live, Error> {
         Ok(Live {
-            rs: Ruleset::open(table, map)?,
+            rs: Ruleset::open(cfg)?,
         })
     }
 
@@ -528,8 +561,8 @@ impl Live {
         self.rs.get(&NftObject::Table(&t), |_| Ok(()))
     }
 
-    fn map_info(&mut self) -> Result<Option<MapInfo>, Error> {
-        let (t, m) = (self.rs.map.table.clone(), self.rs.map.map.clone());
+    fn map_info(&mut self, map: &str) -> Result<Option<MapInfo>, Error> {
+        let (t, m) = (self.rs.map.table.clone(), map.to_string());
         let mut info = MapInfo::default();
         let found = self.rs.get(&NftObject::Set(&t, &m), |m| {
             info.set = Some(nftables::parse_set(m)?);
@@ -601,12 +634,12 @@ fn set_has_counter(m: &Msg<'_>) -> bool {
 
 /// The map's elements by id, or why there are none to show.
 fn elements(cfg: &Config) -> Result<Vec<Element>, Error> {
-    let mut rs = Ruleset::open(&cfg.table, &cfg.map)?;
+    let mut rs = Ruleset::open(cfg)?;
     match rs.dump()? {
         Some(e) => Ok(e),
         None => Err(Error::Runtime(format!(
-            "table inet {} or its map '{}' does not exist — load nft/cgtproxy.nft first",
-            cfg.table, cfg.map
+            "table inet {} or its map '{}' or '{}' does not exist — load nft/cgtproxy.nft first",
+            cfg.table, cfg.map, cfg.verdict_map
         ))),
     }
 }
@@ -814,9 +847,9 @@ pub fn explain(opts: &Options, targets: &[OsString]) -> Result<i32, Error> {
         Ok(e) => (e, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
-    let facts = Live::open(&cfg.table, &cfg.map)
+    let facts = Live::open(&cfg)
         .and_then(|mut l| l.rules())
-        .map(|r| analyse(&r, &cfg.map))
+        .map(|r| analyse(&r, &cfg.map, &cfg.verdict_map))
         .unwrap_or_default();
     let by_id: HashMap<u64, &Element> = els.iter().map(|e| (e.id, e)).collect();
     let mut code = i32::from(map_error.is_some());
@@ -965,7 +998,7 @@ fn explain_one(
             h.name(&d.dir),
             lvl(d.level)
         ),
-        (None, None) => "no element at any level: the ruleset's fallthrough applies (goto direct in the shipped ruleset)".to_string(),
+        (None, None) => "no element at any level: the ruleset's fallthrough applies (direct in the shipped ruleset)".to_string(),
     };
     let _ = writeln!(s, "verdict    {verdict}");
     // What the daemon makes of it: the nearest listed cgroup decides.
@@ -1047,6 +1080,12 @@ pub fn check(opts: &Options) -> Result<i32, Error> {
     );
     for (i, r) in cfg.rules.iter().enumerate() {
         match &r.target {
+            Verdict::Goto(c2) if c2 == "pass" => c.add(
+                Mark::Warn,
+                format!(
+                    "rules[{i}].target is \"pass\", the ruleset's internal helper: it leaves the verdict number in the packet mark; use \"direct\""
+                ),
+            ),
             Verdict::Goto(c2) if c2 == "reroute" => c.add(
                 Mark::Warn,
                 format!(
@@ -1113,6 +1152,9 @@ pub fn check(opts: &Options) -> Result<i32, Error> {
             );
         }
     }
+    if let Some(f) = &facts {
+        check_restores(&mut c, &cfg, f);
+    }
     if let (Some(h), Some(f)) = (&h, &facts) {
         check_depth(&mut c, &cfg, h, &cgroups, f);
     }
@@ -1139,7 +1181,7 @@ fn check_ruleset(
     cfg: &Config,
     c: &mut Checklist,
 ) -> (Option<Facts>, Option<Vec<Element>>, Option<bool>) {
-    let mut live = match Live::open(&cfg.table, &cfg.map) {
+    let mut live = match Live::open(cfg) {
         Ok(l) => l,
         Err(e) => {
             c.add(Mark::Fail, e.to_string());
@@ -1164,13 +1206,20 @@ fn check_ruleset(
         }
     }
     let (mut els, mut counter) = (None, None);
-    match live.map_info() {
-        Ok(Some(MapInfo { set: Some(i), .. })) if !(i.is_map && i.verdict_data && i.key_len == 8) => {
+    match live.map_info(&cfg.map) {
+        Ok(Some(MapInfo { set: Some(i), .. })) if !i.is_number_map() => {
             c.add(
                 Mark::Fail,
                 format!(
-                    "'{}' in table inet {} is not a verdict map keyed by cgroupsv2 (want: map {} {{ type cgroupsv2 : verdict; counter; }})",
-                    cfg.map, cfg.table, cfg.map
+                    "'{}' in table inet {} is not a map of the type cgtproxy writes (want: map {} {{ type cgroupsv2 : mark; counter; }}){}",
+                    cfg.map,
+                    cfg.table,
+                    cfg.map,
+                    if i.verdict_data {
+                        "; it is a verdict map, the layout of cgtproxy 0.1: load this version's nft/cgtproxy.nft"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }
@@ -1183,7 +1232,7 @@ fn check_ruleset(
             if info.counter {
                 c.add(
                     Mark::Ok,
-                    format!("map {}: cgroupsv2 : verdict, with counters; {n}", cfg.map),
+                    format!("map {}: cgroupsv2 : mark, with counters; {n}", cfg.map),
                 );
             } else {
                 c.add(
@@ -1200,6 +1249,27 @@ fn check_ruleset(
             format!(
                 "map '{}' does not exist in table inet {} — load nft/cgtproxy.nft, or fix \"map\" in {}",
                 cfg.map, cfg.table, cfg.source
+            ),
+        ),
+        Err(e) => c.add(Mark::Fail, e.to_string()),
+    }
+    match live.map_info(&cfg.verdict_map) {
+        Ok(Some(MapInfo { set: Some(i), .. })) if i.is_verdict_map() => c.add(
+            Mark::Ok,
+            format!("map {}: mark : verdict", cfg.verdict_map),
+        ),
+        Ok(Some(_)) => c.add(
+            Mark::Fail,
+            format!(
+                "'{}' in table inet {} is not a map of the type cgtproxy writes (want: map {} {{ type mark : verdict; }})",
+                cfg.verdict_map, cfg.table, cfg.verdict_map
+            ),
+        ),
+        Ok(None) => c.add(
+            Mark::Fail,
+            format!(
+                "map '{}' does not exist in table inet {} — load nft/cgtproxy.nft, or fix \"verdict-map\" in {}",
+                cfg.verdict_map, cfg.table, cfg.source
             ),
         ),
         Err(e) => c.add(Mark::Fail, e.to_string()),
@@ -1226,7 +1296,8 @@ fn check_ruleset(
     }
     match live.rules() {
         Ok(rules) => {
-            let f = analyse(&rules, &cfg.map);
+            let mut f = analyse(&rules, &cfg.map, &cfg.verdict_map);
+            f.chains.extend(present.iter().map(|c| c.to_string()));
             if f.levels.is_empty() {
                 c.add(
                     Mark::Fail,
@@ -1235,12 +1306,39 @@ fn check_ruleset(
                         cfg.table, cfg.map
                     ),
                 );
+            } else if !f.dispatches {
+                c.add(
+                    Mark::Fail,
+                    format!(
+                        "no rule of table inet {} looks up the packet mark in map {} (`meta mark vmap @{}`): verdict numbers lead nowhere",
+                        cfg.table, cfg.verdict_map, cfg.verdict_map
+                    ),
+                );
             }
             (Some(f), els, counter)
         }
         Err(e) => {
             c.add(Mark::Fail, e.to_string());
             (None, els, counter)
+        }
+    }
+}
+
+/// Target chains are entered with the verdict number in the packet mark;
+/// one that does not put the socket's mark back first lets it out with it.
+fn check_restores(c: &mut Checklist, cfg: &Config, f: &Facts) {
+    for (chain, rule) in cfg.chains() {
+        // Missing chains fail elsewhere.
+        if f.chains.contains(chain)
+            && !f.restores.contains(chain)
+            && !INTERNAL_CHAINS.contains(&chain)
+        {
+            c.add(
+                Mark::Warn,
+                format!(
+                    "chain '{chain}' (rules[{rule}].target) does not start with `meta mark set socket mark`: packets it lets through keep cgtproxy's verdict number as their mark; start it like the ruleset's proxy and direct"
+                ),
+            );
         }
     }
 }
@@ -1722,9 +1820,13 @@ mod tests {
             ],
         )
     }
-    fn level(l: u32, map: &str) -> Vec<Expr> {
+    fn set_name(map: &str) -> Vec<u8> {
         let mut set = map.as_bytes().to_vec();
         set.push(0);
+        set
+    }
+    /// `socket cgroupv2 level L vmap @MAP` (the 0.1 shape).
+    fn level(l: u32, map: &str) -> Vec<Expr> {
         vec![
             expr(
                 "socket",
@@ -1736,7 +1838,38 @@ mod tests {
             ),
             expr(
                 "lookup",
-                &[(NFTA_LOOKUP_SET, set), (NFTA_LOOKUP_SREG, be(1))],
+                &[(NFTA_LOOKUP_SET, set_name(map)), (NFTA_LOOKUP_SREG, be(1))],
+            ),
+        ]
+    }
+    /// `meta mark set socket cgroupv2 level L map @MAP goto dispatch`
+    fn level_number(l: u32, map: &str) -> Vec<Expr> {
+        let mut v = level(l, map);
+        v[1].attrs.push((NFTA_LOOKUP_DREG, be(1)));
+        v.push(expr(
+            "meta",
+            &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(1))],
+        ));
+        v.push(goes(-4, Some("dispatch")));
+        v
+    }
+    /// `meta mark set socket mark`
+    fn restore() -> Vec<Expr> {
+        vec![
+            expr(
+                "socket",
+                &[(NFTA_SOCKET_KEY, be(1)), (NFTA_SOCKET_DREG, be(1))],
+            ),
+            expr("meta", &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(1))]),
+        ]
+    }
+    /// `meta mark vmap @MAP`
+    fn dispatch(map: &str) -> Vec<Expr> {
+        vec![
+            meta_mark_load(),
+            expr(
+                "lookup",
+                &[(NFTA_LOOKUP_SET, set_name(map)), (NFTA_LOOKUP_SREG, be(1))],
             ),
         ]
     }
@@ -1764,14 +1897,21 @@ mod tests {
                 vec![meta_mark_load(), mark_eq(6666), goes(1, None)],
             ),
             rule("output", vec![goes(-4, Some("lookup"))]),
-            rule("lookup", level(2, "cgroups")),
-            rule("lookup", level(1, "cgroups")),
-            rule("lookup", vec![goes(-4, Some("direct"))]),
-            // proxy: jump pre_proxy; ... goto reroute
+            rule("lookup", level_number(2, "cgroups")),
+            rule("lookup", level_number(1, "cgroups")),
+            rule("lookup", vec![goes(-4, Some("pass"))]),
+            rule("dispatch", dispatch("verdicts")),
+            rule("dispatch", vec![goes(-4, Some("direct"))]),
+            // proxy: meta mark set socket mark; jump pre_proxy; ... goto reroute
+            rule("proxy", restore()),
             rule("proxy", vec![goes(-3, Some("pre_proxy"))]),
             rule("proxy", vec![goes(-4, Some("reroute"))]),
             rule("reroute", [set_mark(9011), vec![goes(1, None)]].concat()),
-            rule("direct", vec![goes(1, None)]),
+            rule("direct", restore()),
+            rule("direct", vec![goes(-4, Some("pass"))]),
+            rule("pass", vec![goes(1, None)]),
+            rule("mine", vec![goes(1, None)]),
+            rule("mine", restore()),
             // prerouting: meta mark 9011 goto listener
             rule(
                 "prerouting",
@@ -1779,8 +1919,9 @@ mod tests {
             ),
             rule("listener", [set_mark(9011), tproxy(7893)].concat()),
         ];
-        let f = analyse(&rules, "cgroups");
+        let f = analyse(&rules, "cgroups", "verdicts");
         assert_eq!(f.levels, BTreeSet::from([1, 2]));
+        assert!(f.dispatches);
         assert_eq!(f.levels_text(), "levels 1-2");
         assert_eq!(f.lookup_chains, BTreeSet::from(["lookup".to_string()]));
         assert_eq!(f.tproxy_ports, BTreeSet::from([7893]));
@@ -1789,11 +1930,24 @@ mod tests {
         for c in ["proxy", "reroute"] {
             assert!(f.capturing.contains(c), "{c} captures: {:?}", f.capturing);
         }
-        for c in ["direct", "output", "lookup", "pre_proxy"] {
+        for c in [
+            "direct",
+            "pass",
+            "output",
+            "lookup",
+            "dispatch",
+            "pre_proxy",
+        ] {
             assert!(!f.capturing.contains(c), "{c} does not capture");
         }
         assert!(f.looks_up(Some(2)) && !f.looks_up(Some(3)) && !f.looks_up(Some(0)));
-        assert!(analyse(&rules, "other").levels.is_empty());
+        // `mine` restores, but too late: not on its first rule.
+        assert_eq!(
+            f.restores,
+            BTreeSet::from(["proxy".to_string(), "direct".to_string()])
+        );
+        assert!(analyse(&rules, "other", "verdicts").levels.is_empty());
+        assert!(!analyse(&rules, "cgroups", "other").dispatches);
     }
 
     /// An older shape: lookups in the base chain, TPROXY in prerouting.
@@ -1809,7 +1963,7 @@ mod tests {
                 [vec![meta_mark_load(), mark_eq(5)], tproxy(1234)].concat(),
             ),
         ];
-        let f = analyse(&rules, "m");
+        let f = analyse(&rules, "m", "v");
         assert_eq!(f.levels_text(), "level 3");
         assert_eq!((f.tproxy_mark, f.proxy_mark), (Some(5), Some(1)));
         assert_eq!(f.tproxy_ports, BTreeSet::from([1234]));

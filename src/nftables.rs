@@ -5,7 +5,8 @@
 //!
 //! Byte order: the netlink and attribute headers are host order; nfgenmsg's
 //! res_id, verdict codes, counters and set flags are big-endian; the
-//! `cgroupsv2` key is the 64-bit cgroup id in host order.
+//! `cgroupsv2` key is the 64-bit cgroup id in host order, and a `mark` (the
+//! verdict number: `cgroups` data, `verdicts` key) a 32-bit one in host order.
 
 use crate::config::Verdict;
 use crate::wire::{self, Malformed, Msg, Writer};
@@ -38,6 +39,7 @@ const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -59,13 +61,14 @@ const NFTA_GEN_PROC_PID: u16 = 2;
 const NFT_SET_MAP: u32 = 0x8;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NF_DROP: i32 = 0;
+const NFT_CONTINUE: i32 = -1;
 const NFT_GOTO: i32 = -4;
 
 /// Keep each element list well under the 16-bit attribute length: the
 /// predecessor put everything in one message and lost it all past 64 KiB.
 const ELEMENTS_LIMIT: usize = 60_000;
-/// An element is at most ~300 bytes (a 255-byte chain name); start a new
-/// message before the list could cross the limit.
+/// An element is at most ~300 bytes (a `verdicts` element with a 255-byte
+/// chain name); start a new message before the list could cross the limit.
 const ELEMENT_MAX: usize = 320;
 
 pub const fn msg_type(nft_msg: u8) -> u16 {
@@ -83,14 +86,19 @@ fn nfgenmsg(w: &mut Writer, family: u8, res_id: u16) {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Blame {
     Table,
-    Map,
-    /// An element being added (its key or its verdict's chain).
+    /// The map a message is about (by name).
+    Map(String),
+    /// A `cgroups` element being added (this cgroup id).
     Added(u64),
-    /// An element being deleted.
+    /// A `cgroups` element being deleted.
     Deleted(u64),
+    /// A `verdicts` element being added (its number, or its chain).
+    Bound(u32),
+    /// A `verdicts` element being deleted.
+    Unbound(u32),
 }
 
-/// The table and map cgtproxy writes.
+/// A map in a table: `cgroups` or `verdicts`.
 #[derive(Debug, Clone)]
 pub struct MapRef {
     pub table: String,
@@ -159,15 +167,54 @@ impl Batch {
         }
     }
 
-    /// `{add|delete|destroy} element inet TABLE MAP { ID [: VERDICT], ... }`
+    /// `{add|delete|destroy} element inet TABLE cgroups { ID [: NUMBER], ... }`
     ///
     /// Split into as many messages as the 64 KiB limit needs, all in this
-    /// batch. `verdict` is ignored for deletes.
-    pub fn elements<'a>(
+    /// batch. The number is ignored for deletes.
+    pub fn elements(
         &mut self,
         kind: ElemMsg,
         map: &MapRef,
-        elems: impl IntoIterator<Item = (u64, Option<&'a Verdict>)>,
+        elems: impl IntoIterator<Item = (u64, Option<u32>)>,
+    ) {
+        let blame = if kind == ElemMsg::New {
+            Blame::Added
+        } else {
+            Blame::Deleted
+        };
+        self.list(kind, map, elems, blame, |w, id, number| {
+            w.attr(NFTA_DATA_VALUE, &id.to_ne_bytes());
+            number.map(|n| move |w: &mut Writer| w.attr(NFTA_DATA_VALUE, &n.to_ne_bytes()))
+        });
+    }
+
+    /// `{add|delete|destroy} element inet TABLE verdicts { NUMBER [: VERDICT], ... }`
+    pub fn verdicts<'v>(
+        &mut self,
+        kind: ElemMsg,
+        map: &MapRef,
+        elems: impl IntoIterator<Item = (u32, Option<&'v Verdict>)>,
+    ) {
+        let blame = if kind == ElemMsg::New {
+            Blame::Bound
+        } else {
+            Blame::Unbound
+        };
+        self.list(kind, map, elems, blame, |w, number, verdict| {
+            w.attr(NFTA_DATA_VALUE, &number.to_ne_bytes());
+            verdict.map(|v| move |w: &mut Writer| verdict_attr(w, v))
+        });
+    }
+
+    /// The element-list messages of one kind. `key` writes an element's key
+    /// and returns what writes its data, if it has any.
+    fn list<K: Copy, D, F: FnOnce(&mut Writer)>(
+        &mut self,
+        kind: ElemMsg,
+        map: &MapRef,
+        elems: impl IntoIterator<Item = (K, D)>,
+        blame: fn(K) -> Blame,
+        mut key: impl FnMut(&mut Writer, K, D) -> Option<F>,
     ) {
         let ty = match kind {
             ElemMsg::New => NFT_MSG_NEWSETELEM,
@@ -180,7 +227,7 @@ impl Batch {
             0
         };
         let mut list: Option<usize> = None;
-        for (id, verdict) in elems {
+        for (k, d) in elems {
             if let Some(start) = list
                 && self.w.buf.len() - start > ELEMENTS_LIMIT - ELEMENT_MAX
             {
@@ -190,21 +237,18 @@ impl Batch {
             if list.is_none() {
                 list = Some(self.open_list(kind, ty, flags, map));
             }
-            self.note(if kind == ElemMsg::New {
-                Blame::Added(id)
-            } else {
-                Blame::Deleted(id)
-            });
+            // The kernel's ext-ack offset points at the NFTA_LIST_ELEM.
+            self.note(blame(k));
             let e = self.w.nest_begin(NFTA_LIST_ELEM);
-            let k = self.w.nest_begin(NFTA_SET_ELEM_KEY);
-            self.w.attr(NFTA_DATA_VALUE, &id.to_ne_bytes());
-            self.w.nest_end(k); // NFTA_SET_ELEM_KEY
+            let kn = self.w.nest_begin(NFTA_SET_ELEM_KEY);
+            let data = key(&mut self.w, k, d);
+            self.w.nest_end(kn); // NFTA_SET_ELEM_KEY
             if kind == ElemMsg::New
-                && let Some(v) = verdict
+                && let Some(write) = data
             {
-                let d = self.w.nest_begin(NFTA_SET_ELEM_DATA);
-                verdict_attr(&mut self.w, v);
-                self.w.nest_end(d); // NFTA_SET_ELEM_DATA
+                let dn = self.w.nest_begin(NFTA_SET_ELEM_DATA);
+                write(&mut self.w);
+                self.w.nest_end(dn); // NFTA_SET_ELEM_DATA
             }
             self.w.nest_end(e); // NFTA_LIST_ELEM
         }
@@ -218,7 +262,7 @@ impl Batch {
         self.kinds.push((seq, kind));
         self.note(Blame::Table);
         self.w.attr_str(NFTA_SET_ELEM_LIST_TABLE, &map.table);
-        self.note(Blame::Map);
+        self.note(Blame::Map(map.map.clone()));
         self.w.attr_str(NFTA_SET_ELEM_LIST_SET, &map.map);
         self.w.nest_begin(NFTA_SET_ELEM_LIST_ELEMENTS)
     }
@@ -233,7 +277,7 @@ impl Batch {
         self.begin(NFT_MSG_DELSETELEM, 0, FAMILY_INET);
         self.note(Blame::Table);
         self.w.attr_str(NFTA_SET_ELEM_LIST_TABLE, &map.table);
-        self.note(Blame::Map);
+        self.note(Blame::Map(map.map.clone()));
         self.w.attr_str(NFTA_SET_ELEM_LIST_SET, &map.map);
         self.w.end_msg();
     }
@@ -298,6 +342,9 @@ fn verdict_attr(w: &mut Writer, v: &Verdict) {
                 w.attr_str(NFTA_VERDICT_CHAIN, c);
             }
         }
+        // Never a rule's target; `continue` does what the ruleset does
+        // with a number that has no verdict (on to `goto direct`).
+        Verdict::Unbound(_) => w.attr_be32(NFTA_VERDICT_CODE, NFT_CONTINUE as u32),
     }
     w.nest_end(n); // NFTA_DATA_VERDICT
 }
@@ -352,12 +399,25 @@ pub fn get_request(seq: u32, obj: &Object<'_>) -> Vec<u8> {
     w.buf
 }
 
-/// The parts of a NEWSET reply that say whether it can be our map.
+/// The parts of a NEWSET reply that say whether it can be one of our maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetInfo {
     pub is_map: bool,
     pub key_len: u32,
     pub verdict_data: bool,
+    pub data_len: u32,
+}
+
+impl SetInfo {
+    /// `type cgroupsv2 : mark`: an 8-byte key, 4 bytes of data.
+    pub fn is_number_map(&self) -> bool {
+        self.is_map && self.key_len == 8 && !self.verdict_data && self.data_len == 4
+    }
+
+    /// `type mark : verdict`.
+    pub fn is_verdict_map(&self) -> bool {
+        self.is_map && self.key_len == 4 && self.verdict_data
+    }
 }
 
 pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Malformed> {
@@ -365,6 +425,7 @@ pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Malformed> {
         is_map: false,
         key_len: 0,
         verdict_data: false,
+        data_len: 0,
     };
     for a in wire::attrs(body(m)?) {
         let (ty, v) = a?;
@@ -372,17 +433,38 @@ pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Malformed> {
             NFTA_SET_FLAGS => s.is_map = wire::be32(v)? & NFT_SET_MAP != 0,
             NFTA_SET_KEY_LEN => s.key_len = wire::be32(v)?,
             NFTA_SET_DATA_TYPE => s.verdict_data = wire::be32(v)? == NFT_DATA_VERDICT,
+            NFTA_SET_DATA_LEN => s.data_len = wire::be32(v)?,
             _ => {}
         }
     }
     Ok(s)
 }
 
-/// One element of the kernel map, as dumped.
+/// A `cgroups` element as cgtproxy sees it: the verdict its number stands
+/// for in `verdicts` (see `Ruleset::dump`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
     pub id: u64,
     pub verdict: Verdict,
+    /// (packets, bytes) from the per-element counter.
+    pub counter: Option<(u64, u64)>,
+}
+
+/// What an element maps its key to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    /// A `cgroups` element's verdict number (a host-order u32).
+    Number(u32),
+    /// A `verdicts` element's verdict.
+    Verdict(Verdict),
+}
+
+/// One element of a map, as dumped or announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// A cgroup id (8-byte key) or a verdict number (4-byte key).
+    pub key: u64,
+    pub data: Data,
     /// (packets, bytes) from the per-element counter.
     pub counter: Option<(u64, u64)>,
 }
@@ -393,7 +475,7 @@ fn body<'a>(m: &Msg<'a>) -> Result<&'a [u8], Malformed> {
 }
 
 /// A NEWSETELEM message (a dump part, or an event): its table, set and elements.
-pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Element>), Malformed> {
+pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Entry>), Malformed> {
     let (mut table, mut set, mut out) = (String::new(), String::new(), Vec::new());
     for a in wire::attrs(body(m)?) {
         let (ty, v) = a?;
@@ -414,8 +496,8 @@ pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Element>), Mal
     Ok((table, set, out))
 }
 
-fn parse_element(e: &[u8]) -> Result<Element, Malformed> {
-    let (mut id, mut verdict, mut counter) = (None, None, None);
+fn parse_element(e: &[u8]) -> Result<Entry, Malformed> {
+    let (mut key, mut data, mut counter) = (None, None, None);
     for a in wire::attrs(e) {
         let (ty, v) = a?;
         match ty {
@@ -423,14 +505,17 @@ fn parse_element(e: &[u8]) -> Result<Element, Malformed> {
                 for k in wire::attrs(v) {
                     let (ty, k) = k?;
                     if ty == NFTA_DATA_VALUE {
-                        let b: [u8; 8] = k
-                            .try_into()
-                            .map_err(|_| Malformed("cgroup key is not 8 bytes"))?;
-                        id = Some(u64::from_ne_bytes(b));
+                        key = Some(match k.len() {
+                            8 => u64::from_ne_bytes(k.try_into().map_err(|_| Malformed("key"))?),
+                            4 => u64::from(u32::from_ne_bytes(
+                                k.try_into().map_err(|_| Malformed("key"))?,
+                            )),
+                            _ => return Err(Malformed("key is neither a cgroup id nor a mark")),
+                        });
                     }
                 }
             }
-            NFTA_SET_ELEM_DATA => verdict = Some(parse_verdict(v)?),
+            NFTA_SET_ELEM_DATA => data = Some(parse_data(v)?),
             // One expression comes bare, several as a list (nft_set_elem_expr_dump).
             NFTA_SET_ELEM_EXPR => counter = counter.or(parse_counter(v)?),
             NFTA_SET_ELEM_EXPRESSIONS => {
@@ -442,37 +527,49 @@ fn parse_element(e: &[u8]) -> Result<Element, Malformed> {
             _ => {}
         }
     }
-    Ok(Element {
-        id: id.ok_or(Malformed("element without a key"))?,
-        verdict: verdict.ok_or(Malformed("element without a verdict"))?,
+    Ok(Entry {
+        key: key.ok_or(Malformed("element without a key"))?,
+        data: data.ok_or(Malformed("element without data"))?,
         counter,
     })
 }
 
-fn parse_verdict(d: &[u8]) -> Result<Verdict, Malformed> {
+/// `NFTA_DATA_VALUE` (4 bytes: a verdict number) or `NFTA_DATA_VERDICT`.
+fn parse_data(d: &[u8]) -> Result<Data, Malformed> {
     for a in wire::attrs(d) {
         let (ty, v) = a?;
-        if ty != NFTA_DATA_VERDICT {
-            continue;
-        }
-        let (mut code, mut chain) = (None, None);
-        for x in wire::attrs(v) {
-            let (ty, x) = x?;
-            match ty {
-                NFTA_VERDICT_CODE => code = Some(wire::be32(x)? as i32),
-                NFTA_VERDICT_CHAIN => chain = Some(wire::string(x)),
-                _ => {}
+        match ty {
+            NFTA_DATA_VALUE => {
+                let b: [u8; 4] = v
+                    .try_into()
+                    .map_err(|_| Malformed("element data is not a 4-byte mark"))?;
+                return Ok(Data::Number(u32::from_ne_bytes(b)));
             }
+            NFTA_DATA_VERDICT => return parse_verdict(v).map(Data::Verdict),
+            _ => {}
         }
-        return Ok(
-            match (code.ok_or(Malformed("verdict without a code"))?, chain) {
-                (NF_DROP, None) => Verdict::Drop,
-                (NFT_GOTO, Some(c)) => Verdict::Goto(c),
-                (code, chain) => Verdict::Other(code, chain),
-            },
-        );
     }
-    Err(Malformed("element data is not a verdict"))
+    Err(Malformed("element data is neither a value nor a verdict"))
+}
+
+/// `NFTA_VERDICT_CODE be32 [, NFTA_VERDICT_CHAIN "name"]`
+fn parse_verdict(v: &[u8]) -> Result<Verdict, Malformed> {
+    let (mut code, mut chain) = (None, None);
+    for x in wire::attrs(v) {
+        let (ty, x) = x?;
+        match ty {
+            NFTA_VERDICT_CODE => code = Some(wire::be32(x)? as i32),
+            NFTA_VERDICT_CHAIN => chain = Some(wire::string(x)),
+            _ => {}
+        }
+    }
+    Ok(
+        match (code.ok_or(Malformed("verdict without a code"))?, chain) {
+            (NF_DROP, None) => Verdict::Drop,
+            (NFT_GOTO, Some(c)) => Verdict::Goto(c),
+            (code, chain) => Verdict::Other(code, chain),
+        },
+    )
 }
 
 fn parse_counter(x: &[u8]) -> Result<Option<(u64, u64)>, Malformed> {
@@ -538,29 +635,28 @@ mod tests {
         }
     }
 
-    /// The batch from the notes, which the kernel accepted: cgroup id 139,
-    /// `add element inet aes m { 139 : accept }`, seqs 100..102.
+    /// `add element inet aes m { 139 : 1 }` (a `cgroups` element: cgroup id
+    /// 139, verdict number 1), seqs 100..102. The layout is the one the
+    /// kernel accepted in the notes, with a 4-byte value as data.
     #[test]
     fn golden_add_element_batch() {
         let mut b = Batch::new(100);
-        let accept = Verdict::Other(1, None);
-        b.elements(ElemMsg::New, &map(), [(139u64, Some(&accept))]);
+        b.elements(ElemMsg::New, &map(), [(139u64, Some(1u32))]);
         let (bytes, info) = b.finish().unwrap();
         #[rustfmt::skip]
         let want: Vec<u8> = [
             // BEGIN: len 20, type 0x10, flags REQUEST, seq 100, pid 0, nfgenmsg {0, 0, htons(10)}
             &[20, 0, 0, 0, 0x10, 0, 1, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10][..],
-            // NEWSETELEM: len 76, type 0x0a0c, flags REQUEST|ACK|CREATE, seq 101, nfgenmsg {inet, 0, 0}
-            &[76, 0, 0, 0, 0x0c, 0x0a, 0x05, 0x04, 101, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+            // NEWSETELEM: len 72, type 0x0a0c, flags REQUEST|ACK|CREATE, seq 101, nfgenmsg {inet, 0, 0}
+            &[72, 0, 0, 0, 0x0c, 0x0a, 0x05, 0x04, 101, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
             &[8, 0, 1, 0, b'a', b'e', b's', 0],          // NFTA_SET_ELEM_LIST_TABLE "aes"
             &[6, 0, 2, 0, b'm', 0, 0, 0],                // NFTA_SET_ELEM_LIST_SET "m"
-            &[40, 0, 3, 0x80],                           // NFTA_SET_ELEM_LIST_ELEMENTS
-            &[36, 0, 1, 0x80],                           //  NFTA_LIST_ELEM
+            &[36, 0, 3, 0x80],                           // NFTA_SET_ELEM_LIST_ELEMENTS
+            &[32, 0, 1, 0x80],                           //  NFTA_LIST_ELEM
             &[16, 0, 1, 0x80],                           //   NFTA_SET_ELEM_KEY
-            &[12, 0, 1, 0, 139, 0, 0, 0, 0, 0, 0, 0],    //    NFTA_DATA_VALUE
-            &[16, 0, 2, 0x80],                           //   NFTA_SET_ELEM_DATA
-            &[12, 0, 2, 0x80],                           //    NFTA_DATA_VERDICT
-            &[8, 0, 1, 0, 0, 0, 0, 1],                   //     NFTA_VERDICT_CODE be32 1
+            &[12, 0, 1, 0, 139, 0, 0, 0, 0, 0, 0, 0],    //    NFTA_DATA_VALUE u64 139
+            &[12, 0, 2, 0x80],                           //   NFTA_SET_ELEM_DATA
+            &[8, 0, 1, 0, 1, 0, 0, 0],                   //    NFTA_DATA_VALUE u32 1
             // END: seq 102
             &[20, 0, 0, 0, 0x11, 0, 1, 0, 102, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10],
         ]
@@ -570,52 +666,96 @@ mod tests {
             (info.begin_seq, info.end_seq, info.acked.clone()),
             (100, 102, vec![101])
         );
-        // An ext-ack offset inside the element blames the element; at the
-        // set name, the map; at the table name, the table.
+        // An ext-ack offset at the element blames the element; at the set
+        // name, the map; at the table name, the table.
         assert_eq!(info.blame(101, Some(40)), Some(&Blame::Added(139)));
-        assert_eq!(info.blame(101, Some(28)), Some(&Blame::Map));
+        assert_eq!(info.blame(101, Some(48)), Some(&Blame::Added(139)));
+        assert_eq!(info.blame(101, Some(28)), Some(&Blame::Map("m".into())));
         assert_eq!(info.blame(101, Some(20)), Some(&Blame::Table));
     }
 
+    /// `add element inet aes m { 7 : goto proxy }` in the `verdicts` layout.
     #[test]
-    fn goto_and_destroy_encoding() {
+    fn golden_verdict_element() {
         let mut b = Batch::new(1);
         let proxy = Verdict::Goto("proxy".into());
-        b.elements(ElemMsg::Destroy, &map(), [(7u64, None)]);
-        b.elements(ElemMsg::New, &map(), [(7u64, Some(&proxy))]);
-        let (bytes, _) = b.finish().unwrap();
+        b.verdicts(ElemMsg::New, &map(), [(7u32, Some(&proxy))]);
+        let (bytes, info) = b.finish().unwrap();
         let msgs: Vec<_> = wire::messages(&bytes).map(|m| m.unwrap()).collect();
-        assert_eq!(msgs.len(), 4);
-        assert_eq!(msgs[1].ty, msg_type(NFT_MSG_DESTROYSETELEM));
-        assert_eq!(msgs[1].flags, wire::NLM_F_REQUEST | wire::NLM_F_ACK);
-        // Round trip through the parser: the new element reads back as written.
-        let (t, s, e) = parse_elements(&msgs[2]).unwrap();
-        assert_eq!((t.as_str(), s.as_str()), ("aes", "m"));
+        #[rustfmt::skip]
+        let want: Vec<u8> = [
+            &[8, 0, 1, 0, b'a', b'e', b's', 0][..],      // NFTA_SET_ELEM_LIST_TABLE "aes"
+            &[6, 0, 2, 0, b'm', 0, 0, 0],                // NFTA_SET_ELEM_LIST_SET "m"
+            &[48, 0, 3, 0x80],                           // NFTA_SET_ELEM_LIST_ELEMENTS
+            &[44, 0, 1, 0x80],                           //  NFTA_LIST_ELEM
+            &[12, 0, 1, 0x80],                           //   NFTA_SET_ELEM_KEY
+            &[8, 0, 1, 0, 7, 0, 0, 0],                   //    NFTA_DATA_VALUE u32 7
+            &[28, 0, 2, 0x80],                           //   NFTA_SET_ELEM_DATA
+            &[24, 0, 2, 0x80],                           //    NFTA_DATA_VERDICT
+            &[8, 0, 1, 0, 0xff, 0xff, 0xff, 0xfc],       //     NFTA_VERDICT_CODE be32 -4 (goto)
+            &[10, 0, 2, 0, b'p', b'r', b'o', b'x', b'y', 0, 0, 0], // NFTA_VERDICT_CHAIN "proxy"
+        ]
+        .concat();
+        assert_eq!(&msgs[1].payload[4..], &want[..]);
+        assert_eq!(info.blame(2, Some(40)), Some(&Blame::Bound(7)));
+        // Round trip through the parser.
+        let (_, _, e) = parse_elements(&msgs[1]).unwrap();
         assert_eq!(
             e,
-            vec![Element {
-                id: 7,
-                verdict: proxy,
+            vec![Entry {
+                key: 7,
+                data: Data::Verdict(proxy),
                 counter: None
             }]
         );
     }
 
     #[test]
-    fn large_lists_split_under_64k_in_one_batch() {
+    fn number_and_destroy_encoding() {
         let mut b = Batch::new(1);
-        let v = Verdict::Goto("a-chain-with-a-longish-name".into());
-        b.elements(ElemMsg::New, &map(), (0..20_000u64).map(|i| (i, Some(&v))));
+        b.elements(ElemMsg::Destroy, &map(), [(7u64, None)]);
+        b.elements(ElemMsg::New, &map(), [(7u64, Some(3))]);
+        b.verdicts(ElemMsg::Destroy, &map(), [(3u32, None)]);
         let (bytes, info) = b.finish().unwrap();
         let msgs: Vec<_> = wire::messages(&bytes).map(|m| m.unwrap()).collect();
-        assert!(msgs.len() > 3, "split into several messages");
+        assert_eq!(msgs.len(), 5);
+        assert_eq!(msgs[1].ty, msg_type(NFT_MSG_DESTROYSETELEM));
+        assert_eq!(msgs[1].flags, wire::NLM_F_REQUEST | wire::NLM_F_ACK);
+        assert_eq!(info.kind(3), Some(ElemMsg::New));
+        // Round trip through the parser: the new element reads back as written.
+        let (t, s, e) = parse_elements(&msgs[2]).unwrap();
+        assert_eq!((t.as_str(), s.as_str()), ("aes", "m"));
+        assert_eq!(
+            e,
+            vec![Entry {
+                key: 7,
+                data: Data::Number(3),
+                counter: None
+            }]
+        );
+        assert_eq!(msgs[3].ty, msg_type(NFT_MSG_DESTROYSETELEM));
+        // A delete carries the key only: NFTA_LIST_ELEM { KEY { u32 3 } }.
+        #[rustfmt::skip]
+        let tail = [20, 0, 3, 0x80, 16, 0, 1, 0x80, 12, 0, 1, 0x80, 8, 0, 1, 0, 3, 0, 0, 0];
+        assert!(msgs[3].payload.ends_with(&tail));
+    }
+
+    #[test]
+    fn large_lists_split_under_64k_in_one_batch() {
+        let mut b = Batch::new(1);
+        b.elements(ElemMsg::New, &map(), (0..20_000u64).map(|i| (i, Some(1))));
+        let v = Verdict::Goto("c".repeat(250));
+        b.verdicts(ElemMsg::New, &map(), (0..1_000u32).map(|i| (i, Some(&v))));
+        let (bytes, info) = b.finish().unwrap();
+        let msgs: Vec<_> = wire::messages(&bytes).map(|m| m.unwrap()).collect();
+        assert!(msgs.len() > 4, "split into several messages");
         assert_eq!(info.acked.len(), msgs.len() - 2);
         let mut total = 0;
         for m in &msgs[1..msgs.len() - 1] {
             assert!(m.payload.len() < 65_000);
             total += parse_elements(m).unwrap().2.len();
         }
-        assert_eq!(total, 20_000);
+        assert_eq!(total, 21_000);
     }
 
     #[test]
@@ -632,7 +772,7 @@ mod tests {
         w.attr(NFTA_DATA_VALUE, &4242u64.to_ne_bytes());
         w.nest_end(k);
         let d = w.nest_begin(NFTA_SET_ELEM_DATA);
-        verdict_attr(&mut w, &Verdict::Drop);
+        w.attr(NFTA_DATA_VALUE, &2u32.to_ne_bytes());
         w.nest_end(d);
         let x = w.nest_begin(NFTA_SET_ELEM_EXPR);
         w.attr_str(NFTA_EXPR_NAME, "counter");
@@ -649,9 +789,9 @@ mod tests {
         let (_, _, els) = parse_elements(&m).unwrap();
         assert_eq!(
             els,
-            vec![Element {
-                id: 4242,
-                verdict: Verdict::Drop,
+            vec![Entry {
+                key: 4242,
+                data: Data::Number(2),
                 counter: Some((3, 1500))
             }]
         );

@@ -1,6 +1,7 @@
 //! The reconciler: what the map should hold (cgroups × rules) against what
 //! it holds (a kernel dump, or the verdicts the tree implied before an
-//! event), reduced to the element changes that close the gap.
+//! event), reduced to the element changes that close the gap. It speaks of
+//! verdicts; which number stands for which is `Ruleset`'s business.
 
 use std::collections::HashMap;
 
@@ -14,9 +15,13 @@ use crate::watch::Change;
 pub struct Ops<'a> {
     pub del: Vec<u64>,
     pub add: Vec<(u64, &'a Verdict)>,
+    /// After a full reconcile: every verdict the map's elements stand for
+    /// once this transaction is in. Numbers of other verdicts can go.
+    pub in_use: Option<Vec<&'a Verdict>>,
 }
 
 impl Ops<'_> {
+    /// No element changes (`Ruleset::apply` may still drop unused numbers).
     pub fn is_empty(&self) -> bool {
         self.del.is_empty() && self.add.is_empty()
     }
@@ -38,7 +43,16 @@ pub fn full<'a, 'p>(
             want.insert(id, v);
         }
     }
-    let mut ops = Ops::default();
+    let mut in_use: Vec<&'a Verdict> = Vec::new();
+    for v in want.values() {
+        if !in_use.contains(v) {
+            in_use.push(v);
+        }
+    }
+    let mut ops = Ops {
+        in_use: Some(in_use),
+        ..Ops::default()
+    };
     let mut have: HashMap<u64, &Verdict> = HashMap::with_capacity(actual.len());
     for e in actual {
         have.insert(e.id, &e.verdict);
@@ -137,6 +151,9 @@ mod tests {
         let ops = full(&c, tree.into_iter(), &actual);
         assert_eq!(ops.del, vec![4, 99]);
         assert_eq!(ops.add, vec![(3, &proxy), (4, &Verdict::Drop)]);
+        let mut in_use = ops.in_use.unwrap();
+        in_use.sort_by_key(|v| v.to_string());
+        assert_eq!(in_use, vec![&Verdict::Drop, &proxy]);
     }
 
     #[test]

@@ -1,6 +1,15 @@
 //! The live ruleset, over netlink: does it have what the config names, what
 //! does the map hold, and the transactions that change it. Kernel errors
 //! become sentences that name the table, map, chain or cgroup.
+//!
+//! Two maps carry the state (see nft/cgtproxy.nft for why): `cgroups`, cgroup
+//! id → verdict number, and `verdicts`, number → verdict. Above this module
+//! everything speaks of verdicts; here a verdict gets a number the first
+//! time an element needs one (the smallest free one, in the same
+//! transaction), keeps it while the number is in the kernel, and loses it
+//! when a full reconcile finds no element standing for it. A number in use
+//! is never pointed at another verdict, so a dump read as "element → number
+//! → verdict" says what the kernel does.
 
 use std::io;
 
@@ -9,15 +18,21 @@ use neli::consts::socket::NlFamily;
 use crate::config::{Config, Verdict};
 use crate::error::Error;
 use crate::netlink::{NlError, Socket};
-use crate::nftables::{self, Batch, Blame, ElemMsg, Element, MapRef, Object};
+use crate::nftables::{self, Batch, Blame, Data, ElemMsg, Element, Entry, MapRef, Object};
 use crate::reconcile::Ops;
 use crate::wire::ErrorMsg;
 
 pub struct Ruleset {
     nl: Socket,
+    /// `cgroups`: cgroup id → verdict number.
     pub map: MapRef,
+    /// `verdicts`: verdict number → verdict.
+    pub verdicts: MapRef,
     /// DESTROYSETELEM (Linux 6.3+): deletes that never fail on a missing key.
     pub destroy: bool,
+    /// `verdicts` as last dumped, with this process's commits since. Any
+    /// other writer's change to it makes the daemon dump again.
+    numbers: Vec<(u32, Verdict)>,
 }
 
 /// Why a transaction failed, as far as the daemon's next move goes.
@@ -60,16 +75,20 @@ pub fn nl_error(what: &str, e: NlError) -> Error {
 }
 
 impl Ruleset {
-    pub fn open(table: &str, map: &str) -> Result<Ruleset, Error> {
+    /// The table and the two maps `cfg` names.
+    pub fn open(cfg: &Config) -> Result<Ruleset, Error> {
         let nl = Socket::open(NlFamily::Netfilter)
             .map_err(|e| Error::Runtime(format!("netlink socket: {e}")))?;
+        let map = |name: &str| MapRef {
+            table: cfg.table.clone(),
+            map: name.into(),
+        };
         Ok(Ruleset {
             nl,
-            map: MapRef {
-                table: table.into(),
-                map: map.into(),
-            },
+            map: map(&cfg.map),
+            verdicts: map(&cfg.verdict_map),
             destroy: destroy_supported(),
+            numbers: Vec::new(),
         })
     }
 
@@ -85,10 +104,10 @@ impl Ruleset {
         )
     }
 
-    fn map_missing(&self) -> String {
+    fn map_missing(&self, map: &MapRef) -> String {
         format!(
             "map '{}' does not exist in table inet {}",
-            self.map.map, self.map.table
+            map.map, map.table
         )
     }
 
@@ -113,9 +132,9 @@ impl Ruleset {
         }
     }
 
-    /// The table, the map (a verdict map keyed by an 8-byte cgroup id) and
-    /// every chain a rule names must exist. Missing ones are configuration
-    /// errors (exit 2), reported all at once.
+    /// The table, the two maps (of the right types) and every chain a rule
+    /// names must exist. Missing ones are configuration errors (exit 2),
+    /// reported all at once.
     pub fn check(&mut self, cfg: &Config) -> Result<(), Error> {
         let table = self.map.table.clone();
         if !self.get(&Object::Table(&table), |_| Ok(()))? {
@@ -125,53 +144,68 @@ impl Ruleset {
                 self.table_missing()
             )));
         }
-        let map = self.map.map.clone();
-        let mut info = None;
-        if !self.get(&Object::Set(&table, &map), |m| {
-            info = Some(nftables::parse_set(m)?);
-            Ok(())
-        })? {
-            return Err(Error::Config(format!(
-                "{}: {} — load nft/cgtproxy.nft, or fix \"map\"",
-                cfg.source,
-                self.map_missing()
-            )));
-        }
-        if let Some(i) = info
-            && !(i.is_map && i.verdict_data && i.key_len == 8)
-        {
-            return Err(Error::Config(format!(
-                "{}: '{map}' in table inet {table} is not a verdict map keyed by cgroupsv2 (want: map {map} {{ type cgroupsv2 : verdict; counter; }})",
-                cfg.source
-            )));
-        }
-        let mut missing = Vec::new();
-        for (chain, rule) in cfg.chains() {
-            if !self.get(&Object::Chain(&table, chain), |_| Ok(()))? {
-                missing.push(format!("chain '{chain}' named by rules[{rule}].target does not exist in table inet {table}"));
+        let mut problems = Vec::new();
+        for (map, key, want) in [
+            (self.map.clone(), "map", "type cgroupsv2 : mark; counter;"),
+            (self.verdicts.clone(), "verdict-map", "type mark : verdict;"),
+        ] {
+            let mut info = None;
+            if !self.get(&Object::Set(&table, &map.map), |m| {
+                info = Some(nftables::parse_set(m)?);
+                Ok(())
+            })? {
+                problems.push(format!(
+                    "{} — load nft/cgtproxy.nft, or fix \"{key}\"",
+                    self.map_missing(&map)
+                ));
+                continue;
+            }
+            let fits = info.as_ref().is_some_and(|i| {
+                if key == "map" {
+                    i.is_number_map()
+                } else {
+                    i.is_verdict_map()
+                }
+            });
+            if !fits {
+                let old = key == "map" && info.is_some_and(|i| i.verdict_data);
+                problems.push(format!(
+                    "'{}' in table inet {table} is not a map of the type cgtproxy writes (want: map {} {{ {want} }}){}",
+                    map.map,
+                    map.map,
+                    if old {
+                        "; it is a verdict map, the layout of cgtproxy 0.1: load this version's nft/cgtproxy.nft"
+                    } else {
+                        ""
+                    }
+                ));
             }
         }
-        if !missing.is_empty() {
+        for (chain, rule) in cfg.chains() {
+            if !self.get(&Object::Chain(&table, chain), |_| Ok(()))? {
+                problems.push(format!("chain '{chain}' named by rules[{rule}].target does not exist in table inet {table}"));
+            }
+        }
+        if !problems.is_empty() {
             return Err(Error::Config(format!(
                 "{}: {}",
                 cfg.source,
-                missing.join("; ")
+                problems.join("; ")
             )));
         }
         Ok(())
     }
 
-    /// What the map holds now. `Ok(None)` when the table or map is missing.
-    pub fn dump(&mut self) -> Result<Option<Vec<Element>>, Error> {
+    /// Every element of `map`. `Ok(None)` when the table or map is missing.
+    fn dump_map(&mut self, map: &MapRef) -> Result<Option<Vec<Entry>>, Error> {
         // A dump is interrupted when the map changes under it; try again.
         for _ in 0..10 {
             let seq = self.nl.seq();
-            let req = nftables::dump_elements_request(seq, &self.map);
+            let req = nftables::dump_elements_request(seq, map);
             let mut out = Vec::new();
-            let (table, map) = (self.map.table.clone(), self.map.map.clone());
             let r = self.nl.request(&req, seq, true, |m| {
                 let (t, s, els) = nftables::parse_elements(m)?;
-                if t == table && s == map {
+                if t == map.table && s == map.map {
                     out.extend(els);
                 }
                 Ok(())
@@ -183,19 +217,94 @@ impl Ruleset {
                     ..
                 })) => return Ok(None),
                 Err(NlError::Unknown("interrupted dump")) => continue,
-                Err(e) => return Err(nl_error(&format!("dump of map {}", self.map.map), e)),
+                Err(e) => return Err(nl_error(&format!("dump of map {}", map.map), e)),
             }
         }
         Err(Error::Runtime(format!(
             "dump of map {}: interrupted ten times in a row",
-            self.map.map
+            map.map
         )))
     }
 
-    /// Applies `ops` as one transaction. `name` turns a cgroup id into words
-    /// for error messages.
+    /// What the map holds now, each element with the verdict its number
+    /// stands for. `Ok(None)` when the table or either map is missing.
+    pub fn dump(&mut self) -> Result<Option<Vec<Element>>, Error> {
+        let verdicts = self.verdicts.clone();
+        let Some(bound) = self.dump_map(&verdicts)? else {
+            return Ok(None);
+        };
+        self.numbers = bound
+            .into_iter()
+            .filter_map(|e| match (u32::try_from(e.key), e.data) {
+                (Ok(n), Data::Verdict(v)) => Some((n, v)),
+                _ => None,
+            })
+            .collect();
+        let map = self.map.clone();
+        let Some(entries) = self.dump_map(&map)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            entries
+                .into_iter()
+                .map(|e| Element {
+                    id: e.key,
+                    verdict: match e.data {
+                        Data::Number(n) => self.verdict_of(n),
+                        // Not our layout; reported, and replaced on write.
+                        Data::Verdict(v) => v,
+                    },
+                    counter: e.counter,
+                })
+                .collect(),
+        ))
+    }
+
+    fn verdict_of(&self, n: u32) -> Verdict {
+        self.numbers
+            .iter()
+            .find(|(m, _)| *m == n)
+            .map_or(Verdict::Unbound(n), |(_, v)| v.clone())
+    }
+
+    fn number_of(&self, v: &Verdict) -> Option<u32> {
+        self.numbers.iter().find(|(_, w)| w == v).map(|(n, _)| *n)
+    }
+
+    /// Applies `ops` as one transaction: numbers for verdicts that have
+    /// none yet, the element deletes, the adds, and (after a full
+    /// reconcile) the removal of numbers no element stands for any more.
+    /// `name` turns a cgroup id into words for error messages.
     pub fn apply(&mut self, ops: &Ops<'_>, name: &dyn Fn(u64) -> String) -> Result<(), ApplyError> {
-        if ops.is_empty() {
+        let mut bind: Vec<(u32, &Verdict)> = Vec::new();
+        let mut fresh = 1u32;
+        let mut adds: Vec<(u64, u32)> = Vec::with_capacity(ops.add.len());
+        for (id, v) in &ops.add {
+            let known = self
+                .number_of(v)
+                .or_else(|| bind.iter().find(|(_, w)| w == v).map(|(n, _)| *n));
+            let n = known.unwrap_or_else(|| {
+                let taken = |n: u32| {
+                    self.numbers.iter().any(|(m, _)| *m == n) || bind.iter().any(|(m, _)| *m == n)
+                };
+                while taken(fresh) {
+                    fresh += 1;
+                }
+                bind.push((fresh, v));
+                fresh
+            });
+            adds.push((*id, n));
+        }
+        let unbind: Vec<u32> = match &ops.in_use {
+            Some(keep) => self
+                .numbers
+                .iter()
+                .filter(|(_, v)| !keep.contains(&v))
+                .map(|(n, _)| *n)
+                .collect(),
+            None => Vec::new(),
+        };
+        if ops.is_empty() && bind.is_empty() && unbind.is_empty() {
             return Ok(());
         }
         let kind = if self.destroy {
@@ -204,12 +313,18 @@ impl Ruleset {
             ElemMsg::Del
         };
         let mut b = Batch::new(self.nl.next_seq());
+        b.verdicts(
+            ElemMsg::New,
+            &self.verdicts,
+            bind.iter().map(|(n, v)| (*n, Some(*v))),
+        );
         b.elements(kind, &self.map, ops.del.iter().map(|id| (*id, None)));
         b.elements(
             ElemMsg::New,
             &self.map,
-            ops.add.iter().map(|(id, v)| (*id, Some(*v))),
+            adds.iter().map(|(id, n)| (*id, Some(*n))),
         );
+        b.verdicts(kind, &self.verdicts, unbind.iter().map(|n| (*n, None)));
         let (bytes, info) = b
             .finish()
             .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;
@@ -224,13 +339,19 @@ impl Ruleset {
             Err(e) => return Err(ApplyError::Failed(format!("transaction: {e}"))),
         };
         let Some(e) = errors.first() else {
+            self.numbers.retain(|(n, _)| !unbind.contains(n));
+            self.numbers
+                .extend(bind.into_iter().map(|(n, v)| (n, v.clone())));
             return Ok(());
         };
         let what = errno_text(e.errno);
-        let chain_of = |id: &u64| match ops.add.iter().find(|(i, _)| i == id) {
-            Some((_, Verdict::Goto(c))) => c.clone(),
-            _ => String::from("?"),
+        // The verdict a number was being bound to, and a cgroup that needs it.
+        let bound = |n: &u32| {
+            let v = bind.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
+            let id = adds.iter().find(|(_, m)| m == n).map(|(id, _)| *id);
+            (v, id)
         };
+        let (table, verdicts) = (&self.map.table, &self.verdicts.map);
         Err(match (e.errno, info.blame(e.seq, e.offset)) {
             (libc::EPERM, _) => ApplyError::Failed(
                 "nf_tables: permission denied (cgtproxy needs CAP_NET_ADMIN)".into(),
@@ -243,20 +364,38 @@ impl Ruleset {
                 )
             }
             (libc::ENOENT, Some(Blame::Table)) => ApplyError::Missing(self.table_missing()),
-            (libc::ENOENT, Some(Blame::Map)) => ApplyError::Missing(self.map_missing()),
-            // A NEW fails with ENOENT only when its goto names a missing chain.
-            (libc::ENOENT, Some(Blame::Added(id))) => ApplyError::Failed(format!(
-                "chain '{}' (the verdict for cgroup {}) does not exist in table inet {}",
-                chain_of(id),
-                name(*id),
-                self.map.table
+            (libc::ENOENT, Some(Blame::Map(m))) => {
+                ApplyError::Missing(format!("map '{m}' does not exist in table inet {table}"))
+            }
+            // A number fails to bind with ENOENT only when its goto names a
+            // missing chain.
+            (libc::ENOENT, Some(Blame::Bound(n))) => {
+                let (v, id) = bound(n);
+                let chain = match v {
+                    Some(Verdict::Goto(c)) => c.as_str(),
+                    _ => "?",
+                };
+                ApplyError::Failed(format!(
+                    "chain '{chain}' (the verdict for cgroup {}) does not exist in table inet {table}",
+                    id.map_or_else(|| "?".into(), name)
+                ))
+            }
+            (libc::EEXIST | libc::EBUSY, Some(Blame::Bound(n))) => ApplyError::Diverged(format!(
+                "map {verdicts} already holds number {n} for another verdict"
             )),
+            (libc::ENOENT, Some(Blame::Unbound(n))) => {
+                ApplyError::Diverged(format!("map {verdicts} has no number {n}"))
+            }
+            (_, Some(Blame::Bound(n) | Blame::Unbound(n))) => {
+                let v = bound(n).0.map(|v| format!(" ({v})")).unwrap_or_default();
+                ApplyError::Failed(format!("map {verdicts}, number {n}{v}: {what}"))
+            }
             (libc::ENOENT, Some(Blame::Deleted(id))) => ApplyError::Diverged(format!(
                 "cgroup {}: no such element in map {}",
                 name(*id),
                 self.map.map
             )),
-            (libc::EEXIST, Some(Blame::Added(id))) => ApplyError::Diverged(format!(
+            (libc::EEXIST | libc::EBUSY, Some(Blame::Added(id))) => ApplyError::Diverged(format!(
                 "cgroup {}: map {} already holds another verdict for it",
                 name(*id),
                 self.map.map
@@ -265,7 +404,7 @@ impl Ruleset {
                 ApplyError::Failed(format!("cgroup {}: {what}", name(*id)))
             }
             (libc::ENOENT, _) => ApplyError::Missing(format!(
-                "{} (or its map '{}' is missing)",
+                "{} (or its map '{}' or '{verdicts}' is missing)",
                 self.table_missing(),
                 self.map.map
             )),
@@ -280,28 +419,30 @@ impl Ruleset {
         })
     }
 
-    /// `flush map inet TABLE MAP`, as its own transaction.
+    /// `flush map inet TABLE cgroups; flush map inet TABLE verdicts`, as one
+    /// transaction of its own.
     pub fn flush(&mut self) -> Result<(), ApplyError> {
         let mut b = Batch::new(self.nl.next_seq());
         b.flush(&self.map);
+        b.flush(&self.verdicts);
         let (bytes, info) = b
             .finish()
             .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;
         self.nl.used_up_to(info.end_seq);
+        let maps = format!("maps {} and {}", self.map.map, self.verdicts.map);
         match self.nl.commit(&bytes, &info.acked, info.begin_seq) {
-            Ok(errors) if errors.is_empty() => Ok(()),
+            Ok(errors) if errors.is_empty() => {
+                self.numbers.clear();
+                Ok(())
+            }
             Ok(errors) if errors[0].errno == libc::ENOENT => {
                 Err(ApplyError::Missing(self.table_missing()))
             }
             Ok(errors) => Err(ApplyError::Failed(format!(
-                "flush of map {}: {}",
-                self.map.map,
+                "flush of {maps}: {}",
                 errno_text(errors[0].errno)
             ))),
-            Err(e) => Err(ApplyError::Failed(format!(
-                "flush of map {}: {e}",
-                self.map.map
-            ))),
+            Err(e) => Err(ApplyError::Failed(format!("flush of {maps}: {e}"))),
         }
     }
 }

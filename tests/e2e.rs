@@ -356,7 +356,7 @@ fn bad_config_is_refused_and_changes_nothing() {
         let before = env.wait_map(&rules);
         assert_eq!(before.len(), 4);
         let kernel_before = (
-            dump_map(),
+            dump_raw(),
             ip_rules("-4"),
             ip_rules("-6"),
             ip_routes("-4", ROUTE_TABLE),
@@ -393,6 +393,11 @@ fn bad_config_is_refused_and_changes_nothing() {
             ("missing-table.json", format!("{{\"table\": \"nosuchtable\", \"rules\": {good_rules}}}"), vec!["nosuchtable"]),
             ("missing-map.json", format!("{{\"map\": \"nosuchmap\", \"rules\": {good_rules}}}"), vec!["nosuchmap"]),
             (
+                "missing-verdict-map.json",
+                format!("{{\"verdict-map\": \"nosuchvmap\", \"rules\": {good_rules}}}"),
+                vec!["nosuchvmap"],
+            ),
+            (
                 "missing-chain.json",
                 r#"{"rules": [{"match": "/p", "target": "proxy2"}, {"match": "/d", "target": "direct"}]}"#.to_string(),
                 vec!["proxy2", "rules[0].target"],
@@ -419,7 +424,7 @@ fn bad_config_is_refused_and_changes_nothing() {
                 problems.push("message does not give line 3 and a column".to_string());
             }
             let kernel_after = (
-                dump_map(),
+                dump_raw(),
                 ip_rules("-4"),
                 ip_rules("-6"),
                 ip_routes("-4", ROUTE_TABLE),
@@ -570,9 +575,17 @@ fn sigterm_removes_elements_and_routes() {
         let d = env.start(&Config::new(&rules));
         env.wait_map(&rules);
         assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, "while running");
+        let verdicts = dump_verdicts();
+        rules.assert_verdicts_clean(&verdicts, "while running");
+        assert!(verdicts.len() >= 2, "proxy and drop in use: {verdicts:?}");
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
         assert_eq!(dump_map(), MapDump::new(), "elements left after SIGTERM");
+        assert_eq!(
+            dump_verdicts(),
+            VerdictDump::new(),
+            "verdict numbers left after SIGTERM"
+        );
         assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, false, "after SIGTERM");
     });
 }
@@ -626,9 +639,15 @@ fn keep_on_exit_keeps_elements() {
         cfg.keep_on_exit = Some(true);
         let d = env.start(&cfg);
         let running = env.wait_map(&rules);
+        let raw = dump_raw();
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
         assert_eq!(dump_map(), running, "keep-on-exit: the elements must stay");
+        assert_eq!(
+            dump_raw().verdicts,
+            raw.verdicts,
+            "keep-on-exit: the verdict numbers must stay"
+        );
     });
 }
 
@@ -687,6 +706,16 @@ fn once_replaces_the_map_and_exits() {
         let other = Rules::new(&[("/q", "drop"), ("/p", "direct"), ("/x", "proxy")]);
         env.once(&Config::new(&other));
         env.assert_map(&other);
+        other.assert_verdicts_clean(&dump_verdicts(), "after --once");
+        // Fewer targets: the number of the one no longer named goes.
+        let fewer = Rules::new(&[("/q|/x", "drop")]);
+        env.once(&Config::new(&fewer));
+        env.assert_map(&fewer);
+        assert_eq!(
+            dump_verdicts().into_values().collect::<Vec<_>>(),
+            ["drop"],
+            "after --once with only drop"
+        );
     });
 }
 
@@ -803,7 +832,217 @@ fn plain_deletes_as_on_kernels_before_6_3() {
         env.cg.mkdir(&["/p/e"]);
         d.signal(libc::SIGCONT);
         env.wait_map(&rules);
+        // The same with `verdicts`: emptied by someone else while the
+        // daemon is stopped, then a reload drops the target `drop`, whose
+        // number the daemon believes present: its plain delete fails with
+        // ENOENT, and it must still converge, both maps right.
+        d.signal(libc::SIGSTOP);
+        nft_script("flush map inet cgtproxy verdicts\n");
+        let fewer = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct")]);
+        std::fs::write(&cfg, Config::new(&fewer).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        d.signal(libc::SIGCONT);
+        env.wait_map(&fewer);
+        fewer.assert_verdicts_clean(&dump_verdicts(), "after the reload");
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Socket marks and target chains of one's own
+// ---------------------------------------------------------------------------
+
+/// What it proves: the verdict number the lookup puts in the packet mark
+/// never replaces the socket's own mark (SO_MARK) on traffic that leaves,
+/// so a program that routes by its mark (a VPN client's policy routing, a
+/// proxy's `routing-mark`) still does in a `direct` cgroup; a `proxy` cgroup
+/// with a socket mark still reaches the TPROXY listener; an unlisted cgroup
+/// keeps its mark. How it can fail: if `direct` (or `dispatch`) did not put
+/// the socket mark back, the packet would leave the output chain with the
+/// number as its mark, be routed again by the main table, which
+/// black-holes the destination, and the exchange would fail — exactly what
+/// the chain `leaky` below (a target chain without the restore) shows.
+#[test]
+fn socket_mark_survives_the_verdict_number() {
+    e2e("socket_mark_survives_the_verdict_number", |env| {
+        load_ruleset();
+        nft_script("add chain inet cgtproxy leaky { goto pass; }\n");
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let (marked, dsts) = marked_server(&remote);
+        env.cg.mkdir(&["/d/child", "/p", "/leak", "/other"]);
+        let rules = Rules::new(&[("/d", "direct"), ("/p", "proxy"), ("/leak", "leaky")]);
+        let d = env.start(&Config::new(&rules));
+        env.wait_map(&rules);
+        for proto in PROTOS {
+            for dst in dsts {
+                let what = |cg: &str, mark: Option<u32>| {
+                    format!("{proto:?} to {dst} from {cg} with mark {mark:?}")
+                };
+                // The routing itself: only the mark reaches the server.
+                for cg in ["/d", "/d/child", "/other"] {
+                    let msg = env.token("marked");
+                    let r = exchange_marked(
+                        &env.cg.path(cg),
+                        proto,
+                        dst,
+                        &msg,
+                        Some(SOCKET_MARK),
+                        QUICK * 2,
+                    );
+                    assert_eq!(
+                        r,
+                        Ok(format!("marked:{msg}")),
+                        "{}",
+                        what(cg, Some(SOCKET_MARK))
+                    );
+                    assert_eq!(marked.got(&msg).len(), 1, "{}", what(cg, Some(SOCKET_MARK)));
+                    assert!(proxy.got(&msg).is_empty());
+                }
+                let msg = env.token("unmarked");
+                let r = exchange_marked(&env.cg.path("/d"), proto, dst, &msg, None, QUICK);
+                assert!(
+                    r.is_err(),
+                    "{}: the main table black-holes it, got {r:?}",
+                    what("/d", None)
+                );
+                assert!(marked.got(&msg).is_empty());
+                // proxy: the listener, with the original destination.
+                let msg = env.token("proxied");
+                let r = exchange_marked(
+                    &env.cg.path("/p"),
+                    proto,
+                    dst,
+                    &msg,
+                    Some(SOCKET_MARK),
+                    QUICK * 2,
+                );
+                assert_eq!(
+                    r,
+                    Ok(format!("proxy:{msg}")),
+                    "{}",
+                    what("/p", Some(SOCKET_MARK))
+                );
+                let ev = proxy.got(&msg);
+                assert_eq!(ev.len(), 1, "{ev:?}");
+                assert_eq!(ev[0].local, dst, "original destination");
+                assert!(marked.got(&msg).is_empty());
+                // The control: a target chain that leaves the number in the
+                // packet mark breaks the socket's routing.
+                let msg = env.token("leaky");
+                let r = exchange_marked(
+                    &env.cg.path("/leak"),
+                    proto,
+                    dst,
+                    &msg,
+                    Some(SOCKET_MARK),
+                    QUICK,
+                );
+                assert!(
+                    r.is_err(),
+                    "{}: the verdict number as the mark must misroute it, got {r:?}",
+                    what("/leak", Some(SOCKET_MARK))
+                );
+                assert!(marked.got(&msg).is_empty());
+            }
+        }
+        assert_eq!(d.stop().code(), Some(0));
+    });
+}
+
+/// What it proves: a target chain of one's own (config `target: "mine"`)
+/// works end to end through the number → verdict map: its cgroup's element
+/// leads to `mine` (its counter counts the new connections of that cgroup
+/// and of its child, and only those), a second chain of one's own gets a
+/// number of its own (its cgroup is dropped by it, while `mine`'s traffic
+/// flows), and the socket mark is kept once `mine` has put it back. How it
+/// can fail: a number pointing at the wrong chain, or a missing `verdicts`
+/// entry (then `dispatch` sends the traffic to `direct`: it would still
+/// flow, but `mine`'s counter would not move), or the mark left as the
+/// number (the marked server would not be reached).
+#[test]
+fn target_chains_of_ones_own_work_end_to_end() {
+    e2e("target_chains_of_ones_own_work_end_to_end", |env| {
+        load_ruleset();
+        nft_script(
+            "add chain inet cgtproxy mine { meta mark set socket mark; counter accept; }\n\
+             add chain inet cgtproxy blocked { meta mark set socket mark; counter drop; }\n",
+        );
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let (marked, mdsts) = marked_server(&remote);
+        env.cg.mkdir(&["/m/child", "/b", "/p", "/other"]);
+        let rules = Rules::new(&[("/m", "mine"), ("/b", "blocked"), ("/p", "proxy")]);
+        let d = env.start(&Config::new(&rules));
+        let map = env.wait_map(&rules);
+        assert_eq!(
+            map.get(&env.cg.id("/m")).map(String::as_str),
+            Some("goto mine")
+        );
+        assert_eq!(
+            map.get(&env.cg.id("/b")).map(String::as_str),
+            Some("goto blocked")
+        );
+        rules.assert_verdicts_clean(&dump_verdicts(), "three targets");
+
+        let mut expected = 0;
+        for proto in PROTOS {
+            for dst in dsts() {
+                for cg in ["/m", "/m/child"] {
+                    let msg = env.token("mine");
+                    let r = exchange(&env.cg.path(cg), proto, dst, &msg);
+                    assert_eq!(
+                        r,
+                        Ok(format!("remote:{msg}")),
+                        "{proto:?} to {dst} from {cg}"
+                    );
+                    assert!(proxy.got(&msg).is_empty());
+                    expected += 1;
+                }
+                // Unlisted and proxied traffic does not pass through `mine`.
+                let before = chain_counter("mine");
+                assert_direct(env, &proxy, &remote, "/other", proto, dst);
+                assert_proxied(env, &proxy, &remote, "/p", proto, dst);
+                assert_eq!(
+                    chain_counter("mine"),
+                    before,
+                    "only /m's traffic goes to mine"
+                );
+                // The second chain of one's own drops.
+                let b_before = chain_counter("blocked");
+                assert_dropped(env, &proxy, &remote, "/b", proto, dst);
+                assert!(
+                    chain_counter("blocked") > b_before,
+                    "/b's traffic goes to blocked"
+                );
+            }
+            for dst in mdsts {
+                let msg = env.token("mine-marked");
+                let r = exchange_marked(
+                    &env.cg.path("/m/child"),
+                    proto,
+                    dst,
+                    &msg,
+                    Some(SOCKET_MARK),
+                    QUICK * 2,
+                );
+                assert_eq!(
+                    r,
+                    Ok(format!("marked:{msg}")),
+                    "{proto:?} to {dst} with mark"
+                );
+                assert_eq!(marked.got(&msg).len(), 1);
+                expected += 1;
+            }
+        }
+        // One lookup per new connection (TCP: the SYN; UDP: the first
+        // datagram); retransmissions can only add.
+        let got = chain_counter("mine");
+        assert!(
+            got >= expected,
+            "mine counted {got} packets, expected at least {expected}"
+        );
+        assert_eq!(d.stop().code(), Some(0));
     });
 }

@@ -439,7 +439,9 @@ fn check_passes_then_catches_a_missing_chain() {
         load_ruleset();
         bridge_nf(false);
         let _proxy = start_proxy();
-        nft_script("add chain inet cgtproxy mine { accept; }\n");
+        // A target chain of one's own starts by putting the socket's mark back
+        // (the verdict number is in the packet mark when it is entered).
+        nft_script("add chain inet cgtproxy mine { meta mark set socket mark; accept; }\n");
         env.cg.mkdir(&["/p", "/m"]);
         let rules = Rules::new(&[("/p", "proxy"), ("/m", "mine")]);
         let config = env.write_config(&Config::new(&rules));
@@ -448,7 +450,8 @@ fn check_passes_then_catches_a_missing_chain() {
         assert!(out.ends_with("all checks passed\n"), "{out}");
         for want in [
             "ok    table inet cgtproxy",
-            "ok    map cgroups: cgroupsv2 : verdict, with counters",
+            "ok    map cgroups: cgroupsv2 : mark, with counters",
+            "ok    map verdicts: mark : verdict",
             "ok    chains the rules name: proxy, mine",
             "ok    kernel: socket cgroupv2 (the ruleset looks up levels 1-16",
             "ok    kernel: TPROXY (to port 7893, for mark 9011)",

@@ -287,15 +287,36 @@ const NFT_MSG_NEWGEN: u8 = 15;
 const NFT_MSG_DESTROYSETELEM: u8 = 30;
 const NFNLGRP_NFTABLES: libc::c_int = 7;
 
+/// The data of an element event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ElemData {
+    /// NFTA_DATA_VERDICT, as `nft` prints it: "goto proxy", "drop", … (the
+    /// `verdicts` map).
+    Verdict(String),
+    /// NFTA_DATA_VALUE of 4 bytes, host order: a verdict number (the
+    /// `cgroups` map).
+    Number(u32),
+}
+
 /// One element event.
 #[derive(Clone, Debug)]
 struct ElemEvent {
     del: bool,
     table: String,
     set: String,
-    id: u64,
-    /// As `nft` prints it: "goto proxy", "drop", …
-    verdict: Option<String>,
+    /// The key: a cgroup id (8 bytes, `cgroups`) or a verdict number (4
+    /// bytes, `verdicts`), host order.
+    key: u64,
+    data: Option<ElemData>,
+}
+
+impl ElemEvent {
+    fn in_cgroups(&self) -> bool {
+        self.table == "cgtproxy" && self.set == "cgroups"
+    }
+    fn in_verdicts(&self) -> bool {
+        self.table == "cgtproxy" && self.set == VERDICT_MAP
+    }
 }
 
 /// One committed transaction, as the kernel announced it.
@@ -316,20 +337,64 @@ impl Txn {
     fn at(&self) -> Instant {
         self.at.unwrap()
     }
+    /// Cgroup ids deleted from `cgroups`.
     fn dels(&self) -> BTreeSet<u64> {
-        self.elems.iter().filter(|e| e.del).map(|e| e.id).collect()
-    }
-    fn adds(&self) -> BTreeMap<u64, String> {
         self.elems
             .iter()
-            .filter(|e| !e.del)
-            .map(|e| (e.id, e.verdict.clone().unwrap_or_default()))
+            .filter(|e| e.del && e.in_cgroups())
+            .map(|e| e.key)
             .collect()
     }
-    fn touches_our_map(&self) -> bool {
+    /// `cgroups` elements added: cgroup id → number.
+    fn numbers(&self) -> BTreeMap<u64, u32> {
         self.elems
             .iter()
-            .all(|e| e.table == "cgtproxy" && e.set == "cgroups")
+            .filter(|e| !e.del && e.in_cgroups())
+            .map(|e| {
+                let n = match &e.data {
+                    Some(ElemData::Number(n)) => *n,
+                    other => panic!("a cgroups element without a number: {other:?}"),
+                };
+                (e.key, n)
+            })
+            .collect()
+    }
+    /// `verdicts` elements added: number → verdict.
+    fn verdict_adds(&self) -> VerdictDump {
+        self.elems
+            .iter()
+            .filter(|e| !e.del && e.in_verdicts())
+            .map(|e| {
+                let v = match &e.data {
+                    Some(ElemData::Verdict(v)) => v.clone(),
+                    other => format!("not a verdict: {other:?}"),
+                };
+                (e.key as u32, v)
+            })
+            .collect()
+    }
+    /// Numbers deleted from `verdicts`.
+    fn verdict_dels(&self) -> BTreeSet<u32> {
+        self.elems
+            .iter()
+            .filter(|e| e.del && e.in_verdicts())
+            .map(|e| e.key as u32)
+            .collect()
+    }
+    /// `cgroups` elements added, composed: cgroup id → verdict, through this
+    /// transaction's own `verdicts` additions, else `known` (a dump of
+    /// `verdicts` taken since: a number in use is never re-pointed).
+    fn adds(&self, known: &VerdictDump) -> MapDump {
+        let mut verdicts = known.clone();
+        verdicts.extend(self.verdict_adds());
+        self.numbers()
+            .into_iter()
+            .map(|(id, n)| (id, verdict_of_number(&verdicts, n)))
+            .collect()
+    }
+    /// Whether every element event is in one of the daemon's two maps.
+    fn touches_our_map(&self) -> bool {
+        self.elems.iter().all(|e| e.in_cgroups() || e.in_verdicts())
     }
 }
 
@@ -541,35 +606,40 @@ fn on_message(kind: u8, body: &[u8], cur: &mut Txn, now: Instant, txns: &Mutex<V
             let elems = attr(&top, 3).map(attrs).unwrap_or_default();
             for (_, e) in elems {
                 let e = attrs(e);
-                // NFTA_SET_ELEM_KEY 1 > NFTA_DATA_VALUE 1: the id, host order.
+                // NFTA_SET_ELEM_KEY 1 > NFTA_DATA_VALUE 1: a cgroup id (8
+                // bytes) or a verdict number (4 bytes), host order.
                 let key = attr(&e, 1).map(attrs).unwrap_or_default();
-                let Some(id) = attr(&key, 1)
-                    .and_then(|v| v.get(..8))
-                    .map(|v| u64::from_ne_bytes(v.try_into().unwrap()))
-                else {
+                let Some(key) = attr(&key, 1).and_then(|v| match v.len() {
+                    8 => Some(u64::from_ne_bytes(v.try_into().unwrap())),
+                    4 => Some(u64::from(u32::from_ne_bytes(v.try_into().unwrap()))),
+                    _ => None,
+                }) else {
                     continue;
                 };
-                // NFTA_SET_ELEM_DATA 2 > NFTA_DATA_VERDICT 2 > CODE 1, CHAIN 2.
-                let verdict = attr(&e, 2)
-                    .map(attrs)
-                    .and_then(|d| attr(&d, 2).map(attrs))
-                    .map(|v| {
+                // NFTA_SET_ELEM_DATA 2 > NFTA_DATA_VALUE 1 (a number, host
+                // order) or NFTA_DATA_VERDICT 2 > CODE 1, CHAIN 2.
+                let data = attr(&e, 2).map(attrs).and_then(|d| {
+                    if let Some(v) = attr(&d, 1).and_then(|v| v.get(..4)) {
+                        return Some(ElemData::Number(u32::from_ne_bytes(v.try_into().unwrap())));
+                    }
+                    attr(&d, 2).map(attrs).map(|v| {
                         let code = attr_be32(&v, 1) as i32;
                         let chain = attr_str(&v, 2);
-                        match code {
+                        ElemData::Verdict(match code {
                             0 => "drop".to_string(),
                             1 => "accept".to_string(),
                             -3 => format!("jump {chain}"),
                             -4 => format!("goto {chain}"),
                             c => format!("verdict {c}"),
-                        }
-                    });
+                        })
+                    })
+                });
                 cur.elems.push(ElemEvent {
                     del: kind != NFT_MSG_NEWSETELEM,
                     table: table.clone(),
                     set: set.clone(),
-                    id,
-                    verdict,
+                    key,
+                    data,
                 });
             }
         }
@@ -947,8 +1017,16 @@ fn ruleset_reload_refills_2000_elements() {
                 1,
                 "the refill is one transaction, and nothing follows it"
             );
-            let added: BTreeMap<u64, String> = mine.iter().flat_map(|t| t.adds()).collect();
+            // The reload emptied `verdicts` too: the refill adds the
+            // numbers it uses in the same transaction (composed here with
+            // nothing else), and exactly what the map now holds.
+            let added = mine[0].adds(&VerdictDump::new());
             assert_eq!(added, expected, "the refill adds exactly the truth");
+            assert_eq!(
+                mine[0].verdict_adds(),
+                dump_verdicts(),
+                "the refill adds exactly the verdict numbers in use"
+            );
             let done = mine.last().unwrap().at();
             let since_commit = done - reload.at();
             let since_return = done.checked_duration_since(t1);
@@ -1010,7 +1088,7 @@ fn map_flush_and_table_delete_while_cgroups_change() {
         );
         let refill: Vec<Txn> = mon.by_pid(d.pid());
         assert_eq!(refill.len(), 1, "refill after a flush: one transaction");
-        assert_eq!(refill[0].adds(), map);
+        assert_eq!(refill[0].adds(&dump_verdicts()), map);
 
         // Gone for a while (past the 2 s retry timer), cgroups changing.
         let missing = "table inet cgtproxy does not exist";
@@ -1094,6 +1172,13 @@ fn sighup_switches_verdicts_in_one_transaction() {
         let before = converge(env, &old, CONVERGE, "initial sync");
         assert_proxied(env, &proxy, &env.cg.path("/a"), Remote::v4());
 
+        let verdicts_before = dump_verdicts();
+        let drop_number: BTreeSet<u32> = verdicts_before
+            .iter()
+            .filter(|(_, v)| v.as_str() == "drop")
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(drop_number.len(), 1, "{verdicts_before:?}");
         let mon = Monitor::start();
         fs::write(&config, Config::new(&new).to_json()).unwrap();
         d.signal(libc::SIGHUP);
@@ -1118,7 +1203,7 @@ fn sighup_switches_verdicts_in_one_transaction() {
         // one generation: no packet sees the key missing.
         assert_eq!(t.dels(), BTreeSet::from([a, b, z]), "deleted in {t:?}");
         assert_eq!(
-            t.adds(),
+            t.adds(&dump_verdicts()),
             BTreeMap::from([
                 (a, "goto direct".to_string()),
                 (b, "goto proxy".to_string()),
@@ -1132,12 +1217,19 @@ fn sighup_switches_verdicts_in_one_transaction() {
             t.pid,
             t.name,
             t.dels().len(),
-            t.adds().len()
+            t.numbers().len()
         );
         assert_eq!(t.name, "cgtproxy");
         // What did not change was not touched.
         assert_eq!(before.get(&env.cg.id("/c")), after.get(&env.cg.id("/c")));
-        assert!(t.elems.iter().all(|e| e.id != env.cg.id("/c")));
+        let c = env.cg.id("/c");
+        assert!(t.elems.iter().all(|e| !(e.in_cgroups() && e.key == c)));
+        // `drop` is no target any more: its number goes, in the same
+        // transaction; the numbers of proxy and direct stay as they were.
+        assert_eq!(t.verdict_dels(), drop_number, "verdicts deleted in {t:?}");
+        let mut kept = verdicts_before.clone();
+        kept.retain(|_, v| v.as_str() != "drop");
+        assert_eq!(dump_verdicts(), kept, "verdicts after SIGHUP");
         assert_proxied(env, &proxy, &env.cg.path("/b"), Remote::v6());
         assert_proxied(env, &proxy, &env.cg.path("/n"), Remote::v4());
         assert_direct(env, &proxy, &remote, &env.cg.path("/a"), Remote::v4());
@@ -1275,7 +1367,11 @@ fn sigkill_restart_converges_in_one_transaction() {
         let mine = mon.by_pid(d.pid());
         assert_eq!(mine.len(), 1, "restart: one transaction, got {mine:?}");
         assert_eq!(mine[0].dels(), stale, "restart deletes exactly the stale");
-        assert_eq!(mine[0].adds(), fresh, "restart adds exactly the new");
+        assert_eq!(
+            mine[0].adds(&dump_verdicts()),
+            fresh,
+            "restart adds exactly the new"
+        );
         assert_single_policy_routing("restart after SIGKILL");
         assert_proxied(env, &proxy, &env.cg.path("/p/new/a/b"), Remote::v6());
 
@@ -1912,5 +2008,282 @@ fn paths_past_path_max_are_followed() {
         converge(env, &rules, CONVERGE, "after the chains were removed");
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
+// ---------------------------------------------------------------------------
+// 11. The verdict numbers: `verdicts` tampered with, collected, reused
+// ---------------------------------------------------------------------------
+
+/// The number `verdicts` gives `verdict` (exactly one), from a dump.
+fn number_of(verdicts: &VerdictDump, verdict: &str) -> u32 {
+    let ns: Vec<u32> = verdicts
+        .iter()
+        .filter(|(_, v)| v.as_str() == verdict)
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(ns.len(), 1, "one number for {verdict:?} in {verdicts:?}");
+    ns[0]
+}
+
+/// TCP from a new process in `cg`: asserts that nothing answered.
+fn assert_no_answer(env: &Env, proxy: &Server, remote: &Remote, cg: &Path, why: &str) {
+    let msg = env.token("dropped");
+    let r = exchange_within(
+        cg,
+        Proto::Tcp,
+        Remote::v4(),
+        &msg,
+        Duration::from_millis(1500),
+    );
+    assert!(r.is_err(), "{why}: expected no answer, got {r:?}");
+    assert!(remote.server.got(&msg).is_empty() && proxy.got(&msg).is_empty());
+}
+
+/// What it proves: someone else emptying `verdicts`, pointing a number in
+/// use at another verdict, or adding a number for a verdict no rule names,
+/// is noticed and repaired (the composed map
+/// equals the truth again, and traffic goes where the rules say), whether
+/// the daemon is running or was stopped meanwhile. How it can fail: while
+/// the daemon is stopped, the tampering is shown to take effect (a `proxy`
+/// cgroup's traffic goes direct, then is dropped); a daemon that did not
+/// watch `verdicts`, or repaired only `cgroups`, leaves it so and the
+/// convergence times out with a diff of "number N (no verdict)" or "drop".
+#[test]
+fn tampered_verdicts_are_repaired() {
+    e2e("tampered_verdicts_are_repaired", |env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/p/child", "/d", "/x"]);
+        let rules = Rules::new(&[("/p", "proxy"), ("/d", "direct"), ("/x", "drop")]);
+        let config = env.write_config(&Config::new(&rules));
+        let mut d = start_daemon(env, &config, &["-v"]);
+        converge(env, &rules, CONVERGE, "initial sync");
+        let p = env.cg.path("/p/child");
+        let traffic_is_right = |what: &str| {
+            assert_proxied(env, &proxy, &p, Remote::v4());
+            assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+            assert_no_answer(env, &proxy, &remote, &env.cg.path("/x"), what);
+        };
+        traffic_is_right("before");
+
+        // 1. Emptied while the daemon is stopped: every number dangles, so
+        //    `dispatch` sends everything direct.
+        d.signal(libc::SIGSTOP);
+        nft_script("flush map inet cgtproxy verdicts\n");
+        assert_eq!(dump_verdicts(), VerdictDump::new());
+        assert_direct(env, &proxy, &remote, &p, Remote::v4());
+        d.signal(libc::SIGCONT);
+        converge(
+            env,
+            &rules,
+            CONVERGE,
+            "after `flush map verdicts` (stopped)",
+        );
+        rules.assert_verdicts_clean(&dump_verdicts(), "after the flush");
+        traffic_is_right("after the flush");
+
+        // 2. proxy's number pointed at drop, in one transaction, while
+        //    stopped: the proxy cgroups are cut off.
+        d.signal(libc::SIGSTOP);
+        let n = number_of(&dump_verdicts(), "goto proxy");
+        nft_script(&format!(
+            "delete element inet cgtproxy verdicts {{ {n} }}\n\
+             add element inet cgtproxy verdicts {{ {n} : drop }}\n"
+        ));
+        assert_eq!(
+            dump_map().get(&env.cg.id("/p")).map(String::as_str),
+            Some("drop")
+        );
+        assert_no_answer(
+            env,
+            &proxy,
+            &remote,
+            &p,
+            "proxy's number re-pointed at drop",
+        );
+        d.signal(libc::SIGCONT);
+        converge(env, &rules, CONVERGE, "after re-pointing proxy's number");
+        traffic_is_right("after the re-pointing");
+
+        // 3. Both again, with the daemon running: repaired at once.
+        nft_script("flush map inet cgtproxy verdicts\n");
+        converge(
+            env,
+            &rules,
+            CONVERGE,
+            "after `flush map verdicts` (running)",
+        );
+        let n = number_of(&dump_verdicts(), "goto direct");
+        nft_script(&format!(
+            "delete element inet cgtproxy verdicts {{ {n} }}\n\
+             add element inet cgtproxy verdicts {{ {n} : goto proxy }}\n"
+        ));
+        converge(env, &rules, CONVERGE, "after re-pointing direct's number");
+        traffic_is_right("after tampering while running");
+
+        // 4. A number someone else added for a verdict no rule names: a
+        //    resync collects it.
+        nft_script("add element inet cgtproxy verdicts { 4242 : accept }\n");
+        let mut last = VerdictDump::new();
+        let clean = wait_until(CONVERGE, Duration::from_millis(20), || {
+            last = dump_verdicts();
+            !last.contains_key(&4242)
+        });
+        assert!(
+            clean,
+            "a foreign `4242 : accept` stays in verdicts: {last:?}"
+        );
+        // (Numbers for verdicts the rules name may be there twice after
+        // the re-pointing above: nothing says a spare one must go.)
+        let targets = rules.targets();
+        assert!(
+            last.values().all(|v| targets.contains(v)),
+            "after a foreign number, verdicts holds {last:?}"
+        );
+        converge(env, &rules, CONVERGE, "after a foreign number");
+        assert!(d.running(), "{}", d.log());
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(
+            dump_verdicts(),
+            VerdictDump::new(),
+            "SIGTERM empties verdicts"
+        );
+    });
+}
+
+/// What it proves: the numbers are the kernel's, not the daemon's memory.
+/// A number already in `verdicts` for a verdict is taken over (a seeded
+/// `7 : goto proxy`); a target dropped by a reload loses its number, and
+/// only it; a restart after SIGKILL rewrites nothing (no transaction at
+/// all, and the elements keep their counters, which a delete and re-add
+/// would reset); a restart with fewer targets collects the stale number.
+/// How it can fail: a daemon that numbered from 1 regardless would
+/// rewrite every element on each start (counters back to 0, events seen),
+/// and one that never collected would leave `drop`'s number behind.
+#[test]
+fn verdict_numbers_are_collected_and_reused() {
+    e2e("verdict_numbers_are_collected_and_reused", |env| {
+        load_ruleset();
+        let _remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/p/a", "/x"]);
+        // As a previous run might have left it.
+        nft_script("add element inet cgtproxy verdicts { 7 : goto proxy }\n");
+        let both = Rules::new(&[("/p(/.*)?", "proxy"), ("/x", "drop")]);
+        let only_proxy = Rules::new(&[("/p(/.*)?", "proxy")]);
+        let config = env.write_config(&Config::new(&both));
+        let mut d = start_daemon(env, &config, &[]);
+        converge(env, &both, CONVERGE, "first run");
+        let v = dump_verdicts();
+        both.assert_verdicts_clean(&v, "first run");
+        assert_eq!(
+            number_of(&v, "goto proxy"),
+            7,
+            "the number in the kernel is reused: {v:?}"
+        );
+        let drop_n = number_of(&v, "drop");
+        let p = env.cg.id("/p");
+        assert!(dump_raw().elems.values().filter(|e| e.number == 7).count() == 2);
+
+        // Counted traffic on /p's element.
+        assert_proxied(env, &proxy, &env.cg.path("/p"), Remote::v4());
+        let counted = |when: &str| -> u64 {
+            let raw = dump_raw();
+            let e = raw
+                .elems
+                .get(&p)
+                .unwrap_or_else(|| panic!("{when}: no element for /p"));
+            assert_eq!(e.number, 7, "{when}: /p's number");
+            e.packets
+                .unwrap_or_else(|| panic!("{when}: no counter on /p's element"))
+        };
+        let c0 = counted("after traffic");
+        assert!(c0 >= 1, "the lookup counted /p's connection: {c0}");
+
+        // Reload without drop: its number goes, proxy's stays.
+        fs::write(&config, Config::new(&only_proxy).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        wait_log(|| d.log(), "configuration reloaded", 1, CONVERGE);
+        converge(env, &only_proxy, CONVERGE, "after SIGHUP");
+        let ok = wait_until(CONVERGE, Duration::from_millis(20), || {
+            dump_verdicts() == VerdictDump::from([(7, "goto proxy".to_string())])
+        });
+        assert!(
+            ok,
+            "after SIGHUP, verdicts holds {:?}; drop was {drop_n}",
+            dump_verdicts()
+        );
+        assert!(
+            counted("after SIGHUP") >= c0,
+            "/p's element was rewritten by the reload"
+        );
+
+        // SIGKILL, restart unchanged: nothing written at all.
+        d.kill();
+        let mon = Monitor::start();
+        let d2 = start_daemon(env, &config, &[]);
+        assert_truth(env, &only_proxy, "restart, at readiness");
+        thread::sleep(Duration::from_millis(300));
+        mon.assert_complete();
+        let mine = mon.by_pid(d2.pid());
+        assert!(
+            mine.is_empty(),
+            "restart with nothing to change wrote: {mine:?}"
+        );
+        assert_eq!(
+            dump_verdicts(),
+            VerdictDump::from([(7, "goto proxy".to_string())])
+        );
+        assert!(
+            counted("after the restart") >= c0,
+            "/p's element was rewritten"
+        );
+
+        // drop back (a number of its own), SIGKILL, restart without it:
+        // the stale number is collected at start, nothing else changes.
+        let mut d2 = d2;
+        fs::write(&config, Config::new(&both).to_json()).unwrap();
+        d2.signal(libc::SIGHUP);
+        converge(env, &both, CONVERGE, "drop back");
+        let v = dump_verdicts();
+        both.assert_verdicts_clean(&v, "drop back");
+        assert_eq!(number_of(&v, "goto proxy"), 7);
+        let drop_n = number_of(&v, "drop");
+        d2.kill();
+        fs::write(&config, Config::new(&only_proxy).to_json()).unwrap();
+        let before = mon.txns().len();
+        let d3 = start_daemon(env, &config, &[]);
+        assert_truth(env, &only_proxy, "restart with fewer targets, at readiness");
+        assert_eq!(
+            dump_verdicts(),
+            VerdictDump::from([(7, "goto proxy".to_string())]),
+            "restart with fewer targets: drop's number {drop_n} collected"
+        );
+        thread::sleep(Duration::from_millis(300));
+        let mine: Vec<Txn> = mon
+            .txns()
+            .split_off(before)
+            .into_iter()
+            .filter(|t| t.pid == d3.pid() as u32)
+            .collect();
+        assert_eq!(mine.len(), 1, "one transaction at start: {mine:?}");
+        assert_eq!(mine[0].dels(), BTreeSet::from([env.cg.id("/x")]));
+        assert_eq!(mine[0].verdict_dels(), BTreeSet::from([drop_n]));
+        assert!(
+            mine[0].numbers().is_empty() && mine[0].verdict_adds().is_empty(),
+            "{mine:?}"
+        );
+        assert!(counted("after the restart with fewer targets") >= c0);
+        let f = d3.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(
+            dump_raw().verdicts,
+            VerdictDump::new(),
+            "SIGTERM empties verdicts"
+        );
+        assert_eq!(dump_map(), MapDump::new());
     });
 }

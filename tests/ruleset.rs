@@ -15,14 +15,19 @@ fn ruleset_loads_and_reloads() {
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         nft_add_elements(&env.mount, &[(&env.cg.path("/p"), "goto proxy")]);
-        assert_eq!(dump_map().len(), 1);
-        // A firewall reload replaces the table (and empties the map).
+        assert_eq!(
+            dump_map(),
+            MapDump::from([(env.cg.id("/p"), "goto proxy".to_string())])
+        );
+        assert_eq!(dump_verdicts().len(), 1);
+        // A firewall reload replaces the table (and empties both maps).
         load_ruleset();
         assert_eq!(
             dump_map(),
             MapDump::new(),
             "reloading the ruleset must replace the table"
         );
+        assert_eq!(dump_verdicts(), VerdictDump::new());
     });
 }
 
@@ -78,6 +83,94 @@ fn ruleset_steers_by_cgroup() {
                     assert!(remote.server.got(&msg).is_empty());
                     assert!(proxy.got(&msg).is_empty());
                 }
+            }
+        }
+    });
+}
+
+/// What it proves: the ruleset puts the socket's own mark (SO_MARK) back
+/// after the lookup used the packet mark for the verdict number, for
+/// `direct` and `proxy`, and leaves it alone for unlisted cgroups and for a
+/// number without a verdict (`dispatch` falls back to `direct`). How it can
+/// fail: without the restore the packet leaves with the number as its
+/// mark, is routed again by the main table, which black-holes the
+/// destination (see [`marked_server`]), and the exchange fails.
+#[test]
+fn ruleset_keeps_the_socket_mark() {
+    e2e("ruleset_keeps_the_socket_mark", |env| {
+        load_ruleset();
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let (marked, dsts) = marked_server(&remote);
+        env.cg.mkdir(&["/d", "/p", "/lost", "/other"]);
+        let c = &env.cg;
+        nft_add_elements(
+            &env.mount,
+            &[
+                (&c.path("/d"), "goto direct"),
+                (&c.path("/p"), "goto proxy"),
+            ],
+        );
+        // A number nobody defined (someone else's edit): direct.
+        let lost = format!(
+            "add element inet cgtproxy cgroups {{ {} : 999 }}",
+            json_str(
+                c.path("/lost")
+                    .strip_prefix(&env.mount)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+            )
+        );
+        let f = run_cmd(
+            std::process::Command::new("unshare").args([
+                "-m",
+                "sh",
+                "-c",
+                "mount -t cgroup2 none /sys/fs/cgroup && exec nft \"$1\"",
+                "sh",
+                &lost,
+            ]),
+            Duration::from_secs(10),
+        );
+        assert!(f.status.success(), "{}", f.describe());
+        assert_eq!(
+            dump_map().get(&c.id("/lost")).map(String::as_str),
+            Some("number 999 (no verdict)")
+        );
+        for proto in [Proto::Tcp, Proto::Udp] {
+            for dst in dsts {
+                for cg in ["/d", "/other", "/lost"] {
+                    let msg = env.token("m");
+                    let r = exchange_marked(
+                        &c.path(cg),
+                        proto,
+                        dst,
+                        &msg,
+                        Some(SOCKET_MARK),
+                        QUICK * 2,
+                    );
+                    assert_eq!(r, Ok(format!("marked:{msg}")), "{cg} {proto:?} {dst}");
+                    assert_eq!(marked.got(&msg).len(), 1);
+                }
+                let msg = env.token("u");
+                let r = exchange_marked(&c.path("/d"), proto, dst, &msg, None, QUICK);
+                assert!(
+                    r.is_err(),
+                    "unmarked {proto:?} {dst}: black-holed, got {r:?}"
+                );
+                let msg = env.token("p");
+                let r = exchange_marked(
+                    &c.path("/p"),
+                    proto,
+                    dst,
+                    &msg,
+                    Some(SOCKET_MARK),
+                    QUICK * 2,
+                );
+                assert_eq!(r, Ok(format!("proxy:{msg}")), "/p {proto:?} {dst}");
+                assert_eq!(proxy.got(&msg)[0].local, dst);
             }
         }
     });

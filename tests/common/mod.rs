@@ -9,11 +9,14 @@
 //! lives in the test's own namespaces (loopback, 198.18.0.0/15,
 //! 2001:db8::/32 on a veth pair).
 //!
-//! The map is read back with the real `nft` (not the daemon's code), in a
+//! The maps are read back with the real `nft` (not the daemon's code), in a
 //! private mount namespace with an empty tmpfs over `/sys/fs/cgroup`, so that
-//! `nft` prints numeric cgroup ids. The expected content ("truth") is
-//! computed from a walk of the test subtree and the rules, independently of
-//! the daemon.
+//! `nft` prints numeric cgroup ids. The ruleset keeps two maps, `cgroups`
+//! (cgroup id → verdict number) and `verdicts` (number → verdict); a dump
+//! composes them into cgroup id → verdict ("goto proxy"), so a number
+//! without a verdict shows and fails a comparison. The expected content
+//! ("truth") is computed from a walk of the test subtree and the rules,
+//! independently of the daemon.
 //!
 //! Prerequisites: root, `nft`, `ip`, `unshare`, `bash`, `timeout`, a cgroup2
 //! mount. Without them a test prints `SKIP` and passes, except with
@@ -437,18 +440,56 @@ pub fn nft_script(script: &str) {
     );
 }
 
+/// The name of the second map of the shipped ruleset (config `verdict-map`).
+pub const VERDICT_MAP: &str = "verdicts";
+
 /// Adds elements with `nft` itself (not the daemon): cgroup2 is mounted at
 /// /sys/fs/cgroup in a private mount namespace so nft can resolve paths.
 /// `elems`: (cgroup directory, verdict as nft writes it).
+///
+/// The ruleset maps a cgroup to a number (`cgroups`) and the number to its
+/// verdict (`verdicts`): each distinct verdict gets the number it already
+/// has in `verdicts`, or the smallest free one from 1000 up (far from the
+/// daemon's 1, 2, …). Both maps are written by one `nft` command, one
+/// transaction.
 pub fn nft_add_elements(mount: &Path, elems: &[(&Path, &str)]) {
+    let mut numbers = try_dump_raw("cgtproxy", "cgroups", VERDICT_MAP)
+        .map(|r| r.verdicts)
+        .unwrap_or_default();
+    let mut fresh: Vec<(u32, String)> = Vec::new();
+    let mut number_of = |verdict: &str| -> u32 {
+        if let Some((n, _)) = numbers.iter().find(|(_, v)| v.as_str() == verdict) {
+            return *n;
+        }
+        let n = (1000u32..)
+            .find(|n| !numbers.contains_key(n))
+            .expect("a free number");
+        numbers.insert(n, verdict.to_string());
+        fresh.push((n, verdict.to_string()));
+        n
+    };
     let items: Vec<String> = elems
         .iter()
         .map(|(dir, verdict)| {
             let rel = dir.strip_prefix(mount).expect("cgroup below the mount");
-            format!("{} : {verdict}", json_str(rel.to_str().unwrap()))
+            format!(
+                "{} : {}",
+                json_str(rel.to_str().unwrap()),
+                number_of(verdict)
+            )
         })
         .collect();
-    let cmd = format!(
+    let mut cmd = String::new();
+    if !fresh.is_empty() {
+        let v: Vec<String> = fresh.iter().map(|(n, v)| format!("{n} : {v}")).collect();
+        let _ = write!(
+            cmd,
+            "add element inet cgtproxy {VERDICT_MAP} {{ {} }}; ",
+            v.join(", ")
+        );
+    }
+    let _ = write!(
+        cmd,
         "add element inet cgtproxy cgroups {{ {} }}",
         items.join(", ")
     );
@@ -466,37 +507,120 @@ pub fn nft_add_elements(mount: &Path, elems: &[(&Path, &str)]) {
     assert!(f.status.success(), "nft {cmd}: {}", f.describe());
 }
 
-/// A map as the kernel has it: cgroup id → verdict ("goto proxy", "drop", …).
+/// A map as the kernel has it, composed: cgroup id → verdict ("goto proxy",
+/// "drop", …) through its number in `verdicts`; a number without a verdict
+/// shows as "number N (no verdict)".
 pub type MapDump = BTreeMap<u64, String>;
 
-/// Dumps `inet TABLE MAP` with `nft -j`. `nft` runs in a private mount
-/// namespace with an empty tmpfs on /sys/fs/cgroup, so it prints ids.
-pub fn try_dump_map(table: &str, map: &str) -> Result<MapDump, String> {
+/// `verdicts` as the kernel has it: number → verdict ("goto proxy", "drop").
+pub type VerdictDump = BTreeMap<u32, String>;
+
+/// One element of `cgroups` as the kernel has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawElem {
+    /// The verdict number (the element's data).
+    pub number: u32,
+    /// Its counter, when the map has counters.
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
+}
+
+/// Both maps as the kernel has them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawDump {
+    /// `cgroups`: cgroup id → element.
+    pub elems: BTreeMap<u64, RawElem>,
+    /// `verdicts`: number → verdict; empty when that map does not exist.
+    pub verdicts: VerdictDump,
+    /// Whether the table has the verdict map at all.
+    pub has_verdict_map: bool,
+}
+
+impl RawDump {
+    /// cgroup id → number.
+    pub fn numbers(&self) -> BTreeMap<u64, u32> {
+        self.elems.iter().map(|(id, e)| (*id, e.number)).collect()
+    }
+
+    /// cgroup id → verdict, through `verdicts`.
+    pub fn compose(&self) -> MapDump {
+        self.elems
+            .iter()
+            .map(|(id, e)| (*id, verdict_of_number(&self.verdicts, e.number)))
+            .collect()
+    }
+}
+
+/// What number `n` stands for in `verdicts`, or "number N (no verdict)".
+pub fn verdict_of_number(verdicts: &VerdictDump, n: u32) -> String {
+    verdicts
+        .get(&n)
+        .cloned()
+        .unwrap_or_else(|| format!("number {n} (no verdict)"))
+}
+
+/// Dumps `inet TABLE` with one `nft -j list table` and returns the maps
+/// `map` (cgroup id → number) and `vmap` (number → verdict). `nft` runs in a
+/// private mount namespace with an empty tmpfs on /sys/fs/cgroup, so it
+/// prints ids. Err when the table or `map` does not exist.
+pub fn try_dump_raw(table: &str, map: &str, vmap: &str) -> Result<RawDump, String> {
     let f = run_cmd(
         Command::new("unshare").args([
             "-m",
             "sh",
             "-c",
-            "mount -t tmpfs none /sys/fs/cgroup && exec nft -j list map inet \"$1\" \"$2\"",
+            "mount -t tmpfs none /sys/fs/cgroup && exec nft -j list table inet \"$1\"",
             "sh",
             table,
-            map,
         ]),
         Duration::from_secs(10),
     );
     if !f.status.success() {
-        return Err(format!("nft list map inet {table} {map}: {}", f.describe()));
+        return Err(format!("nft list table inet {table}: {}", f.describe()));
     }
-    parse_map_json(&f.stdout)
+    parse_table_json(&f.stdout, map, vmap)
 }
 
-/// Dumps the map `inet cgtproxy cgroups`; panics when it cannot.
+/// Dumps `inet TABLE MAP`, composed with the map `verdicts` of the same
+/// table (see [`MapDump`]).
+pub fn try_dump_map(table: &str, map: &str) -> Result<MapDump, String> {
+    try_dump_raw(table, map, VERDICT_MAP).map(|r| r.compose())
+}
+
+/// Dumps the map `inet cgtproxy cgroups`, composed; panics when it cannot.
 pub fn dump_map() -> MapDump {
     try_dump_map("cgtproxy", "cgroups").unwrap_or_else(|e| panic!("{e}"))
 }
 
-pub fn parse_map_json(text: &str) -> Result<MapDump, String> {
+/// Both maps of `inet cgtproxy`, raw; panics when it cannot.
+pub fn dump_raw() -> RawDump {
+    try_dump_raw("cgtproxy", "cgroups", VERDICT_MAP).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The map `inet cgtproxy verdicts`: number → verdict; panics when the
+/// table cannot be listed.
+pub fn dump_verdicts() -> VerdictDump {
+    dump_raw().verdicts
+}
+
+/// A mark as `nft -j` prints it: a number, or a string in decimal or hex
+/// ("0x00000001").
+fn json_mark(v: &miniserde::json::Value) -> Option<u32> {
     use miniserde::json::{Number, Value};
+    match v {
+        Value::Number(Number::U64(n)) => u32::try_from(*n).ok(),
+        Value::Number(Number::I64(n)) => u32::try_from(*n).ok(),
+        Value::String(s) => match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(h) => u32::from_str_radix(h, 16).ok(),
+            None => s.parse().ok(),
+        },
+        _ => None,
+    }
+}
+
+/// Parses `nft -j list table` output: the maps `map` and `vmap`.
+pub fn parse_table_json(text: &str, map: &str, vmap: &str) -> Result<RawDump, String> {
+    use miniserde::json::{Number, Object, Value};
     let bad = |what: &str| format!("unexpected nft JSON ({what}): {text}");
     let v: Value = miniserde::json::from_str(text).map_err(|_| bad("not JSON"))?;
     let Value::Object(top) = v else {
@@ -505,31 +629,57 @@ pub fn parse_map_json(text: &str) -> Result<MapDump, String> {
     let Some(Value::Array(items)) = top.get("nftables") else {
         return Err(bad("no nftables array"));
     };
-    let map = items
-        .iter()
-        .find_map(|i| match i {
+    let find = |name: &str| -> Option<&Object> {
+        items.iter().find_map(|i| match i {
             Value::Object(o) => match o.get("map") {
-                Some(Value::Object(m)) => Some(m),
+                Some(Value::Object(m))
+                    if matches!(m.get("name"), Some(Value::String(n)) if n == name) =>
+                {
+                    Some(m)
+                }
                 _ => None,
             },
             _ => None,
         })
-        .ok_or_else(|| bad("no map"))?;
-    let mut dump = MapDump::new();
-    let Some(elems) = map.get("elem") else {
-        return Ok(dump);
     };
-    let Value::Array(elems) = elems else {
-        return Err(bad("elem"));
+    let elems_of = |m: &Object| -> Result<Vec<(Value, Value)>, String> {
+        let Some(elems) = m.get("elem") else {
+            return Ok(Vec::new());
+        };
+        let Value::Array(elems) = elems else {
+            return Err(bad("elem"));
+        };
+        elems
+            .iter()
+            .map(|e| match e {
+                Value::Array(pair) if pair.len() == 2 => Ok((pair[0].clone(), pair[1].clone())),
+                _ => Err(bad("element pair")),
+            })
+            .collect()
     };
-    fn id_of(v: &Value) -> Option<u64> {
+    fn num(v: Option<&Value>) -> Option<u64> {
         match v {
-            Value::Number(Number::U64(n)) => Some(*n),
-            Value::String(s) => s.parse().ok(),
-            Value::Object(o) => match o.get("elem") {
-                Some(Value::Object(e)) => e.get("val").and_then(id_of),
-                _ => o.get("val").and_then(id_of),
-            },
+            Some(Value::Number(Number::U64(n))) => Some(*n),
+            _ => None,
+        }
+    }
+    // A key is the id itself, or {"elem": {"val": id, "counter": {...}}}.
+    fn key_of(v: &Value) -> Option<(u64, Option<u64>, Option<u64>)> {
+        match v {
+            Value::Number(Number::U64(n)) => Some((*n, None, None)),
+            Value::String(s) => s.parse().ok().map(|n| (n, None, None)),
+            Value::Object(o) => {
+                let inner = match o.get("elem") {
+                    Some(Value::Object(e)) => e,
+                    _ => o,
+                };
+                let (id, _, _) = key_of(inner.get("val")?)?;
+                let (p, b) = match inner.get("counter") {
+                    Some(Value::Object(c)) => (num(c.get("packets")), num(c.get("bytes"))),
+                    _ => (None, None),
+                };
+                Some((id, p, b))
+            }
             _ => None,
         }
     }
@@ -544,16 +694,35 @@ pub fn parse_map_json(text: &str) -> Result<MapDump, String> {
             _ => Some(k.clone()),
         }
     }
-    for e in elems.iter() {
-        let Value::Array(pair) = e else {
-            return Err(bad("element"));
-        };
-        if pair.len() != 2 {
-            return Err(bad("element pair"));
+    let cg = find(map).ok_or_else(|| bad(&format!("no map {map}")))?;
+    let mut dump = RawDump::default();
+    for (k, d) in elems_of(cg)? {
+        let (id, packets, bytes) = key_of(&k).ok_or_else(|| bad("element key"))?;
+        let number = json_mark(&d).ok_or_else(|| bad("element number"))?;
+        dump.elems.insert(
+            id,
+            RawElem {
+                number,
+                packets,
+                bytes,
+            },
+        );
+    }
+    if let Some(vm) = find(vmap) {
+        dump.has_verdict_map = true;
+        for (k, d) in elems_of(vm)? {
+            // A key with a counter would come as {"elem": {"val": N, ...}}.
+            let n = match &k {
+                Value::Object(o) => match o.get("elem") {
+                    Some(Value::Object(e)) => e.get("val").and_then(json_mark),
+                    _ => o.get("val").and_then(json_mark),
+                },
+                other => json_mark(other),
+            }
+            .ok_or_else(|| bad("verdict key"))?;
+            let verdict = verdict_of(&d).ok_or_else(|| bad("verdict"))?;
+            dump.verdicts.insert(n, verdict);
         }
-        let id = id_of(&pair[0]).ok_or_else(|| bad("element key"))?;
-        let verdict = verdict_of(&pair[1]).ok_or_else(|| bad("element verdict"))?;
-        dump.insert(id, verdict);
     }
     Ok(dump)
 }
@@ -667,6 +836,32 @@ impl Rules {
         format!("[{}]", items.join(", "))
     }
 
+    /// Every verdict (as `nft` prints it) the rules name.
+    pub fn targets(&self) -> BTreeSet<String> {
+        self.0
+            .iter()
+            .map(|(_, t)| {
+                if t == "drop" {
+                    "drop".to_string()
+                } else {
+                    format!("goto {t}")
+                }
+            })
+            .collect()
+    }
+
+    /// Asserts that `verdicts` holds no verdict these rules do not name
+    /// (what a full sync leaves), and no verdict twice.
+    pub fn assert_verdicts_clean(&self, verdicts: &VerdictDump, when: &str) {
+        let targets = self.targets();
+        let values: Vec<&String> = verdicts.values().collect();
+        let distinct: BTreeSet<&String> = values.iter().copied().collect();
+        assert!(
+            distinct.len() == values.len() && values.iter().all(|v| targets.contains(*v)),
+            "{when}: `verdicts` should hold at most one number for each of {targets:?} and nothing else; it holds {verdicts:?}"
+        );
+    }
+
     /// The verdict (as `nft` prints it) for a cgroup path, first match wins,
     /// the match anchored to the whole path.
     pub fn verdict(&self, path: &str) -> Option<String> {
@@ -702,6 +897,8 @@ pub struct Config {
     pub cgroup_root: Option<PathBuf>,
     pub table: Option<String>,
     pub map: Option<String>,
+    /// `verdict-map` (default "verdicts").
+    pub verdict_map: Option<String>,
     pub route: RouteCfg,
     pub keep_on_exit: Option<bool>,
 }
@@ -713,6 +910,7 @@ impl Config {
             cgroup_root: None,
             table: None,
             map: None,
+            verdict_map: None,
             route: RouteCfg::Default,
             keep_on_exit: None,
         }
@@ -728,6 +926,9 @@ impl Config {
         }
         if let Some(m) = &self.map {
             let _ = writeln!(s, "  \"map\": {},", json_str(m));
+        }
+        if let Some(m) = &self.verdict_map {
+            let _ = writeln!(s, "  \"verdict-map\": {},", json_str(m));
         }
         match self.route {
             RouteCfg::Default => {}
@@ -1806,6 +2007,83 @@ impl Remote {
     }
 }
 
+/// The socket mark that routes to the "marked" server.
+pub const SOCKET_MARK: u32 = 0x77;
+pub const SOCKET_MARK_TABLE: &str = "77";
+
+/// A server reachable only by the socket mark: 198.18.9.2 and
+/// 2001:db8:9::2 (port 9000, TCP and UDP) in the remote namespace. In the
+/// test namespace the main table black-holes them, and
+/// `fwmark 0x77 lookup 77` routes them over the veth pair. Neither range is
+/// in the ruleset's bypass sets, so traffic to them goes through the lookup.
+pub fn marked_server(remote: &Remote) -> (Server, [SocketAddr; 2]) {
+    let v4: SocketAddr = "198.18.9.2:9000".parse().unwrap();
+    let v6: SocketAddr = "[2001:db8:9::2]:9000".parse().unwrap();
+    let server = remote.ns.run(move || {
+        run_ok("ip", &["addr", "add", "198.18.9.2/32", "dev", "lo"]);
+        run_ok(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                "2001:db8:9::2/128",
+                "dev",
+                "lo",
+                "nodad",
+            ],
+        );
+        Server::start("marked", &[v4, v6], false)
+    });
+    // Replies come back from an address the main table black-holes: no
+    // reverse-path filter (IPv4 inherits the host's setting).
+    for conf in ["all", "default", "cgtv0"] {
+        let _ = fs::write(format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter"), "0");
+    }
+    let mark = format!("{SOCKET_MARK:#x}");
+    for (fam, net, via) in [
+        ("-4", "198.18.9.0/24", "198.18.0.2"),
+        ("-6", "2001:db8:9::/48", "2001:db8::2"),
+    ] {
+        run_ok("ip", &[fam, "route", "add", "blackhole", net]);
+        run_ok(
+            "ip",
+            &[
+                fam,
+                "route",
+                "add",
+                net,
+                "via",
+                via,
+                "table",
+                SOCKET_MARK_TABLE,
+            ],
+        );
+        run_ok(
+            "ip",
+            &[
+                fam,
+                "rule",
+                "add",
+                "fwmark",
+                &mark,
+                "lookup",
+                SOCKET_MARK_TABLE,
+            ],
+        );
+    }
+    (server, [v4, v6])
+}
+
+/// The packets counted by the first `counter` of a chain of the table.
+pub fn chain_counter(chain: &str) -> u64 {
+    let out = run_ok("nft", &["list", "chain", "inet", "cgtproxy", chain]);
+    out.split("counter packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in chain {chain}:\n{out}"))
+}
+
 // ---------------------------------------------------------------------------
 // Clients, in a cgroup
 // ---------------------------------------------------------------------------
@@ -1875,6 +2153,184 @@ pub fn exchange_within(
         };
         Err(format!("{stage}: exit {:?}: {}", f.code(), f.stderr.trim()))
     }
+}
+
+/// What the forked client of [`exchange_marked`] needs, prepared before the
+/// fork (the child must not allocate).
+struct MarkedPlan {
+    procs: std::ffi::CString,
+    family: libc::c_int,
+    ty: libc::c_int,
+    dst: (libc::sockaddr_storage, libc::socklen_t),
+    mark: Option<u32>,
+    line: Vec<u8>,
+    tcp: bool,
+    pipe: RawFd,
+}
+
+/// Exit codes of the forked client, by stage.
+const M_CGROUP: i32 = 10;
+const M_SOCKET: i32 = 11;
+const M_MARK: i32 = 12;
+const M_CONNECT: i32 = 13;
+const M_SEND: i32 = 14;
+const M_RECV: i32 = 15;
+
+/// The child: join the cgroup (before the socket exists, so the socket is
+/// the cgroup's), socket, SO_MARK, connect, send the line, read one line
+/// into the pipe. Only raw system calls on memory prepared by the parent.
+fn marked_child(p: &MarkedPlan) -> i32 {
+    // SAFETY: plain system calls on buffers that live in this frame or in
+    // `p`; no allocation, no locks (this runs between fork and _exit).
+    unsafe {
+        let fd = libc::open(p.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+            return M_CGROUP;
+        }
+        libc::close(fd);
+        let s = libc::socket(p.family, p.ty | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return M_SOCKET;
+        }
+        if let Some(mark) = p.mark {
+            let v = mark as libc::c_int;
+            if libc::setsockopt(
+                s,
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) != 0
+            {
+                return M_MARK;
+            }
+        }
+        let tv = libc::timeval {
+            tv_sec: 3,
+            tv_usec: 0,
+        };
+        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            libc::setsockopt(
+                s,
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        if libc::connect(
+            s,
+            (&p.dst.0 as *const libc::sockaddr_storage).cast(),
+            p.dst.1,
+        ) != 0
+        {
+            return M_CONNECT;
+        }
+        if libc::send(s, p.line.as_ptr().cast(), p.line.len(), 0) != p.line.len() as isize {
+            return M_SEND;
+        }
+        let mut buf = [0u8; 4096];
+        let mut got = 0usize;
+        while got < buf.len() {
+            let n = libc::recv(s, buf.as_mut_ptr().add(got).cast(), buf.len() - got, 0);
+            if n <= 0 {
+                break;
+            }
+            got += n as usize;
+            if !p.tcp || buf[..got].contains(&b'\n') {
+                break;
+            }
+        }
+        if got == 0 {
+            return M_RECV;
+        }
+        libc::write(p.pipe, buf.as_ptr().cast(), got);
+        0
+    }
+}
+
+/// As [`exchange_within`], from a forked child whose socket carries the
+/// firewall mark `mark` (SO_MARK; needs CAP_NET_ADMIN) when given: connect
+/// to `dst` (UDP: a connected socket), send `msg` as a line, read one line
+/// back (3 s). Ok(reply) or Err(why).
+pub fn exchange_marked(
+    cgroup: &Path,
+    proto: Proto,
+    dst: SocketAddr,
+    msg: &str,
+    mark: Option<u32>,
+    limit: Duration,
+) -> Result<String, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let (r, w) = pipe();
+    let tcp = proto == Proto::Tcp;
+    let plan = MarkedPlan {
+        procs: std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap(),
+        family: if dst.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        },
+        ty: if tcp {
+            libc::SOCK_STREAM
+        } else {
+            libc::SOCK_DGRAM
+        },
+        dst: to_sockaddr(&dst),
+        mark,
+        line: format!("{msg}\n").into_bytes(),
+        tcp,
+        pipe: w.as_raw_fd(),
+    };
+    // SAFETY: the child runs only `marked_child` (raw system calls on
+    // memory prepared above) and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+    if pid == 0 {
+        let code = marked_child(&plan);
+        // SAFETY: leaving the child without running anything of the parent's.
+        unsafe { libc::_exit(code) };
+    }
+    drop(w);
+    let deadline = Instant::now() + limit;
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if rc == pid {
+            break;
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: kill and reap our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return Err(format!("killed (time limit {limit:?})"));
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut answer = Vec::new();
+    fs::File::from(r).read_to_end(&mut answer).unwrap();
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    let stage = match code {
+        0 => {
+            let text = String::from_utf8_lossy(&answer);
+            return Ok(text.split('\n').next().unwrap_or_default().to_string());
+        }
+        M_CGROUP => "joining the cgroup",
+        M_SOCKET => "socket",
+        M_MARK => "setsockopt SO_MARK",
+        M_CONNECT => "connect",
+        M_SEND => "send",
+        M_RECV => "no reply within 3 s",
+        _ => "killed or failed",
+    };
+    Err(format!("{stage} (exit {code})"))
 }
 
 /// A long-lived client connection from a process in a cgroup: each `send`
