@@ -17,7 +17,7 @@ use crate::config::{Config, Route};
 use crate::error::Error;
 use crate::netlink::{NlError, Socket};
 use crate::nftables::{self, NFNL_SUBSYS_NFTABLES};
-use crate::reconcile::{self, Ops};
+use crate::reconcile::{self, Ops, Renumber};
 use crate::route;
 use crate::ruleset::{ApplyError, Ruleset};
 use crate::signals::{Signal, Signals};
@@ -101,9 +101,11 @@ pub fn run(opts: Options) -> Result<(), Error> {
     let actual = rs
         .dump()?
         .ok_or_else(|| Error::Config(rs.table_missing()))?;
-    let ops = reconcile::full(&cfg, tree.iter(), &actual);
+    let ops = reconcile::full(&cfg, tree.iter(), &actual, rs.numbers());
 
     if opts.dry_run {
+        let numbers = reconcile::plan(rs.numbers(), &ops).renumbered(rs.numbers());
+        print!("{}", describe_numbers(&numbers, &cfg.verdict_map, "would "));
         print!("{}", describe(&ops, &tree, &HashMap::new(), "would "));
         println!(
             "dry run: {} to delete, {} to add; nothing was changed",
@@ -120,16 +122,20 @@ pub fn run(opts: Options) -> Result<(), Error> {
         Some(r) => route::install(r)?,
         None => false,
     };
-    if let Err(e) = rs.apply(&ops, &|id| name(&tree, &HashMap::new(), id)) {
-        // Leave the kernel as it was: remove only routes this run created.
-        if let (Some(r), true) = (&routes, created) {
-            route::remove(r);
+    let numbers = match rs.apply(&ops, &|id| name(&tree, &HashMap::new(), id)) {
+        Ok(n) => n,
+        Err(e) => {
+            // Leave the kernel as it was: remove only routes this run created.
+            if let (Some(r), true) = (&routes, created) {
+                route::remove(r);
+            }
+            return Err(Error::Runtime(format!(
+                "initial sync of map {}: {e}",
+                cfg.map
+            )));
         }
-        return Err(Error::Runtime(format!(
-            "initial sync of map {}: {e}",
-            cfg.map
-        )));
-    }
+    };
+    crate::log::write_lines(&describe_numbers(&numbers, &cfg.verdict_map, ""));
     crate::log::write_lines(&describe(&ops, &tree, &HashMap::new(), ""));
     info!(
         "watching {} cgroups under {}; map {} holds {} elements{}",
@@ -250,7 +256,10 @@ impl Daemon {
             })
             .collect();
         match self.rs.apply(&ops, &|id| name(&self.tree, &gone, id)) {
-            Ok(()) => crate::log::write_lines(&describe(&ops, &self.tree, &gone, "")),
+            Ok(numbers) => {
+                crate::log::write_lines(&describe_numbers(&numbers, &self.cfg.verdict_map, ""));
+                crate::log::write_lines(&describe(&ops, &self.tree, &gone, ""));
+            }
             Err(e) => self.failed(e),
         }
     }
@@ -293,10 +302,11 @@ impl Daemon {
                 return;
             }
         };
-        let ops = reconcile::full(&self.cfg, self.tree.iter(), &actual);
+        let ops = reconcile::full(&self.cfg, self.tree.iter(), &actual, self.rs.numbers());
         let empty = HashMap::new();
         match self.rs.apply(&ops, &|id| name(&self.tree, &empty, id)) {
-            Ok(()) => {
+            Ok(numbers) => {
+                crate::log::write_lines(&describe_numbers(&numbers, &self.cfg.verdict_map, ""));
                 crate::log::write_lines(&describe(&ops, &self.tree, &empty, ""));
                 if self.missing {
                     info!(
@@ -503,6 +513,25 @@ fn describe(ops: &Ops<'_>, tree: &Tree, gone: &HashMap<u64, &[u8]>, would: &str)
     for (id, v) in &ops.add {
         let verb = if deleted.contains(id) { "set" } else { "add" };
         let _ = writeln!(s, "cgtproxy: {would}{verb} {}: {v}", name(tree, gone, *id));
+    }
+    s
+}
+
+/// One line per changed verdict number (they change rarely: a verdict's
+/// first use, a full reconcile after someone else edited the maps).
+fn describe_numbers(numbers: &[Renumber], map: &str, would: &str) -> String {
+    if !crate::log::enabled(crate::log::INFO) && would.is_empty() {
+        return String::new();
+    }
+    let mut s = String::new();
+    for r in numbers {
+        let n = r.number;
+        let _ = match (&r.before, &r.after) {
+            (None, Some(v)) => writeln!(s, "cgtproxy: {would}bind {map} {n}: {v}"),
+            (Some(b), Some(v)) => writeln!(s, "cgtproxy: {would}bind {map} {n}: {v} (was {b})"),
+            (Some(b), None) => writeln!(s, "cgtproxy: {would}unbind {map} {n} (was {b})"),
+            (None, None) => Ok(()),
+        };
     }
     s
 }

@@ -445,6 +445,8 @@ pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Malformed> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
     pub id: u64,
+    /// The number it carries (None: a verdict, from a ruleset of 0.1).
+    pub number: Option<u32>,
     pub verdict: Verdict,
     /// (packets, bytes) from the per-element counter.
     pub counter: Option<(u64, u64)>,

@@ -1,27 +1,37 @@
-//! The reconciler: what the map should hold (cgroups × rules) against what
-//! it holds (a kernel dump, or the verdicts the tree implied before an
-//! event), reduced to the element changes that close the gap. It speaks of
-//! verdicts; which number stands for which is `Ruleset`'s business.
+//! The reconciler: what the maps should hold (cgroups × rules) against what
+//! they hold (a kernel dump, or the verdicts the tree implied before an
+//! event), reduced to the changes that close the gap.
+//!
+//! `full` and `incremental` speak of verdicts (`Ops`); `plan` then gives
+//! each added element the number of its verdict in `verdicts`, binding a
+//! new number the first time a verdict is needed (`Plan`). A full reconcile
+//! also looks at the numbers themselves: a number whose elements all want
+//! one verdict is (re)bound to it rather than its elements rewritten (after
+//! someone emptied or edited `verdicts`), and numbers no element carries
+//! any more are removed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::config::{Config, Verdict, match_form};
 use crate::nftables::Element;
 use crate::watch::Change;
 
-/// Element changes for one transaction. Deletes go first, so a verdict
-/// change (delete + add of the same key) lands as one atomic replacement.
+/// Element changes for one transaction, in verdicts. Deletes go first, so
+/// a verdict change (delete + add of the same key) lands as one atomic
+/// replacement.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Ops<'a> {
     pub del: Vec<u64>,
     pub add: Vec<(u64, &'a Verdict)>,
-    /// After a full reconcile: every verdict the map's elements stand for
-    /// once this transaction is in. Numbers of other verdicts can go.
-    pub in_use: Option<Vec<&'a Verdict>>,
+    /// Full reconcile: numbers to point at the verdict their elements want.
+    pub rebind: Vec<(u32, &'a Verdict)>,
+    /// Full reconcile: the numbers of the elements that stay. Numbers
+    /// neither these nor the added elements carry are removed.
+    pub kept: Option<Vec<u32>>,
 }
 
 impl Ops<'_> {
-    /// No element changes (`Ruleset::apply` may still drop unused numbers).
+    /// No element changes (the numbers may still change: see `Plan`).
     pub fn is_empty(&self) -> bool {
         self.del.is_empty() && self.add.is_empty()
     }
@@ -31,11 +41,13 @@ pub fn verdict_of<'a>(cfg: &'a Config, path: &[u8]) -> Option<&'a Verdict> {
     cfg.verdict(&match_form(path))
 }
 
-/// Full reconcile: every cgroup in `tree` against every element in `actual`.
+/// Full reconcile: every cgroup in `tree` against every element in `actual`
+/// (as dumped, with `numbers`, the `verdicts` map, it was read through).
 pub fn full<'a, 'p>(
     cfg: &'a Config,
     cgroups: impl Iterator<Item = (u64, &'p [u8])>,
     actual: &[Element],
+    numbers: &[(u32, Verdict)],
 ) -> Ops<'a> {
     let mut want: HashMap<u64, &'a Verdict> = HashMap::new();
     for (id, path) in cgroups {
@@ -43,21 +55,51 @@ pub fn full<'a, 'p>(
             want.insert(id, v);
         }
     }
-    let mut in_use: Vec<&'a Verdict> = Vec::new();
-    for v in want.values() {
-        if !in_use.contains(v) {
-            in_use.push(v);
+    // Per number that elements carry: how many of them want each verdict.
+    let mut votes: BTreeMap<u32, Vec<(&'a Verdict, usize)>> = BTreeMap::new();
+    for e in actual {
+        if let (Some(n), Some(v)) = (e.number, want.get(&e.id)) {
+            let tally = votes.entry(n).or_default();
+            match tally.iter_mut().find(|(w, _)| w == v) {
+                Some((_, c)) => *c += 1,
+                None => tally.push((v, 1)),
+            }
         }
     }
-    let mut ops = Ops {
-        in_use: Some(in_use),
-        ..Ops::default()
-    };
-    let mut have: HashMap<u64, &Verdict> = HashMap::with_capacity(actual.len());
+    // A number keeps its verdict while one of its elements wants it.
+    // Otherwise, when the verdict most of its elements want has no number,
+    // the number is pointed at it (after someone emptied or edited
+    // `verdicts`); when it has one, the elements move there, so a verdict
+    // never has two numbers because of us.
+    let mut rebind: Vec<(u32, &'a Verdict)> = Vec::new();
+    for (n, tally) in votes {
+        let bound = numbers.iter().find(|(m, _)| *m == n).map(|(_, v)| v);
+        if bound.is_some_and(|b| tally.iter().any(|(v, _)| *v == b)) {
+            continue;
+        }
+        let mut best = tally[0];
+        for t in &tally[1..] {
+            if t.1 > best.1 {
+                best = *t;
+            }
+        }
+        let numbered =
+            numbers.iter().any(|(_, v)| v == best.0) || rebind.iter().any(|(_, v)| *v == best.0);
+        if !numbered {
+            rebind.push((n, best.0));
+        }
+    }
+    let mut ops = Ops::default();
+    let mut kept: Vec<u32> = Vec::new();
+    let mut have: HashMap<u64, ()> = HashMap::with_capacity(actual.len());
     for e in actual {
-        have.insert(e.id, &e.verdict);
+        have.insert(e.id, ());
+        let now = match e.number.and_then(|n| rebind.iter().find(|(m, _)| *m == n)) {
+            Some((_, v)) => *v,
+            None => &e.verdict,
+        };
         match want.get(&e.id) {
-            Some(v) if *v == &e.verdict => {}
+            Some(v) if *v == now => kept.extend(e.number),
             Some(v) => {
                 ops.del.push(e.id);
                 ops.add.push((e.id, v));
@@ -72,7 +114,106 @@ pub fn full<'a, 'p>(
     }
     ops.del.sort_unstable();
     ops.add.sort_unstable_by_key(|(id, _)| *id);
+    kept.sort_unstable();
+    kept.dedup();
+    ops.rebind = rebind;
+    ops.kept = Some(kept);
     ops
+}
+
+/// One transaction on both maps, every number decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// `verdicts` numbers to delete; a number being re-pointed is deleted
+    /// here and bound again in `bind`.
+    pub unbind: Vec<u32>,
+    pub bind: Vec<(u32, Verdict)>,
+    /// `cgroups` elements to delete, and to add with their number.
+    pub del: Vec<u64>,
+    pub add: Vec<(u64, u32)>,
+    /// `verdicts` once the transaction is in.
+    pub numbers: Vec<(u32, Verdict)>,
+}
+
+/// A number that changed: what it stood for before and after (None: absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renumber {
+    pub number: u32,
+    pub before: Option<Verdict>,
+    pub after: Option<Verdict>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.unbind.is_empty() && self.bind.is_empty() && self.del.is_empty() && self.add.is_empty()
+    }
+
+    /// The numbers this plan changes, against `numbers` (as before it).
+    pub fn renumbered(&self, numbers: &[(u32, Verdict)]) -> Vec<Renumber> {
+        let mut keys: Vec<u32> = self.unbind.clone();
+        keys.extend(self.bind.iter().map(|(n, _)| *n));
+        keys.sort_unstable();
+        keys.dedup();
+        let at = |t: &[(u32, Verdict)], n| t.iter().find(|(m, _)| *m == n).map(|(_, v)| v.clone());
+        keys.into_iter()
+            .map(|n| Renumber {
+                number: n,
+                before: at(numbers, n),
+                after: at(&self.numbers, n),
+            })
+            .collect()
+    }
+}
+
+/// Gives `ops` their numbers, given `numbers` (`verdicts` now): the number
+/// of a verdict is the smallest one bound to it, or the smallest free one,
+/// bound in the same transaction.
+pub fn plan(numbers: &[(u32, Verdict)], ops: &Ops<'_>) -> Plan {
+    let mut p = Plan {
+        numbers: numbers.to_vec(),
+        del: ops.del.clone(),
+        ..Plan::default()
+    };
+    for (n, v) in &ops.rebind {
+        if let Some(i) = p.numbers.iter().position(|(m, _)| m == n) {
+            p.numbers.remove(i);
+            p.unbind.push(*n);
+        }
+        p.numbers.push((*n, (*v).clone()));
+        p.bind.push((*n, (*v).clone()));
+    }
+    p.numbers.sort_unstable_by_key(|(n, _)| *n);
+    let mut fresh = 1u32;
+    p.add.reserve(ops.add.len());
+    for (id, v) in &ops.add {
+        let n = match p.numbers.iter().find(|(_, w)| w == *v) {
+            Some((n, _)) => *n,
+            None => {
+                while p.numbers.iter().any(|(m, _)| *m == fresh) {
+                    fresh += 1;
+                }
+                let i = p.numbers.partition_point(|(m, _)| *m < fresh);
+                p.numbers.insert(i, (fresh, (*v).clone()));
+                p.bind.push((fresh, (*v).clone()));
+                fresh
+            }
+        };
+        p.add.push((*id, n));
+    }
+    if let Some(kept) = &ops.kept {
+        let mut used: Vec<u32> = kept.clone();
+        used.extend(p.add.iter().map(|(_, n)| *n));
+        used.sort_unstable();
+        used.dedup();
+        p.numbers.retain(|(n, _)| {
+            let keep = used.binary_search(n).is_ok();
+            if !keep {
+                p.unbind.push(*n);
+            }
+            keep
+        });
+    }
+    p
 }
 
 /// Incremental: the verdict each touched cgroup had before this batch of
@@ -124,36 +265,145 @@ mod tests {
         .unwrap()
     }
 
-    fn el(id: u64, v: Verdict) -> Element {
+    /// An element carrying `number`, read through `numbers`.
+    fn el(id: u64, number: u32, numbers: &[(u32, Verdict)]) -> Element {
+        let verdict = numbers
+            .iter()
+            .find(|(n, _)| *n == number)
+            .map_or(Verdict::Unbound(number), |(_, v)| v.clone());
         Element {
             id,
-            verdict: v,
+            number: Some(number),
+            verdict,
             counter: None,
         }
     }
 
+    fn proxy() -> Verdict {
+        Verdict::Goto("proxy".into())
+    }
+
+    const TREE: [(u64, &[u8]); 5] = [
+        (1, b"/"),
+        (2, b"/p"),
+        (3, b"/p/q"),
+        (4, b"/x"),
+        (5, b"/other"),
+    ];
+
     #[test]
     fn full_replaces_adds_and_removes() {
         let c = cfg();
-        let proxy = Verdict::Goto("proxy".into());
-        let tree: Vec<(u64, &[u8])> = vec![
-            (1, b"/"),
-            (2, b"/p"),
-            (3, b"/p/q"),
-            (4, b"/x"),
-            (5, b"/other"),
-        ];
-        let actual = vec![
-            el(2, proxy.clone()),
-            el(4, proxy.clone()),
-            el(99, Verdict::Drop),
-        ];
-        let ops = full(&c, tree.into_iter(), &actual);
+        let numbers = vec![(1, proxy()), (2, Verdict::Drop)];
+        let actual = vec![el(2, 1, &numbers), el(4, 1, &numbers), el(99, 2, &numbers)];
+        let ops = full(&c, TREE.into_iter(), &actual, &numbers);
         assert_eq!(ops.del, vec![4, 99]);
-        assert_eq!(ops.add, vec![(3, &proxy), (4, &Verdict::Drop)]);
-        let mut in_use = ops.in_use.unwrap();
-        in_use.sort_by_key(|v| v.to_string());
-        assert_eq!(in_use, vec![&Verdict::Drop, &proxy]);
+        assert_eq!(ops.add, vec![(3, &proxy()), (4, &Verdict::Drop)]);
+        assert_eq!((ops.rebind.len(), ops.kept.clone()), (0, Some(vec![1])));
+        // Numbers: proxy keeps 1; drop keeps 2 (an added element needs it).
+        let p = plan(&numbers, &ops);
+        assert_eq!(p.add, vec![(3, 1), (4, 2)]);
+        assert!(p.bind.is_empty() && p.unbind.is_empty());
+        assert_eq!(p.numbers, numbers);
+    }
+
+    /// Someone flushed `verdicts`: the numbers are bound again, and not one
+    /// element is rewritten (their counters survive).
+    #[test]
+    fn full_rebinds_numbers_instead_of_rewriting_elements() {
+        let c = cfg();
+        let before = vec![(3, proxy()), (5, Verdict::Drop)];
+        let actual = vec![el(2, 3, &[]), el(3, 3, &[]), el(4, 5, &[])];
+        assert_eq!(actual[0].verdict, Verdict::Unbound(3));
+        let ops = full(&c, TREE.into_iter(), &actual, &[]);
+        assert!(ops.is_empty(), "{ops:?}");
+        let p = plan(&[], &ops);
+        assert_eq!(p.bind, before);
+        assert_eq!(p.numbers, before);
+        assert!(p.unbind.is_empty() && p.del.is_empty() && p.add.is_empty());
+        assert_eq!(
+            p.renumbered(&[]),
+            vec![
+                Renumber {
+                    number: 3,
+                    before: None,
+                    after: Some(proxy())
+                },
+                Renumber {
+                    number: 5,
+                    before: None,
+                    after: Some(Verdict::Drop)
+                },
+            ]
+        );
+    }
+
+    /// Someone pointed drop's number at proxy, and added a number of their
+    /// own: drop's number is pointed back, the stranger removed.
+    #[test]
+    fn full_points_a_tampered_number_back() {
+        let c = cfg();
+        let tampered = vec![(1, proxy()), (2, proxy()), (7, Verdict::Other(1, None))];
+        let actual = vec![
+            el(2, 1, &tampered),
+            el(3, 1, &tampered),
+            el(4, 2, &tampered),
+        ];
+        let ops = full(&c, TREE.into_iter(), &actual, &tampered);
+        assert!(ops.is_empty(), "{ops:?}");
+        let p = plan(&tampered, &ops);
+        assert_eq!(p.bind, vec![(2, Verdict::Drop)]);
+        assert_eq!(p.unbind, vec![2, 7]);
+        assert_eq!(p.numbers, vec![(1, proxy()), (2, Verdict::Drop)]);
+    }
+
+    /// A config change that sends proxy's elements to drop moves them to
+    /// drop's number: a verdict does not get a second number.
+    #[test]
+    fn full_moves_elements_to_an_existing_number() {
+        let c = cfg();
+        let numbers = vec![(1, Verdict::Drop), (2, proxy())];
+        // /x carries proxy's number; the rules now want drop for it.
+        let actual = vec![el(4, 2, &numbers), el(9, 1, &numbers)];
+        let ops = full(&c, TREE.into_iter(), &actual, &numbers);
+        assert!(ops.rebind.is_empty());
+        assert_eq!(
+            (ops.del.clone(), ops.add.clone()),
+            (
+                vec![4, 9],
+                vec![(2, &proxy()), (3, &proxy()), (4, &Verdict::Drop)]
+            )
+        );
+        let p = plan(&numbers, &ops);
+        assert_eq!(p.add, vec![(2, 2), (3, 2), (4, 1)]);
+        assert!(p.unbind.is_empty(), "both numbers still carried");
+    }
+
+    /// Numbers are the smallest free ones; a verdict nothing stands for any
+    /// more loses its number in a full reconcile, never in an incremental one.
+    #[test]
+    fn plan_binds_smallest_free_numbers_and_collects_unused() {
+        let numbers = vec![(1, Verdict::Drop), (3, Verdict::Goto("direct".into()))];
+        let p = proxy();
+        let ops = Ops {
+            add: vec![(10, &p), (11, &p)],
+            ..Ops::default()
+        };
+        let got = plan(&numbers, &ops);
+        assert_eq!(got.bind, vec![(2, proxy())]);
+        assert_eq!(got.add, vec![(10, 2), (11, 2)]);
+        assert!(got.unbind.is_empty());
+        let ops = Ops {
+            add: vec![(10, &p)],
+            kept: Some(vec![3]),
+            ..Ops::default()
+        };
+        let got = plan(&numbers, &ops);
+        assert_eq!(got.unbind, vec![1]);
+        assert_eq!(
+            got.numbers,
+            vec![(2, proxy()), (3, Verdict::Goto("direct".into()))]
+        );
     }
 
     #[test]

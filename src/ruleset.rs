@@ -3,13 +3,10 @@
 //! become sentences that name the table, map, chain or cgroup.
 //!
 //! Two maps carry the state (see nft/cgtproxy.nft for why): `cgroups`, cgroup
-//! id → verdict number, and `verdicts`, number → verdict. Above this module
-//! everything speaks of verdicts; here a verdict gets a number the first
-//! time an element needs one (the smallest free one, in the same
-//! transaction), keeps it while the number is in the kernel, and loses it
-//! when a full reconcile finds no element standing for it. A number in use
-//! is never pointed at another verdict, so a dump read as "element → number
-//! → verdict" says what the kernel does.
+//! id → verdict number, and `verdicts`, number → verdict. A dump reads each
+//! element through `verdicts` ("element → number → verdict" is what the
+//! kernel does with its packets); a transaction is a `reconcile::Plan`,
+//! both maps in one batch.
 
 use std::io;
 
@@ -19,7 +16,7 @@ use crate::config::{Config, Verdict};
 use crate::error::Error;
 use crate::netlink::{NlError, Socket};
 use crate::nftables::{self, Batch, Blame, Data, ElemMsg, Element, Entry, MapRef, Object};
-use crate::reconcile::Ops;
+use crate::reconcile::{self, Ops, Renumber};
 use crate::wire::ErrorMsg;
 
 pub struct Ruleset {
@@ -247,14 +244,18 @@ impl Ruleset {
         Ok(Some(
             entries
                 .into_iter()
-                .map(|e| Element {
-                    id: e.key,
-                    verdict: match e.data {
-                        Data::Number(n) => self.verdict_of(n),
+                .map(|e| {
+                    let (number, verdict) = match e.data {
+                        Data::Number(n) => (Some(n), self.verdict_of(n)),
                         // Not our layout; reported, and replaced on write.
-                        Data::Verdict(v) => v,
-                    },
-                    counter: e.counter,
+                        Data::Verdict(v) => (None, v),
+                    };
+                    Element {
+                        id: e.key,
+                        number,
+                        verdict,
+                        counter: e.counter,
+                    }
                 })
                 .collect(),
         ))
@@ -267,45 +268,22 @@ impl Ruleset {
             .map_or(Verdict::Unbound(n), |(_, v)| v.clone())
     }
 
-    fn number_of(&self, v: &Verdict) -> Option<u32> {
-        self.numbers.iter().find(|(_, w)| w == v).map(|(n, _)| *n)
+    /// `verdicts` as last dumped, with this process's commits since.
+    pub fn numbers(&self) -> &[(u32, Verdict)] {
+        &self.numbers
     }
 
-    /// Applies `ops` as one transaction: numbers for verdicts that have
-    /// none yet, the element deletes, the adds, and (after a full
-    /// reconcile) the removal of numbers no element stands for any more.
-    /// `name` turns a cgroup id into words for error messages.
-    pub fn apply(&mut self, ops: &Ops<'_>, name: &dyn Fn(u64) -> String) -> Result<(), ApplyError> {
-        let mut bind: Vec<(u32, &Verdict)> = Vec::new();
-        let mut fresh = 1u32;
-        let mut adds: Vec<(u64, u32)> = Vec::with_capacity(ops.add.len());
-        for (id, v) in &ops.add {
-            let known = self
-                .number_of(v)
-                .or_else(|| bind.iter().find(|(_, w)| w == v).map(|(n, _)| *n));
-            let n = known.unwrap_or_else(|| {
-                let taken = |n: u32| {
-                    self.numbers.iter().any(|(m, _)| *m == n) || bind.iter().any(|(m, _)| *m == n)
-                };
-                while taken(fresh) {
-                    fresh += 1;
-                }
-                bind.push((fresh, v));
-                fresh
-            });
-            adds.push((*id, n));
-        }
-        let unbind: Vec<u32> = match &ops.in_use {
-            Some(keep) => self
-                .numbers
-                .iter()
-                .filter(|(_, v)| !keep.contains(&v))
-                .map(|(n, _)| *n)
-                .collect(),
-            None => Vec::new(),
-        };
-        if ops.is_empty() && bind.is_empty() && unbind.is_empty() {
-            return Ok(());
+    /// Applies `ops` as one transaction on both maps (see `reconcile::plan`
+    /// for the numbers). Returns the numbers it changed. `name` turns a
+    /// cgroup id into words for error messages.
+    pub fn apply(
+        &mut self,
+        ops: &Ops<'_>,
+        name: &dyn Fn(u64) -> String,
+    ) -> Result<Vec<Renumber>, ApplyError> {
+        let plan = reconcile::plan(&self.numbers, ops);
+        if plan.is_empty() {
+            return Ok(Vec::new());
         }
         let kind = if self.destroy {
             ElemMsg::Destroy
@@ -313,18 +291,18 @@ impl Ruleset {
             ElemMsg::Del
         };
         let mut b = Batch::new(self.nl.next_seq());
+        b.verdicts(kind, &self.verdicts, plan.unbind.iter().map(|n| (*n, None)));
         b.verdicts(
             ElemMsg::New,
             &self.verdicts,
-            bind.iter().map(|(n, v)| (*n, Some(*v))),
+            plan.bind.iter().map(|(n, v)| (*n, Some(v))),
         );
-        b.elements(kind, &self.map, ops.del.iter().map(|id| (*id, None)));
+        b.elements(kind, &self.map, plan.del.iter().map(|id| (*id, None)));
         b.elements(
             ElemMsg::New,
             &self.map,
-            adds.iter().map(|(id, n)| (*id, Some(*n))),
+            plan.add.iter().map(|(id, n)| (*id, Some(*n))),
         );
-        b.verdicts(kind, &self.verdicts, unbind.iter().map(|n| (*n, None)));
         let (bytes, info) = b
             .finish()
             .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;
@@ -339,16 +317,15 @@ impl Ruleset {
             Err(e) => return Err(ApplyError::Failed(format!("transaction: {e}"))),
         };
         let Some(e) = errors.first() else {
-            self.numbers.retain(|(n, _)| !unbind.contains(n));
-            self.numbers
-                .extend(bind.into_iter().map(|(n, v)| (n, v.clone())));
-            return Ok(());
+            let changed = plan.renumbered(&self.numbers);
+            self.numbers = plan.numbers;
+            return Ok(changed);
         };
         let what = errno_text(e.errno);
         // The verdict a number was being bound to, and a cgroup that needs it.
         let bound = |n: &u32| {
-            let v = bind.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
-            let id = adds.iter().find(|(_, m)| m == n).map(|(id, _)| *id);
+            let v = plan.bind.iter().find(|(m, _)| m == n).map(|(_, v)| v);
+            let id = plan.add.iter().find(|(_, m)| m == n).map(|(id, _)| *id);
             (v, id)
         };
         let (table, verdicts) = (&self.map.table, &self.verdicts.map);
