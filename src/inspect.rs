@@ -1152,7 +1152,10 @@ pub fn check(opts: &Options) -> Result<i32, Error> {
             );
         }
     }
-    if let Some(f) = &facts {
+    // Only the layout that dispatches verdict numbers puts one in the mark.
+    if let Some(f) = &facts
+        && f.dispatches
+    {
         check_restores(&mut c, &cfg, f);
     }
     if let (Some(h), Some(f)) = (&h, &facts) {

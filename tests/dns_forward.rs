@@ -12,17 +12,15 @@
 mod common;
 
 use common::*;
-use std::ffi::CString;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The resolver of nft/cgtproxy-dns.nft.
 const RESOLVER_PORT: u16 = 1053;
@@ -467,116 +465,6 @@ fn dns_serve(
 // The DNS client: a forked child in a cgroup
 // ---------------------------------------------------------------------------
 
-/// What the child needs, prepared before the fork (it must not allocate).
-struct ClientPlan {
-    procs: CString,
-    family: libc::c_int,
-    ty: libc::c_int,
-    dst: (libc::sockaddr_storage, libc::socklen_t),
-    mark: Option<u32>,
-    /// The bytes to send (TCP: with the length prefix).
-    out: Vec<u8>,
-    tcp: bool,
-    pipe: RawFd,
-}
-
-/// Exit codes of the child, by stage.
-const C_CGROUP: i32 = 10;
-const C_SOCKET: i32 = 11;
-const C_CONNECT: i32 = 12;
-const C_SEND: i32 = 13;
-const C_RECV: i32 = 14;
-
-/// The child: join the cgroup, query, write the answer to the pipe.
-/// Only raw system calls on memory prepared by the parent.
-fn client_child(p: &ClientPlan) -> i32 {
-    // SAFETY: plain system calls on buffers that live in this frame or in
-    // `p`; no allocation, no locks (this runs between fork and _exit).
-    unsafe {
-        let fd = libc::open(p.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-            return C_CGROUP;
-        }
-        libc::close(fd);
-        let s = libc::socket(p.family, p.ty | libc::SOCK_CLOEXEC, 0);
-        if s < 0 {
-            return C_SOCKET;
-        }
-        if let Some(mark) = p.mark {
-            let v = mark as libc::c_int;
-            let r = libc::setsockopt(
-                s,
-                libc::SOL_SOCKET,
-                libc::SO_MARK,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-            if r != 0 {
-                return C_SOCKET;
-            }
-        }
-        let tv = libc::timeval {
-            tv_sec: 3,
-            tv_usec: 0,
-        };
-        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            libc::setsockopt(
-                s,
-                libc::SOL_SOCKET,
-                opt,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            );
-        }
-        // Connected, also for UDP: the kernel then takes only answers that
-        // come from the address the query was sent to.
-        if libc::connect(
-            s,
-            (&p.dst.0 as *const libc::sockaddr_storage).cast(),
-            p.dst.1,
-        ) != 0
-        {
-            return C_CONNECT;
-        }
-        if libc::send(s, p.out.as_ptr().cast(), p.out.len(), 0) != p.out.len() as isize {
-            return C_SEND;
-        }
-        let mut buf = [0u8; 4096];
-        let mut got = 0usize;
-        loop {
-            let n = libc::recv(s, buf.as_mut_ptr().add(got).cast(), buf.len() - got, 0);
-            if n <= 0 {
-                break;
-            }
-            got += n as usize;
-            if !p.tcp {
-                break;
-            }
-            if got >= 2 && got >= 2 + u16::from_be_bytes([buf[0], buf[1]]) as usize {
-                break;
-            }
-        }
-        let start = if p.tcp { 2 } else { 0 };
-        if got <= start {
-            return C_RECV;
-        }
-        // UDP: the same query again on the same socket (one conntrack
-        // flow), as resolvers do for A and AAAA; the second answer counts.
-        if !p.tcp {
-            if libc::send(s, p.out.as_ptr().cast(), p.out.len(), 0) != p.out.len() as isize {
-                return C_SEND;
-            }
-            let n = libc::recv(s, buf.as_mut_ptr().cast(), buf.len(), 0);
-            if n <= 0 {
-                return C_RECV;
-            }
-            got = n as usize;
-        }
-        libc::write(p.pipe, buf.as_ptr().add(start).cast(), got - start);
-        0
-    }
-}
-
 /// From a new process in `cgroup`: a DNS query for `name` (`qtype`) to
 /// `dst` (over UDP: twice, on one socket), optionally with SO_MARK;
 /// Ok(address answered) or Err(why).
@@ -599,72 +487,30 @@ fn resolve(
     } else {
         query
     };
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid 2-int array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: pipe2 returned two fresh fds that we now own.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let plan = ClientPlan {
-        procs: CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap(),
-        family: if dst.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        },
-        ty: if tcp {
-            libc::SOCK_STREAM
-        } else {
-            libc::SOCK_DGRAM
-        },
-        dst: common::to_sockaddr(&dst),
+    let client = ForkedClient {
+        cgroup,
+        proto,
+        dst,
         mark,
-        out,
-        tcp,
-        pipe: w.as_raw_fd(),
+        out: &out,
+        framing: Framing::LengthPrefixed,
+        // Two queries on one socket: the second answer counts.
+        udp_twice: true,
+        limit,
     };
-    // SAFETY: the child runs only `client_child` (raw system calls on
-    // memory prepared above) and leaves with _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
-    if pid == 0 {
-        let code = client_child(&plan);
-        // SAFETY: leaving the child without running anything of the parent's.
-        unsafe { libc::_exit(code) };
-    }
-    drop(w);
-    let deadline = Instant::now() + limit;
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child.
-        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if rc == pid {
-            break;
-        }
-        if Instant::now() >= deadline {
-            // SAFETY: kill and reap our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            return Err(format!("no answer within {limit:?}"));
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let mut answer = Vec::new();
-    fs::File::from(r).read_to_end(&mut answer).unwrap();
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
+    let ClientFailure { stage, code } = match client.run() {
+        Ok(answer) => return parse_answer(&answer, id),
+        Err(f) => f,
     };
-    let stage = match code {
-        0 => return parse_answer(&answer, id),
-        C_CGROUP => "joining the cgroup",
-        C_SOCKET => "socket",
-        C_CONNECT => "connect",
-        C_SEND => "send",
-        C_RECV => "no answer (timeout or refused)",
-        _ => "killed",
+    let stage = match stage {
+        ClientStage::TimeLimit => return Err(format!("no answer within {limit:?}")),
+        ClientStage::Cgroup => "joining the cgroup",
+        // (SO_MARK is set right after the socket is made.)
+        ClientStage::Socket | ClientStage::Mark => "socket",
+        ClientStage::Connect => "connect",
+        ClientStage::Send => "send",
+        ClientStage::Recv => "no answer (timeout or refused)",
+        ClientStage::Other => "killed",
     };
     Err(format!("{stage} (exit {code})"))
 }

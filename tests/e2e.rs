@@ -719,6 +719,130 @@ fn once_replaces_the_map_and_exits() {
     });
 }
 
+/// What the kernel holds that a run of the daemon could change: both maps
+/// raw (numbers and counters), the policy rules and every route.
+fn kernel_state() -> (RawDump, [String; 4]) {
+    (
+        dump_raw(),
+        [
+            ip_rules("-4"),
+            ip_rules("-6"),
+            run_ok("ip", &["-4", "route", "show", "table", "all"]),
+            run_ok("ip", &["-6", "route", "show", "table", "all"]),
+        ],
+    )
+}
+
+/// Runs `cgtproxy run -c CONFIG --cgroup-root ROOT --dry-run` (stdout and
+/// stderr apart).
+fn dry_run(env: &Env, config: &std::path::Path) -> Finished {
+    run_cmd(
+        std::process::Command::new(BIN)
+            .args(env.run_args(config))
+            .arg("--dry-run"),
+        Duration::from_secs(20),
+    )
+}
+
+/// What it proves: `--dry-run` prints every change a sync would make, to
+/// stdout, and makes none. The maps hold what an earlier `--once` left plus
+/// a stranger's `4242 : accept`; the new config drops a rule (/x: a delete),
+/// changes one (/d: direct → drop, a "set"), adds one with a target that has
+/// no number yet (/q → the chain `mine`: a number bound), and no longer
+/// names `direct` (its number and 4242 unbound). Its route differs from the
+/// one installed. How it can fail: a missing, extra or wrong line (a number
+/// or an id that is not the one a sync would use, a "delete" for /d, a
+/// count off in the summary) fails the comparison of the sorted lines; a
+/// dry run that wrote anything changes the raw dump (numbers, or the
+/// counter /d's element has from real traffic, which a rewrite resets), or
+/// adds a policy rule or route for its mark 0x1234 and table 1234; an exit
+/// status other than 0 fails. A config naming a chain that does not exist
+/// must be refused (exit 2) before anything is printed or changed.
+#[test]
+fn dry_run_prints_the_changes_and_changes_nothing() {
+    e2e("dry_run_prints_the_changes_and_changes_nothing", |env| {
+        load_ruleset();
+        nft_script("add chain inet cgtproxy mine { meta mark set socket mark; accept; }\n");
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/p/a", "/d", "/x", "/q"]);
+        let first = rules();
+        env.once(&Config::new(&first));
+        env.assert_map(&first);
+        first.assert_verdicts_clean(&dump_verdicts(), "after --once");
+        assert_direct(env, &proxy, &remote, "/d", Proto::Udp, Remote::v4());
+        nft_script("add element inet cgtproxy verdicts { 4242 : accept }\n");
+        let before = kernel_state();
+        let (raw, _) = &before;
+        let d_id = env.cg.id("/d");
+        assert!(
+            raw.elems[&d_id].packets.is_some_and(|n| n > 0),
+            "/d's element counted its traffic: {raw:?}"
+        );
+        let v = &raw.verdicts;
+        let direct = number_of(v, "goto direct");
+        // A sync binds a new verdict to the smallest free number.
+        let fresh = (1..).find(|n| !v.contains_key(n)).unwrap();
+
+        let next = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "drop"), ("/q", "mine")]);
+        let mut cfg = Config::new(&next);
+        cfg.route = RouteCfg::On {
+            mark: 0x1234,
+            table: 1234,
+        };
+        let path = env.write_config(&cfg);
+        let f = dry_run(env, &path);
+        assert_eq!(f.code(), Some(0), "--dry-run: {}", f.describe());
+        let id = |p: &str| env.cg.id(p);
+        let mut want = vec![
+            format!("cgtproxy: would bind {VERDICT_MAP} {fresh}: goto mine"),
+            format!("cgtproxy: would unbind {VERDICT_MAP} {direct} (was goto direct)"),
+            format!("cgtproxy: would unbind {VERDICT_MAP} 4242 (was accept)"),
+            format!("cgtproxy: would delete /x (id {})", id("/x")),
+            format!("cgtproxy: would set /d (id {d_id}): drop"),
+            format!("cgtproxy: would add /q (id {}): goto mine", id("/q")),
+            "dry run: 2 to delete, 2 to add; nothing was changed".to_string(),
+        ];
+        let mut got: Vec<String> = f.stdout.lines().map(str::to_string).collect();
+        assert_eq!(
+            got.last().map(String::as_str),
+            Some(want[6].as_str()),
+            "the summary comes last: {}",
+            f.describe()
+        );
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "--dry-run's stdout:\n{}", f.stdout);
+        let after = kernel_state();
+        assert!(
+            after == before,
+            "--dry-run changed the kernel:\nbefore: {before:?}\nafter:  {after:?}"
+        );
+
+        // A config the ruleset cannot serve: refused, nothing printed on
+        // stdout, nothing changed.
+        let bad = Rules::new(&[("/p(/.*)?", "proxy2"), ("/d", "drop")]);
+        let path = env.write_config(&Config::new(&bad));
+        let f = dry_run(env, &path);
+        assert_eq!(
+            f.code(),
+            Some(2),
+            "--dry-run, missing chain: {}",
+            f.describe()
+        );
+        assert!(
+            f.stderr.contains("proxy2") && f.stdout.is_empty(),
+            "--dry-run, missing chain: {}",
+            f.describe()
+        );
+        let after = kernel_state();
+        assert!(
+            after == before,
+            "--dry-run with a missing chain changed the kernel:\nbefore: {before:?}\nafter:  {after:?}"
+        );
+    });
+}
+
 #[test]
 fn ruleset_reload_and_flush_are_refilled() {
     e2e("ruleset_reload_and_flush_are_refilled", |env| {

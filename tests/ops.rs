@@ -465,6 +465,20 @@ fn check_passes_then_catches_a_missing_chain() {
             "{out}"
         );
 
+        // A chain of one's own that does not restore the mark first: a
+        // warning that names it (its packets would leave with the number).
+        nft_script(
+            "flush chain inet cgtproxy mine\nadd rule inet cgtproxy mine counter\nadd rule inet cgtproxy mine meta mark set socket mark accept\n",
+        );
+        let out = expect(cli(env, &config, &["check"]), 1, "check, no restore");
+        assert!(
+            out.contains(
+                "WARN  chain 'mine' (rules[1].target) does not start with `meta mark set socket mark`"
+            ),
+            "{out}"
+        );
+        assert!(out.ends_with("0 failures, 1 warning\n"), "{out}");
+
         // The chain a rule names disappears from the table.
         nft_script("delete chain inet cgtproxy mine\n");
         let out = expect(cli(env, &config, &["check"]), 1, "check, chain missing");

@@ -2015,17 +2015,6 @@ fn paths_past_path_max_are_followed() {
 // 11. The verdict numbers: `verdicts` tampered with, collected, reused
 // ---------------------------------------------------------------------------
 
-/// The number `verdicts` gives `verdict` (exactly one), from a dump.
-fn number_of(verdicts: &VerdictDump, verdict: &str) -> u32 {
-    let ns: Vec<u32> = verdicts
-        .iter()
-        .filter(|(_, v)| v.as_str() == verdict)
-        .map(|(n, _)| *n)
-        .collect();
-    assert_eq!(ns.len(), 1, "one number for {verdict:?} in {verdicts:?}");
-    ns[0]
-}
-
 /// TCP from a new process in `cg`: asserts that nothing answered.
 fn assert_no_answer(env: &Env, proxy: &Server, remote: &Remote, cg: &Path, why: &str) {
     let msg = env.token("dropped");
@@ -2040,15 +2029,145 @@ fn assert_no_answer(env: &Env, proxy: &Server, remote: &Remote, cg: &Path, why: 
     assert!(remote.server.got(&msg).is_empty() && proxy.got(&msg).is_empty());
 }
 
+/// Packets counted by each `cgroups` element: cgroup id → packets.
+fn element_counters() -> BTreeMap<u64, u64> {
+    dump_raw()
+        .elems
+        .into_iter()
+        .map(|(id, e)| (id, e.packets.expect("cgroups elements have counters")))
+        .collect()
+}
+
+/// The lines of the daemon's log about verdict numbers ("bind verdicts …",
+/// "unbind verdicts …") past byte `from` of it, sorted.
+fn number_lines(log: &str, from: usize) -> Vec<String> {
+    let mut v: Vec<String> = log[from..]
+        .lines()
+        .filter(|l| l.contains(&format!("bind {VERDICT_MAP} ")))
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asserts that the daemon's log past byte `from` has exactly `lines`
+/// about numbers, in any order (waiting for them to be read first).
+fn assert_number_lines(d: &Daemon, from: usize, lines: &[String], what: &str) {
+    let mut want = lines.to_vec();
+    want.sort();
+    let mut got = Vec::new();
+    wait_until(CONVERGE, Duration::from_millis(20), || {
+        got = number_lines(&d.log(), from);
+        got.len() >= want.len()
+    });
+    assert_eq!(got, want, "{what}: the daemon's lines about numbers");
+}
+
+/// A tampering of `verdicts` made after transaction `since` of `mon` and
+/// byte `log_from` of the daemon's log, with `counters` the element
+/// counters just before it.
+struct Tampered<'a> {
+    mon: &'a Monitor,
+    since: usize,
+    log_from: usize,
+    counters: BTreeMap<u64, u64>,
+}
+
+impl<'a> Tampered<'a> {
+    fn mark(mon: &'a Monitor, d: &Daemon) -> Tampered<'a> {
+        Tampered {
+            mon,
+            since: mon.txns().len(),
+            log_from: d.log().len(),
+            counters: element_counters(),
+        }
+    }
+
+    /// Waits until `verdicts` is `want`, gives the daemon 300 ms more, and
+    /// returns its transactions since the mark (at least one).
+    fn repaired(&self, d: &Daemon, want: &VerdictDump, what: &str) -> Vec<Txn> {
+        let mut last = VerdictDump::new();
+        let ok = wait_until(CONVERGE, Duration::from_millis(20), || {
+            last = dump_verdicts();
+            last == *want
+        });
+        assert!(
+            ok,
+            "{what}: `verdicts` should be {want:?} again, it is {last:?}\nlog:\n{}",
+            d.log()
+        );
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(dump_verdicts(), *want, "{what}: `verdicts` changed again");
+        self.mon.assert_complete();
+        let mine: Vec<Txn> = self
+            .mon
+            .txns()
+            .split_off(self.since)
+            .into_iter()
+            .filter(|t| t.pid == d.pid() as u32)
+            .collect();
+        assert!(!mine.is_empty(), "{what}: no transaction of the daemon");
+        mine
+    }
+
+    /// As `repaired`, and: the daemon's transactions changed no `cgroups`
+    /// element (none deleted, none added: a rewrite would show here, and
+    /// would reset the counters checked next), every element's counter is
+    /// where it was or further, and the daemon logged exactly `lines` about
+    /// numbers.
+    fn repaired_in_verdicts_only(
+        &self,
+        d: &Daemon,
+        want: &VerdictDump,
+        lines: &[String],
+        what: &str,
+    ) {
+        let mine = self.repaired(d, want, what);
+        let rewritten: Vec<&ElemEvent> = mine
+            .iter()
+            .flat_map(|t| &t.elems)
+            .filter(|e| e.in_cgroups())
+            .collect();
+        assert!(
+            rewritten.is_empty(),
+            "{what}: the repair should bind numbers again, not rewrite elements; it changed {rewritten:?}"
+        );
+        let now = element_counters();
+        for (id, c) in &self.counters {
+            let after = now.get(id).copied();
+            assert!(
+                after >= Some(*c),
+                "{what}: element {id}'s counter went from {c} to {after:?} (rewritten)"
+            );
+        }
+        self.logged(d, lines, what);
+    }
+
+    /// Asserts that the daemon logged exactly `lines` about numbers since
+    /// the mark.
+    fn logged(&self, d: &Daemon, lines: &[String], what: &str) {
+        assert_number_lines(d, self.log_from, lines, what);
+    }
+}
+
 /// What it proves: someone else emptying `verdicts`, pointing a number in
 /// use at another verdict, or adding a number for a verdict no rule names,
-/// is noticed and repaired (the composed map
-/// equals the truth again, and traffic goes where the rules say), whether
-/// the daemon is running or was stopped meanwhile. How it can fail: while
-/// the daemon is stopped, the tampering is shown to take effect (a `proxy`
-/// cgroup's traffic goes direct, then is dropped); a daemon that did not
-/// watch `verdicts`, or repaired only `cgroups`, leaves it so and the
-/// convergence times out with a diff of "number N (no verdict)" or "drop".
+/// is noticed and repaired (the composed map equals the truth again, and
+/// traffic goes where the rules say), whether the daemon is running or was
+/// stopped meanwhile, and repaired in `verdicts` alone: the numbers the
+/// elements carry are bound again (the same numbers as before, no spare
+/// one, no `cgroups` element rewritten, counters kept), a stranger's
+/// number is removed, and each change of a number is logged at the default
+/// level. When the verdict a number's elements want already has another
+/// number, the elements move to it and the spare number goes.
+/// How it can fail: while the daemon is stopped, the tampering is shown to
+/// take effect (a `proxy` cgroup's traffic goes direct, then is dropped); a
+/// daemon that did not watch `verdicts`, or repaired only `cgroups`, leaves
+/// it so and the waits time out; one that rewrote the elements (fresh
+/// numbers) shows `cgroups` events, counters back to 0, and a `verdicts`
+/// with other numbers; one that left a spare or foreign number, or bound a
+/// second number for a verdict, fails the exact `verdicts` comparisons; a
+/// missing or extra "bind"/"unbind" line fails the log comparisons.
 #[test]
 fn tampered_verdicts_are_repaired() {
     e2e("tampered_verdicts_are_repaired", |env| {
@@ -2058,7 +2177,8 @@ fn tampered_verdicts_are_repaired() {
         env.cg.mkdir(&["/p/child", "/d", "/x"]);
         let rules = Rules::new(&[("/p", "proxy"), ("/d", "direct"), ("/x", "drop")]);
         let config = env.write_config(&Config::new(&rules));
-        let mut d = start_daemon(env, &config, &["-v"]);
+        // No -v: the number lines are logged at the default level.
+        let mut d = start_daemon(env, &config, &[]);
         converge(env, &rules, CONVERGE, "initial sync");
         let p = env.cg.path("/p/child");
         let traffic_is_right = |what: &str| {
@@ -2067,30 +2187,43 @@ fn tampered_verdicts_are_repaired() {
             assert_no_answer(env, &proxy, &remote, &env.cg.path("/x"), what);
         };
         traffic_is_right("before");
+        // Each element has counted packets: a rewrite (counter back to 0)
+        // cannot hide.
+        let c = element_counters();
+        assert!(
+            c.len() == 3 && c.values().all(|n| *n > 0),
+            "counters after traffic: {c:?}"
+        );
+        let numbers = dump_verdicts();
+        rules.assert_verdicts_clean(&numbers, "initial sync");
+        assert_eq!(numbers.len(), 3, "{numbers:?}");
+        let mon = Monitor::start();
+        let bind_all: Vec<String> = numbers
+            .iter()
+            .map(|(n, v)| format!("cgtproxy: bind {VERDICT_MAP} {n}: {v}"))
+            .collect();
 
         // 1. Emptied while the daemon is stopped: every number dangles, so
-        //    `dispatch` sends everything direct.
+        //    `dispatch` sends everything direct. The same numbers come back.
         d.signal(libc::SIGSTOP);
+        let t = Tampered::mark(&mon, &d);
         nft_script("flush map inet cgtproxy verdicts\n");
         assert_eq!(dump_verdicts(), VerdictDump::new());
         assert_direct(env, &proxy, &remote, &p, Remote::v4());
         d.signal(libc::SIGCONT);
-        converge(
-            env,
-            &rules,
-            CONVERGE,
-            "after `flush map verdicts` (stopped)",
-        );
-        rules.assert_verdicts_clean(&dump_verdicts(), "after the flush");
+        t.repaired_in_verdicts_only(&d, &numbers, &bind_all, "`flush map verdicts` (stopped)");
+        assert_truth(env, &rules, "after `flush map verdicts` (stopped)");
         traffic_is_right("after the flush");
 
         // 2. proxy's number pointed at drop, in one transaction, while
-        //    stopped: the proxy cgroups are cut off.
+        //    stopped: the proxy cgroups are cut off. proxy has no other
+        //    number, so this one is pointed back.
         d.signal(libc::SIGSTOP);
-        let n = number_of(&dump_verdicts(), "goto proxy");
+        let np = number_of(&numbers, "goto proxy");
+        let t = Tampered::mark(&mon, &d);
         nft_script(&format!(
-            "delete element inet cgtproxy verdicts {{ {n} }}\n\
-             add element inet cgtproxy verdicts {{ {n} : drop }}\n"
+            "delete element inet cgtproxy verdicts {{ {np} }}\n\
+             add element inet cgtproxy verdicts {{ {np} : drop }}\n"
         ));
         assert_eq!(
             dump_map().get(&env.cg.id("/p")).map(String::as_str),
@@ -2104,45 +2237,88 @@ fn tampered_verdicts_are_repaired() {
             "proxy's number re-pointed at drop",
         );
         d.signal(libc::SIGCONT);
-        converge(env, &rules, CONVERGE, "after re-pointing proxy's number");
+        t.repaired_in_verdicts_only(
+            &d,
+            &numbers,
+            &[format!(
+                "cgtproxy: bind {VERDICT_MAP} {np}: goto proxy (was drop)"
+            )],
+            "proxy's number re-pointed at drop (stopped)",
+        );
+        assert_truth(env, &rules, "after re-pointing proxy's number");
         traffic_is_right("after the re-pointing");
 
-        // 3. Both again, with the daemon running: repaired at once.
+        // 3. Both again, with the daemon running: repaired at once, the
+        //    same way.
+        let t = Tampered::mark(&mon, &d);
         nft_script("flush map inet cgtproxy verdicts\n");
-        converge(
-            env,
-            &rules,
-            CONVERGE,
-            "after `flush map verdicts` (running)",
-        );
-        let n = number_of(&dump_verdicts(), "goto direct");
+        t.repaired_in_verdicts_only(&d, &numbers, &bind_all, "`flush map verdicts` (running)");
+        let nd = number_of(&numbers, "goto direct");
+        let t = Tampered::mark(&mon, &d);
         nft_script(&format!(
-            "delete element inet cgtproxy verdicts {{ {n} }}\n\
-             add element inet cgtproxy verdicts {{ {n} : goto proxy }}\n"
+            "delete element inet cgtproxy verdicts {{ {nd} }}\n\
+             add element inet cgtproxy verdicts {{ {nd} : goto proxy }}\n"
         ));
-        converge(env, &rules, CONVERGE, "after re-pointing direct's number");
+        t.repaired_in_verdicts_only(
+            &d,
+            &numbers,
+            &[format!(
+                "cgtproxy: bind {VERDICT_MAP} {nd}: goto direct (was goto proxy)"
+            )],
+            "direct's number re-pointed at proxy (running)",
+        );
+        assert_truth(env, &rules, "after re-pointing direct's number");
         traffic_is_right("after tampering while running");
 
-        // 4. A number someone else added for a verdict no rule names: a
-        //    resync collects it.
+        // 4. proxy's number pointed at drop while someone else gave proxy
+        //    another number (4243): the daemon does not bind a second one
+        //    for proxy; /p's element moves to 4243 and the spare number
+        //    (now a second one for drop) goes.
+        let t = Tampered::mark(&mon, &d);
+        nft_script(&format!(
+            "delete element inet cgtproxy verdicts {{ {np} }}\n\
+             add element inet cgtproxy verdicts {{ {np} : drop, 4243 : goto proxy }}\n"
+        ));
+        let mut moved = numbers.clone();
+        moved.remove(&np);
+        moved.insert(4243, "goto proxy".to_string());
+        let mine = t.repaired(&d, &moved, "proxy has another number");
+        let pid = env.cg.id("/p");
+        let dels: BTreeSet<u64> = mine.iter().flat_map(Txn::dels).collect();
+        let adds: BTreeMap<u64, u32> = mine.iter().flat_map(Txn::numbers).collect();
+        assert_eq!(
+            dels,
+            BTreeSet::from([pid]),
+            "only /p's element is rewritten"
+        );
+        assert_eq!(adds, BTreeMap::from([(pid, 4243)]), "/p moves to 4243");
+        t.logged(
+            &d,
+            &[format!("cgtproxy: unbind {VERDICT_MAP} {np} (was drop)")],
+            "proxy has another number",
+        );
+        let set_p = format!("cgtproxy: set /p (id {pid}): goto proxy");
+        assert!(
+            d.log()[t.log_from..].lines().any(|l| l == set_p),
+            "expected {set_p:?} in the log:\n{}",
+            d.log()
+        );
+        rules.assert_verdicts_clean(&dump_verdicts(), "after the move");
+        assert_truth(env, &rules, "after the move to 4243");
+        traffic_is_right("after the move to 4243");
+
+        // 5. A number someone else added for a verdict no rule names: a
+        //    resync removes it, and only it.
+        let t = Tampered::mark(&mon, &d);
         nft_script("add element inet cgtproxy verdicts { 4242 : accept }\n");
-        let mut last = VerdictDump::new();
-        let clean = wait_until(CONVERGE, Duration::from_millis(20), || {
-            last = dump_verdicts();
-            !last.contains_key(&4242)
-        });
-        assert!(
-            clean,
-            "a foreign `4242 : accept` stays in verdicts: {last:?}"
+        t.repaired_in_verdicts_only(
+            &d,
+            &moved,
+            &[format!("cgtproxy: unbind {VERDICT_MAP} 4242 (was accept)")],
+            "a foreign `4242 : accept`",
         );
-        // (Numbers for verdicts the rules name may be there twice after
-        // the re-pointing above: nothing says a spare one must go.)
-        let targets = rules.targets();
-        assert!(
-            last.values().all(|v| targets.contains(v)),
-            "after a foreign number, verdicts holds {last:?}"
-        );
-        converge(env, &rules, CONVERGE, "after a foreign number");
+        assert_truth(env, &rules, "after a foreign number");
+        traffic_is_right("after a foreign number");
         assert!(d.running(), "{}", d.log());
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
@@ -2160,9 +2336,14 @@ fn tampered_verdicts_are_repaired() {
 /// only it; a restart after SIGKILL rewrites nothing (no transaction at
 /// all, and the elements keep their counters, which a delete and re-add
 /// would reset); a restart with fewer targets collects the stale number.
-/// How it can fail: a daemon that numbered from 1 regardless would
+/// Each number bound or removed is logged at the default level, and only
+/// those. How it can fail: a daemon that numbered from 1 regardless would
 /// rewrite every element on each start (counters back to 0, events seen),
-/// and one that never collected would leave `drop`'s number behind.
+/// one that never collected would leave `drop`'s number behind, one that
+/// collected it in a later transaction than the reload's fails the
+/// comparison right after the map converged, and a number change not
+/// logged (or one logged that did not happen, such as binding 7 again)
+/// fails the log comparisons.
 #[test]
 fn verdict_numbers_are_collected_and_reused() {
     e2e("verdict_numbers_are_collected_and_reused", |env| {
@@ -2187,6 +2368,13 @@ fn verdict_numbers_are_collected_and_reused() {
         let drop_n = number_of(&v, "drop");
         let p = env.cg.id("/p");
         assert!(dump_raw().elems.values().filter(|e| e.number == 7).count() == 2);
+        // 7 is taken over, not bound again; drop's number is new.
+        assert_number_lines(
+            &d,
+            0,
+            &[format!("cgtproxy: bind {VERDICT_MAP} {drop_n}: drop")],
+            "first run",
+        );
 
         // Counted traffic on /p's element.
         assert_proxied(env, &proxy, &env.cg.path("/p"), Remote::v4());
@@ -2203,18 +2391,25 @@ fn verdict_numbers_are_collected_and_reused() {
         let c0 = counted("after traffic");
         assert!(c0 >= 1, "the lookup counted /p's connection: {c0}");
 
-        // Reload without drop: its number goes, proxy's stays.
+        // Reload without drop: its number goes, proxy's stays, in the
+        // reload's transaction (so as soon as the map converged).
+        let from = d.log().len();
         fs::write(&config, Config::new(&only_proxy).to_json()).unwrap();
         d.signal(libc::SIGHUP);
         wait_log(|| d.log(), "configuration reloaded", 1, CONVERGE);
         converge(env, &only_proxy, CONVERGE, "after SIGHUP");
-        let ok = wait_until(CONVERGE, Duration::from_millis(20), || {
-            dump_verdicts() == VerdictDump::from([(7, "goto proxy".to_string())])
-        });
-        assert!(
-            ok,
-            "after SIGHUP, verdicts holds {:?}; drop was {drop_n}",
-            dump_verdicts()
+        assert_eq!(
+            dump_verdicts(),
+            VerdictDump::from([(7, "goto proxy".to_string())]),
+            "after SIGHUP; drop was {drop_n}"
+        );
+        assert_number_lines(
+            &d,
+            from,
+            &[format!(
+                "cgtproxy: unbind {VERDICT_MAP} {drop_n} (was drop)"
+            )],
+            "after SIGHUP",
         );
         assert!(
             counted("after SIGHUP") >= c0,
@@ -2233,6 +2428,7 @@ fn verdict_numbers_are_collected_and_reused() {
             mine.is_empty(),
             "restart with nothing to change wrote: {mine:?}"
         );
+        assert_number_lines(&d2, 0, &[], "restart with nothing to change");
         assert_eq!(
             dump_verdicts(),
             VerdictDump::from([(7, "goto proxy".to_string())])
@@ -2245,6 +2441,7 @@ fn verdict_numbers_are_collected_and_reused() {
         // drop back (a number of its own), SIGKILL, restart without it:
         // the stale number is collected at start, nothing else changes.
         let mut d2 = d2;
+        let from = d2.log().len();
         fs::write(&config, Config::new(&both).to_json()).unwrap();
         d2.signal(libc::SIGHUP);
         converge(env, &both, CONVERGE, "drop back");
@@ -2252,6 +2449,12 @@ fn verdict_numbers_are_collected_and_reused() {
         both.assert_verdicts_clean(&v, "drop back");
         assert_eq!(number_of(&v, "goto proxy"), 7);
         let drop_n = number_of(&v, "drop");
+        assert_number_lines(
+            &d2,
+            from,
+            &[format!("cgtproxy: bind {VERDICT_MAP} {drop_n}: drop")],
+            "drop back",
+        );
         d2.kill();
         fs::write(&config, Config::new(&only_proxy).to_json()).unwrap();
         let before = mon.txns().len();
@@ -2277,6 +2480,14 @@ fn verdict_numbers_are_collected_and_reused() {
             "{mine:?}"
         );
         assert!(counted("after the restart with fewer targets") >= c0);
+        assert_number_lines(
+            &d3,
+            0,
+            &[format!(
+                "cgtproxy: unbind {VERDICT_MAP} {drop_n} (was drop)"
+            )],
+            "restart with fewer targets",
+        );
         let f = d3.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
         assert_eq!(

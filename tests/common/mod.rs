@@ -559,6 +559,17 @@ pub fn verdict_of_number(verdicts: &VerdictDump, n: u32) -> String {
         .unwrap_or_else(|| format!("number {n} (no verdict)"))
 }
 
+/// The number `verdicts` gives `verdict` (exactly one), from a dump.
+pub fn number_of(verdicts: &VerdictDump, verdict: &str) -> u32 {
+    let ns: Vec<u32> = verdicts
+        .iter()
+        .filter(|(_, v)| v.as_str() == verdict)
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(ns.len(), 1, "one number for {verdict:?} in {verdicts:?}");
+    ns[0]
+}
+
 /// Dumps `inet TABLE` with one `nft -j list table` and returns the maps
 /// `map` (cgroup id → number) and `vmap` (number → verdict). `nft` runs in a
 /// private mount namespace with an empty tmpfs on /sys/fs/cgroup, so it
@@ -2155,42 +2166,99 @@ pub fn exchange_within(
     }
 }
 
-/// What the forked client of [`exchange_marked`] needs, prepared before the
-/// fork (the child must not allocate).
-struct MarkedPlan {
+/// How a forked client knows its answer is complete (TCP; over UDP one
+/// datagram is the answer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// Up to the first newline (the line servers of this harness).
+    Line,
+    /// A 2-byte big-endian length, then that many bytes (DNS over TCP);
+    /// the answer handed back is without the prefix.
+    LengthPrefixed,
+}
+
+/// A client in a forked child: it joins `cgroup` before it opens its socket
+/// (so the socket is the cgroup's), optionally sets SO_MARK (needs
+/// CAP_NET_ADMIN), connects to `dst` (UDP too: the kernel then takes only
+/// answers from that address), sends `out`, and reads one answer (3 s).
+/// Between fork and `_exit` it makes only raw system calls on memory
+/// prepared by the parent.
+pub struct ForkedClient<'a> {
+    pub cgroup: &'a Path,
+    pub proto: Proto,
+    pub dst: SocketAddr,
+    pub mark: Option<u32>,
+    /// The bytes sent, as they go on the wire.
+    pub out: &'a [u8],
+    pub framing: Framing,
+    /// UDP: send `out` again on the same socket (one conntrack flow, as
+    /// resolvers do for A and AAAA); the second answer counts.
+    pub udp_twice: bool,
+    /// The whole child, past which it is killed.
+    pub limit: Duration,
+}
+
+/// The stage at which a forked client failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientStage {
+    Cgroup,
+    Socket,
+    Mark,
+    Connect,
+    Send,
+    /// No answer (timed out, refused, or an empty one).
+    Recv,
+    /// Still running at the time limit, killed.
+    TimeLimit,
+    /// Any other exit (a signal).
+    Other,
+}
+
+/// Why a forked client failed: the stage and the child's exit code (-1:
+/// killed by a signal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientFailure {
+    pub stage: ClientStage,
+    pub code: i32,
+}
+
+/// What the child needs, prepared before the fork (it must not allocate).
+struct ChildPlan<'a> {
     procs: std::ffi::CString,
     family: libc::c_int,
     ty: libc::c_int,
     dst: (libc::sockaddr_storage, libc::socklen_t),
     mark: Option<u32>,
-    line: Vec<u8>,
+    out: &'a [u8],
     tcp: bool,
+    framing: Framing,
+    udp_twice: bool,
     pipe: RawFd,
 }
 
 /// Exit codes of the forked client, by stage.
-const M_CGROUP: i32 = 10;
-const M_SOCKET: i32 = 11;
-const M_MARK: i32 = 12;
-const M_CONNECT: i32 = 13;
-const M_SEND: i32 = 14;
-const M_RECV: i32 = 15;
+const C_CGROUP: i32 = 10;
+const C_SOCKET: i32 = 11;
+const C_MARK: i32 = 12;
+const C_CONNECT: i32 = 13;
+const C_SEND: i32 = 14;
+const C_RECV: i32 = 15;
 
-/// The child: join the cgroup (before the socket exists, so the socket is
-/// the cgroup's), socket, SO_MARK, connect, send the line, read one line
-/// into the pipe. Only raw system calls on memory prepared by the parent.
-fn marked_child(p: &MarkedPlan) -> i32 {
+/// The child: join the cgroup, socket, SO_MARK, connect, send, read one
+/// answer into the pipe. Only raw system calls on memory prepared by the
+/// parent.
+fn client_child(p: &ChildPlan<'_>) -> i32 {
     // SAFETY: plain system calls on buffers that live in this frame or in
     // `p`; no allocation, no locks (this runs between fork and _exit).
     unsafe {
         let fd = libc::open(p.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-            return M_CGROUP;
+            return C_CGROUP;
         }
         libc::close(fd);
         let s = libc::socket(p.family, p.ty | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
-            return M_SOCKET;
+            return C_SOCKET;
         }
         if let Some(mark) = p.mark {
             let v = mark as libc::c_int;
@@ -2202,7 +2270,7 @@ fn marked_child(p: &MarkedPlan) -> i32 {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             ) != 0
             {
-                return M_MARK;
+                return C_MARK;
             }
         }
         let tv = libc::timeval {
@@ -2224,10 +2292,10 @@ fn marked_child(p: &MarkedPlan) -> i32 {
             p.dst.1,
         ) != 0
         {
-            return M_CONNECT;
+            return C_CONNECT;
         }
-        if libc::send(s, p.line.as_ptr().cast(), p.line.len(), 0) != p.line.len() as isize {
-            return M_SEND;
+        if libc::send(s, p.out.as_ptr().cast(), p.out.len(), 0) != p.out.len() as isize {
+            return C_SEND;
         }
         let mut buf = [0u8; 4096];
         let mut got = 0usize;
@@ -2237,22 +2305,125 @@ fn marked_child(p: &MarkedPlan) -> i32 {
                 break;
             }
             got += n as usize;
-            if !p.tcp || buf[..got].contains(&b'\n') {
+            if !p.tcp {
+                break;
+            }
+            let done = match p.framing {
+                Framing::Line => buf[..got].contains(&b'\n'),
+                Framing::LengthPrefixed => {
+                    got >= 2 && got >= 2 + u16::from_be_bytes([buf[0], buf[1]]) as usize
+                }
+            };
+            if done {
                 break;
             }
         }
-        if got == 0 {
-            return M_RECV;
+        let start = if p.tcp && p.framing == Framing::LengthPrefixed {
+            2
+        } else {
+            0
+        };
+        if got <= start {
+            return C_RECV;
         }
-        libc::write(p.pipe, buf.as_ptr().cast(), got);
+        if !p.tcp && p.udp_twice {
+            if libc::send(s, p.out.as_ptr().cast(), p.out.len(), 0) != p.out.len() as isize {
+                return C_SEND;
+            }
+            let n = libc::recv(s, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n <= 0 {
+                return C_RECV;
+            }
+            got = n as usize;
+        }
+        libc::write(p.pipe, buf.as_ptr().add(start).cast(), got - start);
         0
     }
 }
 
-/// As [`exchange_within`], from a forked child whose socket carries the
-/// firewall mark `mark` (SO_MARK; needs CAP_NET_ADMIN) when given: connect
-/// to `dst` (UDP: a connected socket), send `msg` as a line, read one line
-/// back (3 s). Ok(reply) or Err(why).
+impl ForkedClient<'_> {
+    /// Forks the client and waits for it (killed past `limit`). Ok(the
+    /// answer's bytes) or the stage at which it failed.
+    pub fn run(&self) -> Result<Vec<u8>, ClientFailure> {
+        use std::os::unix::ffi::OsStrExt;
+        let (r, w) = pipe();
+        let tcp = self.proto == Proto::Tcp;
+        let plan = ChildPlan {
+            procs: std::ffi::CString::new(self.cgroup.join("cgroup.procs").as_os_str().as_bytes())
+                .unwrap(),
+            family: if self.dst.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            },
+            ty: if tcp {
+                libc::SOCK_STREAM
+            } else {
+                libc::SOCK_DGRAM
+            },
+            dst: to_sockaddr(&self.dst),
+            mark: self.mark,
+            out: self.out,
+            tcp,
+            framing: self.framing,
+            udp_twice: self.udp_twice,
+            pipe: w.as_raw_fd(),
+        };
+        // SAFETY: the child runs only `client_child` (raw system calls on
+        // memory prepared above) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let code = client_child(&plan);
+            // SAFETY: leaving the child without running anything of the parent's.
+            unsafe { libc::_exit(code) };
+        }
+        drop(w);
+        let deadline = Instant::now() + self.limit;
+        let mut status = 0;
+        loop {
+            // SAFETY: waiting for our own child.
+            let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if rc == pid {
+                break;
+            }
+            if Instant::now() >= deadline {
+                // SAFETY: kill and reap our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                return Err(ClientFailure {
+                    stage: ClientStage::TimeLimit,
+                    code: -1,
+                });
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut answer = Vec::new();
+        fs::File::from(r).read_to_end(&mut answer).unwrap();
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        };
+        let stage = match code {
+            0 => return Ok(answer),
+            C_CGROUP => ClientStage::Cgroup,
+            C_SOCKET => ClientStage::Socket,
+            C_MARK => ClientStage::Mark,
+            C_CONNECT => ClientStage::Connect,
+            C_SEND => ClientStage::Send,
+            C_RECV => ClientStage::Recv,
+            _ => ClientStage::Other,
+        };
+        Err(ClientFailure { stage, code })
+    }
+}
+
+/// As [`exchange_within`], from a [`ForkedClient`] whose socket carries
+/// the firewall mark `mark` (SO_MARK) when given: send `msg` as a line,
+/// read one line back (3 s). Ok(reply) or Err(why).
 pub fn exchange_marked(
     cgroup: &Path,
     proto: Proto,
@@ -2261,74 +2432,33 @@ pub fn exchange_marked(
     mark: Option<u32>,
     limit: Duration,
 ) -> Result<String, String> {
-    use std::os::unix::ffi::OsStrExt;
-    let (r, w) = pipe();
-    let tcp = proto == Proto::Tcp;
-    let plan = MarkedPlan {
-        procs: std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap(),
-        family: if dst.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        },
-        ty: if tcp {
-            libc::SOCK_STREAM
-        } else {
-            libc::SOCK_DGRAM
-        },
-        dst: to_sockaddr(&dst),
+    let line = format!("{msg}\n").into_bytes();
+    let client = ForkedClient {
+        cgroup,
+        proto,
+        dst,
         mark,
-        line: format!("{msg}\n").into_bytes(),
-        tcp,
-        pipe: w.as_raw_fd(),
+        out: &line,
+        framing: Framing::Line,
+        udp_twice: false,
+        limit,
     };
-    // SAFETY: the child runs only `marked_child` (raw system calls on
-    // memory prepared above) and leaves with _exit.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
-    if pid == 0 {
-        let code = marked_child(&plan);
-        // SAFETY: leaving the child without running anything of the parent's.
-        unsafe { libc::_exit(code) };
-    }
-    drop(w);
-    let deadline = Instant::now() + limit;
-    let mut status = 0;
-    loop {
-        // SAFETY: waiting for our own child.
-        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if rc == pid {
-            break;
-        }
-        if Instant::now() >= deadline {
-            // SAFETY: kill and reap our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, &mut status, 0);
-            }
-            return Err(format!("killed (time limit {limit:?})"));
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let mut answer = Vec::new();
-    fs::File::from(r).read_to_end(&mut answer).unwrap();
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    let stage = match code {
-        0 => {
+    let ClientFailure { stage, code } = match client.run() {
+        Ok(answer) => {
             let text = String::from_utf8_lossy(&answer);
             return Ok(text.split('\n').next().unwrap_or_default().to_string());
         }
-        M_CGROUP => "joining the cgroup",
-        M_SOCKET => "socket",
-        M_MARK => "setsockopt SO_MARK",
-        M_CONNECT => "connect",
-        M_SEND => "send",
-        M_RECV => "no reply within 3 s",
-        _ => "killed or failed",
+        Err(f) => f,
+    };
+    let stage = match stage {
+        ClientStage::TimeLimit => return Err(format!("killed (time limit {limit:?})")),
+        ClientStage::Cgroup => "joining the cgroup",
+        ClientStage::Socket => "socket",
+        ClientStage::Mark => "setsockopt SO_MARK",
+        ClientStage::Connect => "connect",
+        ClientStage::Send => "send",
+        ClientStage::Recv => "no reply within 3 s",
+        ClientStage::Other => "killed or failed",
     };
     Err(format!("{stage} (exit {code})"))
 }
