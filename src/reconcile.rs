@@ -55,6 +55,15 @@ pub fn full<'a, 'p>(
             want.insert(id, v);
         }
     }
+    diff(want, actual, numbers)
+}
+
+/// `full` once the wanted verdict of each cgroup is known.
+fn diff<'a>(
+    want: HashMap<u64, &'a Verdict>,
+    actual: &[Element],
+    numbers: &[(u32, Verdict)],
+) -> Ops<'a> {
     // Per number that elements carry: how many of them want each verdict.
     let mut votes: BTreeMap<u32, Vec<(&'a Verdict, usize)>> = BTreeMap::new();
     for e in actual {
@@ -377,6 +386,102 @@ mod tests {
         let p = plan(&numbers, &ops);
         assert_eq!(p.add, vec![(2, 2), (3, 2), (4, 1)]);
         assert!(p.unbind.is_empty(), "both numbers still carried");
+    }
+
+    /// Random maps (numbers missing, duplicated, pointing anywhere; elements
+    /// carrying any number) against random wants: once the plan is applied
+    /// the way the kernel applies a batch, every cgroup's element stands for
+    /// the verdict it wants, every number left is carried, no verdict gains
+    /// a second number, no number is bound twice, and elements that were
+    /// right and whose number did not move were left alone.
+    #[test]
+    fn full_then_plan_reaches_the_wanted_state_from_anywhere() {
+        let verdicts = [
+            proxy(),
+            Verdict::Goto("direct".into()),
+            Verdict::Drop,
+            Verdict::Goto("mine".into()),
+            Verdict::Other(1, None),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..3000 {
+            let mut numbers: Vec<(u32, Verdict)> = Vec::new();
+            for n in 1..=6u32 {
+                if rnd(3) > 0 {
+                    numbers.push((n, verdicts[rnd(5) as usize].clone()));
+                }
+            }
+            let mut actual: Vec<Element> = Vec::new();
+            for id in 1..=12u64 {
+                if rnd(4) > 0 {
+                    actual.push(el(id, 1 + rnd(7) as u32, &numbers));
+                }
+            }
+            let mut want: HashMap<u64, &Verdict> = HashMap::new();
+            for id in 1..=16u64 {
+                if rnd(5) > 0 {
+                    want.insert(id, &verdicts[rnd(4) as usize]);
+                }
+            }
+            let ops = diff(want.clone(), &actual, &numbers);
+            let p = plan(&numbers, &ops);
+            let ctx = format!("round {round}: {numbers:?} {actual:?} {want:?} -> {p:?}");
+
+            // The kernel's view after the batch: unbind, bind, del, add.
+            let mut table: BTreeMap<u32, Verdict> = numbers.iter().cloned().collect();
+            for n in &p.unbind {
+                assert!(table.remove(n).is_some(), "unbinds a missing number: {ctx}");
+            }
+            for (n, v) in &p.bind {
+                assert!(table.insert(*n, v.clone()).is_none(), "binds twice: {ctx}");
+            }
+            assert_eq!(table, p.numbers.iter().cloned().collect(), "{ctx}");
+            let mut carried: BTreeMap<u64, u32> =
+                actual.iter().map(|e| (e.id, e.number.unwrap())).collect();
+            for id in &p.del {
+                assert!(
+                    carried.remove(id).is_some(),
+                    "deletes a missing element: {ctx}"
+                );
+            }
+            for (id, n) in &p.add {
+                assert!(carried.insert(*id, *n).is_none(), "adds twice: {ctx}");
+            }
+            let now: BTreeMap<u64, &Verdict> = carried
+                .iter()
+                .filter_map(|(id, n)| Some((*id, table.get(n)?)))
+                .collect();
+            let wanted: BTreeMap<u64, &Verdict> = want.iter().map(|(k, v)| (*k, *v)).collect();
+            assert_eq!(now, wanted, "{ctx}");
+            assert_eq!(
+                carried.len(),
+                want.len(),
+                "an element without a verdict: {ctx}"
+            );
+            for n in table.keys() {
+                assert!(
+                    carried.values().any(|m| m == n),
+                    "number {n} not carried: {ctx}"
+                );
+            }
+            for v in &verdicts {
+                let before = numbers.iter().filter(|(_, w)| w == v).count();
+                let after = table.values().filter(|w| *w == v).count();
+                assert!(after <= before.max(1), "{v} gained a number: {ctx}");
+            }
+            for e in &actual {
+                let moved = p.unbind.contains(&e.number.unwrap());
+                if want.get(&e.id) == Some(&&e.verdict) && !moved {
+                    assert!(!p.del.contains(&e.id), "rewrote a right element: {ctx}");
+                }
+            }
+        }
     }
 
     /// Numbers are the smallest free ones; a verdict nothing stands for any
