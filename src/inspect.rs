@@ -17,8 +17,8 @@ use crate::config::{CgroupRoot, Config, Verdict, match_form};
 use crate::daemon::Options;
 use crate::error::Error;
 use crate::netlink::NlError;
-use crate::nftables::{self, Element, Object as NftObject};
-use crate::ruleset::{Ruleset, nl_error};
+use crate::nftables::{self, Element, MapRef, Object as NftObject};
+use crate::ruleset::{MapRole, Ruleset, nl_error};
 use crate::wire::{self, Msg, Writer};
 
 /// Chains of nft/cgtproxy*.nft that are plumbing, never a rule's target.
@@ -1209,22 +1209,18 @@ fn check_ruleset(
         }
     }
     let (mut els, mut counter) = (None, None);
+    let misfit = |role: MapRole, name: &str, i: &nftables::SetInfo| {
+        let map = MapRef {
+            table: cfg.table.clone(),
+            map: name.to_string(),
+        };
+        role.misfit(&map, i)
+    };
     match live.map_info(&cfg.map) {
-        Ok(Some(MapInfo { set: Some(i), .. })) if !i.is_number_map() => {
-            c.add(
-                Mark::Fail,
-                format!(
-                    "'{}' in table inet {} is not a map of the type cgtproxy writes (want: map {} {{ type cgroupsv2 : mark; counter; }}){}",
-                    cfg.map,
-                    cfg.table,
-                    cfg.map,
-                    if i.verdict_data {
-                        "; it is a verdict map, the layout of cgtproxy 0.1: load this version's nft/cgtproxy.nft"
-                    } else {
-                        ""
-                    }
-                ),
-            );
+        Ok(Some(MapInfo { set: Some(i), .. }))
+            if let Some(p) = misfit(MapRole::Cgroups, &cfg.map, &i) =>
+        {
+            c.add(Mark::Fail, p);
         }
         Ok(Some(info)) => {
             counter = Some(info.counter);
@@ -1257,16 +1253,15 @@ fn check_ruleset(
         Err(e) => c.add(Mark::Fail, e.to_string()),
     }
     match live.map_info(&cfg.verdict_map) {
-        Ok(Some(MapInfo { set: Some(i), .. })) if i.is_verdict_map() => c.add(
-            Mark::Ok,
-            format!("map {}: mark : verdict", cfg.verdict_map),
-        ),
+        Ok(Some(MapInfo { set: Some(i), .. })) => {
+            match misfit(MapRole::Verdicts, &cfg.verdict_map, &i) {
+                Some(p) => c.add(Mark::Fail, p),
+                None => c.add(Mark::Ok, format!("map {}: mark : verdict", cfg.verdict_map)),
+            }
+        }
         Ok(Some(_)) => c.add(
             Mark::Fail,
-            format!(
-                "'{}' in table inet {} is not a map of the type cgtproxy writes (want: map {} {{ type mark : verdict; }})",
-                cfg.verdict_map, cfg.table, cfg.verdict_map
-            ),
+            format!("map {}: the kernel's answer had no set", cfg.verdict_map),
         ),
         Ok(None) => c.add(
             Mark::Fail,

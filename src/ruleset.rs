@@ -32,6 +32,47 @@ pub struct Ruleset {
     numbers: Vec<(u32, Verdict)>,
 }
 
+/// The two maps cgtproxy writes, for checking what the kernel has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapRole {
+    /// `cgroups`: cgroup id → verdict number, with counters.
+    Cgroups,
+    /// `verdicts`: verdict number → verdict.
+    Verdicts,
+}
+
+impl MapRole {
+    /// The config key that names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            MapRole::Cgroups => "map",
+            MapRole::Verdicts => "verdict-map",
+        }
+    }
+
+    /// What is wrong with the type of `map`, as a sentence, if anything.
+    pub fn misfit(self, map: &MapRef, info: &nftables::SetInfo) -> Option<String> {
+        let (fits, want) = match self {
+            MapRole::Cgroups => (info.is_number_map(), "type cgroupsv2 : mark; counter;"),
+            MapRole::Verdicts => (info.is_verdict_map(), "type mark : verdict;"),
+        };
+        let old = self == MapRole::Cgroups && info.verdict_data;
+        (!fits).then(|| {
+            format!(
+                "'{}' in table inet {} is not a map of the type cgtproxy writes (want: map {} {{ {want} }}){}",
+                map.map,
+                map.table,
+                map.map,
+                if old {
+                    "; it is a verdict map, the layout of cgtproxy 0.1: load this version's nft/cgtproxy.nft"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+}
+
 /// Why a transaction failed, as far as the daemon's next move goes.
 #[derive(Debug)]
 pub enum ApplyError {
@@ -142,9 +183,9 @@ impl Ruleset {
             )));
         }
         let mut problems = Vec::new();
-        for (map, key, want) in [
-            (self.map.clone(), "map", "type cgroupsv2 : mark; counter;"),
-            (self.verdicts.clone(), "verdict-map", "type mark : verdict;"),
+        for (map, role) in [
+            (self.map.clone(), MapRole::Cgroups),
+            (self.verdicts.clone(), MapRole::Verdicts),
         ] {
             let mut info = None;
             if !self.get(&Object::Set(&table, &map.map), |m| {
@@ -152,30 +193,14 @@ impl Ruleset {
                 Ok(())
             })? {
                 problems.push(format!(
-                    "{} — load nft/cgtproxy.nft, or fix \"{key}\"",
-                    self.map_missing(&map)
+                    "{} — load nft/cgtproxy.nft, or fix \"{}\"",
+                    self.map_missing(&map),
+                    role.key()
                 ));
                 continue;
             }
-            let fits = info.as_ref().is_some_and(|i| {
-                if key == "map" {
-                    i.is_number_map()
-                } else {
-                    i.is_verdict_map()
-                }
-            });
-            if !fits {
-                let old = key == "map" && info.is_some_and(|i| i.verdict_data);
-                problems.push(format!(
-                    "'{}' in table inet {table} is not a map of the type cgtproxy writes (want: map {} {{ {want} }}){}",
-                    map.map,
-                    map.map,
-                    if old {
-                        "; it is a verdict map, the layout of cgtproxy 0.1: load this version's nft/cgtproxy.nft"
-                    } else {
-                        ""
-                    }
-                ));
+            if let Some(p) = info.and_then(|i| role.misfit(&map, &i)) {
+                problems.push(p);
             }
         }
         for (chain, rule) in cfg.chains() {

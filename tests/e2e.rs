@@ -355,6 +355,11 @@ fn bad_config_is_refused_and_changes_nothing() {
         env.once(&Config::new(&rules));
         let before = env.wait_map(&rules);
         assert_eq!(before.len(), 4);
+        // Maps of the wrong types, for configs that name them: the 0.1
+        // layout (one verdict map) and a `verdicts` with data, not verdicts.
+        nft_script(
+            "add map inet cgtproxy oldstyle { type cgroupsv2 : verdict; counter; }\nadd map inet cgtproxy wrongv { type mark : mark; }\n",
+        );
         let kernel_before = (
             dump_raw(),
             ip_rules("-4"),
@@ -396,6 +401,21 @@ fn bad_config_is_refused_and_changes_nothing() {
                 "missing-verdict-map.json",
                 format!("{{\"verdict-map\": \"nosuchvmap\", \"rules\": {good_rules}}}"),
                 vec!["nosuchvmap"],
+            ),
+            (
+                "old-layout-map.json",
+                format!("{{\"map\": \"oldstyle\", \"rules\": {good_rules}}}"),
+                vec!["'oldstyle'", "type cgroupsv2 : mark", "layout of cgtproxy 0.1"],
+            ),
+            (
+                "wrong-type-verdict-map.json",
+                format!("{{\"verdict-map\": \"wrongv\", \"rules\": {good_rules}}}"),
+                vec!["'wrongv'", "type mark : verdict"],
+            ),
+            (
+                "same-maps.json",
+                format!("{{\"verdict-map\": \"cgroups\", \"rules\": {good_rules}}}"),
+                vec!["verdict-map", "different names"],
             ),
             (
                 "missing-chain.json",
