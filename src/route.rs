@@ -137,15 +137,38 @@ fn errno(e: &NlError) -> Option<i32> {
 }
 
 /// Installs the rule and the route for both families. IPv6 being disabled
-/// is not an error (said once); anything else is. Returns whether anything
-/// was created (rather than found in place).
+/// is not an error (said once); anything else is, and then whatever this
+/// call added is taken away again, so a failed start leaves routing as it
+/// was. Returns whether anything was created (rather than found in place).
 pub fn install(r: &Route) -> Result<bool, Error> {
-    let mut created = false;
     let mut nl = Socket::open(NlFamily::Route)
         .map_err(|e| Error::Runtime(format!("rtnetlink socket: {e}")))?;
     let lo = loopback_index();
+    // What this call added: (family, the rule rather than the route).
+    let mut made: Vec<(u8, bool)> = Vec::new();
+    let result = install_each(&mut nl, r, lo, &mut made);
+    if result.is_err() {
+        for (family, rule) in made.iter().rev() {
+            let seq = nl.seq();
+            let msg = if *rule {
+                rule_msg(seq, false, *family, r)
+            } else {
+                route_msg(seq, false, *family, r, lo)
+            };
+            let _ = nl.request(&msg, seq, false, |_| Ok(()));
+        }
+    }
+    result.map(|()| !made.is_empty())
+}
+
+fn install_each(
+    nl: &mut Socket,
+    r: &Route,
+    lo: u32,
+    made: &mut Vec<(u8, bool)>,
+) -> Result<(), Error> {
     for (family, name) in FAMILIES {
-        let exists = match rule_exists(&mut nl, family, r) {
+        let exists = match rule_exists(nl, family, r) {
             Ok(b) => b,
             Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => {
                 crate::info!("{name} is disabled; no {name} policy routing installed");
@@ -160,7 +183,8 @@ pub fn install(r: &Route) -> Result<bool, Error> {
             nl.request(&rule_msg(seq, true, family, r), seq, false, |_| Ok(()))
         };
         match added {
-            Ok(()) => created |= !exists,
+            Ok(()) if !exists => made.push((family, true)),
+            Ok(()) => {}
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
             Err(e) if errno(&e) == Some(libc::EAFNOSUPPORT) => {
                 crate::info!("{name} is disabled; no {name} policy routing installed");
@@ -175,17 +199,23 @@ pub fn install(r: &Route) -> Result<bool, Error> {
         }
         let seq = nl.seq();
         match nl.request(&route_msg(seq, true, family, r, lo), seq, false, |_| Ok(())) {
-            Ok(()) => created = true,
+            Ok(()) => made.push((family, false)),
             Err(e) if errno(&e) == Some(libc::EEXIST) => {}
             Err(e) => {
+                // IPv6 refuses a route through a device that is down.
+                let hint = if errno(&e) == Some(libc::ENETDOWN) {
+                    " (the loopback interface is down: `ip link set lo up`)"
+                } else {
+                    ""
+                };
                 return Err(Error::Runtime(format!(
-                    "{name} route local default dev lo table {}: {e}",
+                    "{name} route local default dev lo table {}: {e}{hint}",
                     r.table
                 )));
             }
         }
     }
-    Ok(created)
+    Ok(())
 }
 
 /// Removes both; already-absent ones are fine. Returns what could not be removed.

@@ -712,6 +712,50 @@ fn sigkill_leaves_state_and_restart_converges() {
     });
 }
 
+/// What it proves: a start that fails half-way through installing the
+/// policy routing takes back what it had added, and says why. How it can
+/// fail: with lo down the kernel takes the IPv4 rule, the IPv4 route and
+/// the IPv6 rule, then refuses the IPv6 `local default dev lo` route
+/// (ENETDOWN); any of the first three left behind, a status other than 1,
+/// an element written, or a message without the way out fails the test.
+#[test]
+fn failed_route_install_leaves_routing_as_it_was() {
+    e2e("failed_route_install_leaves_routing_as_it_was", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p/a", "/d"]);
+        let rules = rules();
+        let snapshot = || {
+            (
+                ip_rules("-4"),
+                ip_rules("-6"),
+                run_ok("ip", &["-4", "route", "show", "table", "all"]),
+                run_ok("ip", &["-6", "route", "show", "table", "all"]),
+                dump_raw(),
+            )
+        };
+        run_ok("ip", &["link", "set", "lo", "down"]);
+        let before = snapshot();
+        let path = env.write_config(&Config::new(&rules));
+        let mut args = env.run_args(&path);
+        args.push("--once".into());
+        let f = run_daemon_to_exit(&args, Duration::from_secs(10));
+        let after = snapshot();
+        run_ok("ip", &["link", "set", "lo", "up"]);
+        assert_eq!(f.code(), Some(1), "{}", f.describe());
+        assert!(
+            f.stderr.contains("IPv6 route local default dev lo table")
+                && f.stderr.contains("ip link set lo up"),
+            "{}",
+            f.describe()
+        );
+        assert_eq!(after, before, "routing or maps changed by a failed start");
+        // With lo up the same start works.
+        env.once(&Config::new(&rules));
+        env.assert_map(&rules);
+        assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, "after lo is up");
+    });
+}
+
 #[test]
 fn once_replaces_the_map_and_exits() {
     e2e("once_replaces_the_map_and_exits", |env| {
