@@ -127,7 +127,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
         Err(e) => {
             // Leave the kernel as it was: remove only routes this run created.
             if let (Some(r), true) = (&routes, created) {
-                route::remove(r);
+                route::remove(r, None);
             }
             return Err(Error::Runtime(format!(
                 "initial sync of map {}: {e}",
@@ -413,6 +413,23 @@ impl Daemon {
                 return;
             }
         };
+        // Routes before elements, as at start; a route the kernel refuses
+        // refuses the reload (install takes back what it added).
+        if cfg.route != self.routes {
+            if let Some(r) = &cfg.route
+                && let Err(e) = route::install(r)
+            {
+                warn!("reload refused, keeping the running configuration: {e}");
+                notify("READY=1");
+                return;
+            }
+            if let Some(old) = &self.routes {
+                for f in route::remove(old, cfg.route.as_ref()) {
+                    warn!("removing old route: {f}");
+                }
+            }
+            self.routes = cfg.route;
+        }
         if cfg.table != self.cfg.table
             || cfg.map != self.cfg.map
             || cfg.verdict_map != self.cfg.verdict_map
@@ -424,19 +441,6 @@ impl Daemon {
                 );
             }
             self.rs = rs;
-        }
-        if cfg.route != self.routes {
-            if let Some(r) = &self.routes {
-                for f in route::remove(r) {
-                    warn!("removing old route: {f}");
-                }
-            }
-            if let Some(r) = &cfg.route
-                && let Err(e) = route::install(r)
-            {
-                warn!("{e}");
-            }
-            self.routes = cfg.route;
         }
         let root_changed = root != self.root;
         self.cfg = cfg;
@@ -466,7 +470,7 @@ impl Daemon {
             Err(e) => warn!("{e}"),
         }
         if let Some(r) = &self.routes {
-            for f in route::remove(r) {
+            for f in route::remove(r, None) {
                 warn!("removing {f}");
             }
         }

@@ -218,8 +218,11 @@ fn install_each(
     Ok(())
 }
 
-/// Removes both; already-absent ones are fine. Returns what could not be removed.
-pub fn remove(r: &Route) -> Vec<String> {
+/// Removes both; already-absent ones are fine. Returns what could not be
+/// removed. A route that `keep` (the routing replacing this one) needs too
+/// stays: the route is per table, and two marks may share a table.
+pub fn remove(r: &Route, keep: Option<&Route>) -> Vec<String> {
+    let keep_route = keep.is_some_and(|k| k.table == r.table);
     let mut failures = Vec::new();
     let Ok(mut nl) = Socket::open(NlFamily::Route) else {
         return vec!["rtnetlink socket".into()];
@@ -237,6 +240,9 @@ pub fn remove(r: &Route) -> Vec<String> {
                 "{name} rule fwmark {} lookup {}: {e}",
                 r.mark, r.table
             ));
+        }
+        if keep_route {
+            continue;
         }
         let seq = nl.seq();
         if let Err(e) = nl.request(

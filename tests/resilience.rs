@@ -1238,6 +1238,69 @@ fn sighup_switches_verdicts_in_one_transaction() {
     });
 }
 
+/// What it proves: SIGHUP moves the policy routing with the config —
+/// installs the new rule and route before the old go, keeps a route the new
+/// mark shares (same table), removes everything with `route: false` — and
+/// a reload whose route the kernel refuses is refused as a whole, the old
+/// routing in place. How it can fail: removing the old table's route when
+/// only the mark changed leaves marked packets unrouted; installing after
+/// removing loses the old routing when the new one fails.
+#[test]
+fn sighup_moves_the_policy_routing() {
+    e2e("sighup_moves_the_policy_routing", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let rules = Rules::new(&[("/p(/.*)?", "proxy")]);
+        let with = |mark, table| {
+            let mut c = Config::new(&rules);
+            c.route = RouteCfg::On { mark, table };
+            c
+        };
+        let config = env.write_config(&with(0x51, 151));
+        let mut d = start_daemon(env, &config, &[]);
+        converge(env, &rules, CONVERGE, "initial sync");
+        assert_policy_routing(0x51, 151, true, "at start");
+
+        let reloaded = "configuration reloaded from";
+        // The mark changes, the table stays: the table's route must stay.
+        fs::write(&config, with(0x52, 151).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        wait_log(|| d.log(), reloaded, 1, CONVERGE);
+        assert_policy_routing(0x52, 151, true, "new mark, same table");
+        assert_eq!(policy_routing(0x51, 151).map(|(rule, _)| rule), [false; 2]);
+
+        // Another table: the old route goes with the old rule.
+        fs::write(&config, with(0x52, 152).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        wait_log(|| d.log(), reloaded, 2, CONVERGE);
+        assert_policy_routing(0x52, 152, true, "new table");
+        assert_policy_routing(0x52, 151, false, "old table");
+
+        // The kernel refuses the new route (lo down, IPv6): refused whole.
+        run_ok("ip", &["link", "set", "lo", "down"]);
+        fs::write(&config, with(0x53, 153).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        let refused = "reload refused, keeping the running configuration";
+        let log = wait_log(|| d.log(), refused, 1, CONVERGE);
+        run_ok("ip", &["link", "set", "lo", "up"]);
+        assert!(log.contains("ip link set lo up"), "{log}");
+        assert_policy_routing(0x53, 153, false, "refused reload");
+        assert_eq!(policy_routing(0x52, 152).map(|(rule, _)| rule), [true; 2]);
+        assert!(ip_routes("-4", 152).contains("local default dev lo"));
+        assert!(d.running(), "{}", d.log());
+
+        // `route: false`: the daemon's routing goes entirely.
+        let mut off = Config::new(&rules);
+        off.route = RouteCfg::Off;
+        fs::write(&config, off.to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        wait_log(|| d.log(), reloaded, 3, CONVERGE);
+        assert_policy_routing(0x52, 152, false, "route: false");
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
 // ---------------------------------------------------------------------------
 // 4. SIGHUP with a broken config: refused, the running one stays
 // ---------------------------------------------------------------------------

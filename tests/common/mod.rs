@@ -761,12 +761,16 @@ pub fn ip_rules(family: &str) -> String {
     run_ok("ip", &[family, "rule", "show"])
 }
 
-/// `ip -4|-6 route show table T` in the current network namespace.
+/// `ip -4|-6 route show table T` in the current network namespace; empty
+/// for a table the namespace never had (ip fails on it).
 pub fn ip_routes(family: &str, table: u32) -> String {
-    run_ok(
-        "ip",
-        &[family, "route", "show", "table", &table.to_string()],
-    )
+    let args = [family, "route", "show", "table", &table.to_string()];
+    let f = run("ip", &args);
+    if !f.status.success() && f.stderr.contains("FIB table does not exist") {
+        return String::new();
+    }
+    assert!(f.status.success(), "ip {args:?} failed: {}", f.describe());
+    f.stdout
 }
 
 /// Whether the policy rule and local route of `route` are in place, per
