@@ -1,0 +1,714 @@
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::explain::{deciding, lineage};
+use super::rules::{Facts, analyse};
+use super::{Hierarchy, INTERNAL_CHAINS, Live, MapInfo};
+use crate::cgroup;
+use crate::config::{CgroupRoot, Config, Verdict, match_form};
+use crate::daemon::Options;
+use crate::error::Error;
+use crate::nftables::{self, Element, MapRef};
+use crate::ruleset::MapRole;
+
+// ---------------------------------------------------------------------------
+// check
+// ---------------------------------------------------------------------------
+
+/// The port `CGTPROXY_PORT` defines in the shipped ruleset; used when the
+/// live ruleset cannot say.
+const DEFAULT_TPROXY_PORT: u16 = 7893;
+/// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`).
+const INIT_CGROUP_NS: u64 = 0xEFFF_FFFB;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mark {
+    Ok,
+    Skip,
+    Warn,
+    Fail,
+}
+
+struct Checklist {
+    lines: String,
+    worst: Mark,
+    warnings: usize,
+    failures: usize,
+}
+
+impl Checklist {
+    fn add(&mut self, m: Mark, text: impl AsRef<str>) {
+        let tag = match m {
+            Mark::Ok => "ok",
+            Mark::Skip => "skip",
+            Mark::Warn => "WARN",
+            Mark::Fail => "FAIL",
+        };
+        // Continuation lines are indented under the text.
+        let text = text.as_ref().replace('\n', "\n      ");
+        let _ = writeln!(self.lines, "{tag:<4}  {text}");
+        self.worst = self.worst.max(m);
+        match m {
+            Mark::Warn => self.warnings += 1,
+            Mark::Fail => self.failures += 1,
+            _ => {}
+        }
+    }
+}
+
+/// `cgtproxy check`. Returns the exit status: 0 all well, 1 a check failed
+/// or warned; a config that does not load is an error (exit 2).
+pub fn check(opts: &Options) -> Result<i32, Error> {
+    let mut cfg = Config::load(opts.config.as_deref())?;
+    if let Some(d) = &opts.cgroup_root {
+        cfg.cgroup_root = CgroupRoot::Dir(d.clone());
+    }
+    let mut c = Checklist {
+        lines: String::new(),
+        worst: Mark::Ok,
+        warnings: 0,
+        failures: 0,
+    };
+    c.add(
+        Mark::Ok,
+        format!("config {}: {} rules", cfg.source, cfg.rules.len()),
+    );
+    for (i, r) in cfg.rules.iter().enumerate() {
+        match &r.target {
+            Verdict::Goto(c2) if c2 == "pass" => c.add(
+                Mark::Warn,
+                format!(
+                    "rules[{i}].target is \"pass\", the ruleset's internal helper: it leaves the verdict number in the packet mark; use \"direct\""
+                ),
+            ),
+            Verdict::Goto(c2) if c2 == "reroute" => c.add(
+                Mark::Warn,
+                format!(
+                    "rules[{i}].target is \"reroute\", the ruleset's internal helper: it marks packets without recording the verdict on the connection; use \"proxy\""
+                ),
+            ),
+            Verdict::Goto(c2) if INTERNAL_CHAINS.contains(&c2.as_str()) => c.add(
+                Mark::Warn,
+                format!(
+                    "rules[{i}].target is \"{c2}\", a chain internal to the shipped rulesets (a loop or a base chain, which the kernel refuses as a verdict); use proxy, direct, drop or a chain of your own"
+                ),
+            ),
+            _ => {}
+        }
+    }
+    let h = match cgroup::resolve_root(&cfg.cgroup_root) {
+        Ok(root) => Some(Hierarchy::new(root)),
+        Err(e @ Error::Config(_)) => return Err(e),
+        Err(e) => {
+            c.add(Mark::Fail, e.to_string());
+            None
+        }
+    };
+    let cgroups = h.as_ref().map(|h| h.walk()).unwrap_or_default();
+    if let Some(h) = &h {
+        let mount = match h.mount_point() {
+            Some(m) => format!("cgroup2 mounted at {}", m.display()),
+            None => "no cgroup2 mount found".to_string(),
+        };
+        c.add(
+            if h.mount.is_some() {
+                Mark::Ok
+            } else {
+                Mark::Warn
+            },
+            format!(
+                "{mount}; cgroup root {} ({} cgroups)",
+                h.root.display(),
+                cgroups.len()
+            ),
+        );
+    }
+
+    let (facts, els, counter) = check_ruleset(&cfg, &mut c);
+    check_kernel(&mut c, facts.as_ref(), counter, &cfg.map);
+    if let (Some(f), Some(route)) = (&facts, &cfg.route)
+        && let Some(m) = f.tproxy_mark
+    {
+        if m == route.mark {
+            c.add(
+                Mark::Ok,
+                format!(
+                    "route.mark {} is the mark the TPROXY rules match",
+                    route.mark
+                ),
+            );
+        } else {
+            c.add(
+                Mark::Fail,
+                format!(
+                    "route.mark {} differs from the mark the ruleset's TPROXY rules match ({m}): make CGTPROXY_MARK and route.mark equal",
+                    route.mark
+                ),
+            );
+        }
+    }
+    // Only the layout that dispatches verdict numbers puts one in the mark.
+    if let Some(f) = &facts
+        && f.dispatches
+    {
+        check_restores(&mut c, &cfg, f);
+    }
+    if let (Some(h), Some(f)) = (&h, &facts) {
+        check_depth(&mut c, &cfg, h, &cgroups, f);
+    }
+    check_namespace(&mut c);
+    check_br_netfilter(&mut c);
+    if let Some(h) = &h {
+        check_self_capture(&mut c, &cfg, h, facts.as_ref(), els.as_deref());
+    }
+    let summary = match (c.failures, c.warnings) {
+        (0, 0) => "all checks passed".to_string(),
+        (f, w) => format!(
+            "{f} failure{}, {w} warning{}",
+            if f == 1 { "" } else { "s" },
+            if w == 1 { "" } else { "s" }
+        ),
+    };
+    println!("{}{summary}", c.lines);
+    Ok(if c.worst >= Mark::Warn { 1 } else { 0 })
+}
+
+/// Table, map and chains; returns what the rules do, the elements, and
+/// whether the map has counters.
+fn check_ruleset(
+    cfg: &Config,
+    c: &mut Checklist,
+) -> (Option<Facts>, Option<Vec<Element>>, Option<bool>) {
+    let mut live = match Live::open(cfg) {
+        Ok(l) => l,
+        Err(e) => {
+            c.add(Mark::Fail, e.to_string());
+            return (None, None, None);
+        }
+    };
+    match live.table() {
+        Ok(true) => c.add(Mark::Ok, format!("table inet {}", cfg.table)),
+        Ok(false) => {
+            c.add(
+                Mark::Fail,
+                format!(
+                    "table inet {} does not exist: load nft/cgtproxy.nft (nft -f /usr/share/cgtproxy/cgtproxy.nft)",
+                    cfg.table
+                ),
+            );
+            return (None, None, None);
+        }
+        Err(e) => {
+            c.add(Mark::Fail, e.to_string());
+            return (None, None, None);
+        }
+    }
+    let (mut els, mut counter) = (None, None);
+    let misfit = |role: MapRole, name: &str, i: &nftables::SetInfo| {
+        let map = MapRef {
+            table: cfg.table.clone(),
+            map: name.to_string(),
+        };
+        role.misfit(&map, i)
+    };
+    match live.map_info(&cfg.map) {
+        Ok(Some(MapInfo { set: Some(i), .. }))
+            if let Some(p) = misfit(MapRole::Cgroups, &cfg.map, &i) =>
+        {
+            c.add(Mark::Fail, p);
+        }
+        Ok(Some(info)) => {
+            counter = Some(info.counter);
+            els = live.rs.dump().ok().flatten();
+            let n = els
+                .as_ref()
+                .map_or("? elements".to_string(), |e| format!("{} elements", e.len()));
+            if info.counter {
+                c.add(
+                    Mark::Ok,
+                    format!("map {}: cgroupsv2 : mark, with counters; {n}", cfg.map),
+                );
+            } else {
+                c.add(
+                    Mark::Warn,
+                    format!(
+                        "map {} has no per-element counters (declare it with `counter`): status shows no packets or bytes; {n}",
+                        cfg.map
+                    ),
+                );
+            }
+        }
+        Ok(None) => c.add(
+            Mark::Fail,
+            format!(
+                "map '{}' does not exist in table inet {} — load nft/cgtproxy.nft, or fix \"map\" in {}",
+                cfg.map, cfg.table, cfg.source
+            ),
+        ),
+        Err(e) => c.add(Mark::Fail, e.to_string()),
+    }
+    match live.map_info(&cfg.verdict_map) {
+        Ok(Some(MapInfo { set: Some(i), .. })) => {
+            match misfit(MapRole::Verdicts, &cfg.verdict_map, &i) {
+                Some(p) => c.add(Mark::Fail, p),
+                None => c.add(Mark::Ok, format!("map {}: mark : verdict", cfg.verdict_map)),
+            }
+        }
+        Ok(Some(_)) => c.add(
+            Mark::Fail,
+            format!("map {}: the kernel's answer had no set", cfg.verdict_map),
+        ),
+        Ok(None) => c.add(
+            Mark::Fail,
+            format!(
+                "map '{}' does not exist in table inet {} — load nft/cgtproxy.nft, or fix \"verdict-map\" in {}",
+                cfg.verdict_map, cfg.table, cfg.source
+            ),
+        ),
+        Err(e) => c.add(Mark::Fail, e.to_string()),
+    }
+    let mut present = Vec::new();
+    for (chain, rule) in cfg.chains() {
+        match live.chain(chain) {
+            Ok(true) => present.push(chain),
+            Ok(false) => c.add(
+                Mark::Fail,
+                format!(
+                    "chain '{chain}' named by rules[{rule}].target does not exist in table inet {}",
+                    cfg.table
+                ),
+            ),
+            Err(e) => c.add(Mark::Fail, e.to_string()),
+        }
+    }
+    if !present.is_empty() {
+        c.add(
+            Mark::Ok,
+            format!("chains the rules name: {}", present.join(", ")),
+        );
+    }
+    match live.rules() {
+        Ok(rules) => {
+            let mut f = analyse(&rules, &cfg.map, &cfg.verdict_map);
+            f.chains.extend(present.iter().map(|c| c.to_string()));
+            if f.levels.is_empty() {
+                c.add(
+                    Mark::Fail,
+                    format!(
+                        "no rule of table inet {} looks up map {} by `socket cgroupv2 level N`: its elements have no effect",
+                        cfg.table, cfg.map
+                    ),
+                );
+            } else if !f.dispatches {
+                c.add(
+                    Mark::Fail,
+                    format!(
+                        "no rule of table inet {} looks up the packet mark in map {} (`meta mark vmap @{}`): verdict numbers lead nowhere",
+                        cfg.table, cfg.verdict_map, cfg.verdict_map
+                    ),
+                );
+            }
+            (Some(f), els, counter)
+        }
+        Err(e) => {
+            c.add(Mark::Fail, e.to_string());
+            (None, els, counter)
+        }
+    }
+}
+
+/// Target chains are entered with the verdict number in the packet mark;
+/// one that does not put the socket's mark back first lets it out with it.
+fn check_restores(c: &mut Checklist, cfg: &Config, f: &Facts) {
+    for (chain, rule) in cfg.chains() {
+        // Missing chains fail elsewhere.
+        if f.chains.contains(chain)
+            && !f.restores.contains(chain)
+            && !INTERNAL_CHAINS.contains(&chain)
+        {
+            c.add(
+                Mark::Warn,
+                format!(
+                    "chain '{chain}' (rules[{rule}].target) does not start with `meta mark set socket mark`: packets it lets through keep cgtproxy's verdict number as their mark; start it like the ruleset's proxy and direct"
+                ),
+            );
+        }
+    }
+}
+
+/// What the kernel supports: proven by the loaded ruleset when it uses the
+/// feature (the kernel refuses a ruleset whose expressions it lacks), else
+/// looked up in the module and config files, else unknown.
+fn check_kernel(c: &mut Checklist, facts: Option<&Facts>, counter: Option<bool>, map: &str) {
+    let proven = |what: &str, f: &dyn Fn(&Facts) -> Option<String>| {
+        facts.and_then(f).map(|d| format!("kernel: {what} ({d})"))
+    };
+    let items: [(&str, &[&str], &str, Option<String>); 2] = [
+        (
+            "socket cgroupv2",
+            &["nft_socket"],
+            "CONFIG_NFT_SOCKET",
+            proven("socket cgroupv2", &|f| {
+                (!f.levels.is_empty()).then(|| {
+                    format!(
+                        "the ruleset looks up {} in chain {}",
+                        f.levels_text(),
+                        f.lookup_chains
+                            .iter()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+            }),
+        ),
+        (
+            "TPROXY",
+            &["nft_tproxy", "nf_tproxy_ipv4", "nf_tproxy_ipv6"],
+            "CONFIG_NFT_TPROXY",
+            proven("TPROXY", &|f| {
+                (!f.tproxy_ports.is_empty()).then(|| {
+                    let ports: Vec<String> = f.tproxy_ports.iter().map(u16::to_string).collect();
+                    match f.tproxy_mark {
+                        Some(m) => format!("to port {}, for mark {m}", ports.join(",")),
+                        None => format!("to port {}", ports.join(",")),
+                    }
+                })
+            }),
+        ),
+    ];
+    for (what, modules, symbol, proof) in items {
+        match proof {
+            Some(p) => c.add(Mark::Ok, p),
+            None => match kernel_evidence(modules, symbol) {
+                Some(e) => c.add(Mark::Ok, format!("kernel: {what} ({e}; not used by a loaded ruleset)")),
+                None => c.add(
+                    Mark::Warn,
+                    format!(
+                        "kernel: {what}: cannot tell ({} not found in /sys/module, modules.builtin, modules.dep, /boot/config-* or /proc/config.gz, and no loaded ruleset uses it)",
+                        modules.join(", ")
+                    ),
+                ),
+            },
+        }
+    }
+    // The kernel refuses a set declared with `counter` that it cannot
+    // count per element, so a map that has them proves it.
+    match counter {
+        Some(true) => c.add(
+            Mark::Ok,
+            format!("kernel: set element counters (map {map} has them)"),
+        ),
+        Some(false) => c.add(
+            Mark::Skip,
+            format!("kernel: set element counters: map {map} is declared without them"),
+        ),
+        None => c.add(
+            Mark::Skip,
+            "kernel: set element counters: cannot tell without the map",
+        ),
+    }
+}
+
+/// Where a kernel feature shows: a loaded module, a built-in or loadable
+/// one, or the kernel config.
+fn kernel_evidence(modules: &[&str], symbol: &str) -> Option<String> {
+    let rel = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    for m in modules {
+        if Path::new("/sys/module").join(m).exists() {
+            return Some(format!("module {m} is loaded"));
+        }
+    }
+    let lib = Path::new("/lib/modules").join(&rel);
+    for (file, how) in [
+        ("modules.builtin", "built in"),
+        ("modules.dep", "available as a module"),
+    ] {
+        if let Ok(text) = std::fs::read_to_string(lib.join(file)) {
+            for m in modules {
+                let ko = format!("/{m}.ko");
+                if text.lines().any(|l| {
+                    let name = l.split(':').next().unwrap_or("");
+                    name.ends_with(&ko) || name.contains(&format!("{ko}."))
+                }) {
+                    return Some(format!("{m} {how}"));
+                }
+            }
+        }
+    }
+    // /proc/config.gz would need a decompressor; the ruleset itself is the
+    // better evidence anyway, and is consulted first.
+    let boot = format!("/boot/config-{rel}");
+    let configs = [(boot.clone(), std::fs::read_to_string(&boot).ok())];
+    for (file, text) in configs {
+        for l in text.as_deref().unwrap_or("").lines() {
+            if let Some(v) = l.strip_prefix(symbol).and_then(|r| r.strip_prefix('='))
+                && (v == "y" || v == "m")
+            {
+                return Some(format!("{symbol}={v} in {file}"));
+            }
+        }
+    }
+    None
+}
+
+/// Cgroups a rule lists deeper than the deepest level the ruleset looks up
+/// never get their own element used.
+fn check_depth(
+    c: &mut Checklist,
+    cfg: &Config,
+    h: &Hierarchy,
+    cgroups: &[(PathBuf, u64)],
+    f: &Facts,
+) {
+    let Some(&max) = f.levels.last() else { return };
+    let mut deep: Vec<String> = Vec::new();
+    for (dir, _) in cgroups {
+        if h.level(dir).is_some_and(|l| l > max as usize)
+            && let Some(p) = h.rules_path(dir)
+            && cfg.verdict(&match_form(&p)).is_some()
+        {
+            deep.push(cgroup::display(&p));
+        }
+    }
+    if !deep.is_empty() {
+        deep.sort();
+        c.add(
+            Mark::Warn,
+            format!(
+                "{} listed cgroups are deeper than level {max}, the deepest the ruleset looks up; their own elements never match (they follow their level-{max} ancestor), e.g. {}",
+                deep.len(),
+                deep[0]
+            ),
+        );
+    }
+}
+
+fn check_namespace(c: &mut Checklist) {
+    match std::fs::metadata("/proc/self/ns/cgroup") {
+        Ok(m) if m.ino() == INIT_CGROUP_NS => {
+            c.add(Mark::Ok, "cgroup namespace: the initial one");
+        }
+        Ok(_) => c.add(
+            Mark::Warn,
+            "running in a non-root cgroup namespace: cgroup paths (and so rules) are relative to the namespace's root, cgroups outside it are invisible, and levels shown are not the kernel's; run cgtproxy in the initial cgroup namespace",
+        ),
+        Err(e) => c.add(Mark::Skip, format!("cgroup namespace: /proc/self/ns/cgroup: {e}")),
+    }
+}
+
+fn check_br_netfilter(c: &mut Checklist) {
+    let sysctl = |f: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/bridge/{f}"))
+            .ok()
+            .map(|s| s.trim() == "1")
+    };
+    let loaded = Path::new("/sys/module/br_netfilter").exists()
+        || Path::new("/proc/sys/net/bridge").exists();
+    if !loaded {
+        c.add(Mark::Ok, "br_netfilter: not loaded");
+        return;
+    }
+    let on: Vec<&str> = ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"]
+        .into_iter()
+        .filter(|f| sysctl(f) == Some(true))
+        .collect();
+    if on.is_empty() {
+        c.add(
+            Mark::Ok,
+            "br_netfilter: loaded, bridge-nf-call-ip(6)tables off",
+        );
+    } else {
+        c.add(
+            Mark::Warn,
+            format!(
+                "br_netfilter: net.bridge.{} = 1: bridged frames (containers, VMs) pass the IP hooks and conntrack, where they can pick up cgtproxy's marks; cgtproxy never steers them by cgroup. Set to 0 unless something needs it",
+                on.join(" and ")
+            ),
+        );
+    }
+}
+
+/// Socket inodes listening on `port` (TCP LISTEN, or UDP bound), from
+/// `/proc/net/{tcp,tcp6,udp,udp6}` of this network namespace.
+fn listeners(port: u16) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for (f, tcp) in [
+        ("tcp", true),
+        ("tcp6", true),
+        ("udp", false),
+        ("udp6", false),
+    ] {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/net/{f}")) {
+            out.extend(parse_proc_net(&text, port, tcp));
+        }
+    }
+    out
+}
+
+fn parse_proc_net(text: &str, port: u16, tcp: bool) -> Vec<u64> {
+    const TCP_LISTEN: &str = "0A";
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = f.get(1)?.rsplit_once(':')?.1;
+            let p = u16::from_str_radix(local_port, 16).ok()?;
+            let listening = !tcp || *f.get(3)? == TCP_LISTEN;
+            let inode: u64 = f.get(9)?.parse().ok()?;
+            (p == port && listening && inode != 0).then_some(inode)
+        })
+        .collect()
+}
+
+/// Processes holding any of `inodes` (scan of `/proc/*/fd`).
+fn holders(inodes: &BTreeSet<u64>) -> BTreeMap<u32, String> {
+    let mut out = BTreeMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).ok().is_some_and(|l| {
+                l.to_str()
+                    .and_then(|s| s.strip_prefix("socket:["))
+                    .and_then(|s| s.strip_suffix(']'))
+                    .and_then(|s| s.parse().ok())
+                    .is_some_and(|i: u64| inodes.contains(&i))
+            })
+        });
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            out.insert(pid, comm.trim_end().to_string());
+        }
+    }
+    out
+}
+
+/// The proxy's own process must not be sent to a chain that captures:
+/// find who listens on the TPROXY port and resolve its cgroup's verdict,
+/// both as the kernel holds it now and as the rules would make it.
+fn check_self_capture(
+    c: &mut Checklist,
+    cfg: &Config,
+    h: &Hierarchy,
+    facts: Option<&Facts>,
+    els: Option<&[Element]>,
+) {
+    let port = facts
+        .and_then(|f| f.tproxy_ports.iter().next().copied())
+        .unwrap_or(DEFAULT_TPROXY_PORT);
+    let pids = holders(&listeners(port));
+    if pids.is_empty() {
+        c.add(
+            Mark::Warn,
+            format!(
+                "nothing listens on port {port} in this network namespace: proxied connections fail until the proxy runs"
+            ),
+        );
+        return;
+    }
+    let default_facts = Facts::default();
+    let f = facts.unwrap_or(&default_facts);
+    let captures = |v: &Verdict| match v {
+        Verdict::Goto(chain) => {
+            if f.capturing.is_empty() {
+                chain == "proxy"
+            } else {
+                f.capturing.contains(chain)
+            }
+        }
+        _ => false,
+    };
+    let by_id: HashMap<u64, &Element> = els.unwrap_or(&[]).iter().map(|e| (e.id, e)).collect();
+    let exempt = match f.proxy_mark {
+        Some(m) => format!("unless it marks them with {m} (SO_MARK; CGTPROXY_PROXY_MARK)"),
+        None => "unless it marks them with the ruleset's proxy mark (CGTPROXY_PROXY_MARK)".into(),
+    };
+    let mut seen = HashSet::new();
+    for (pid, comm) in pids {
+        let dir = match h.dir_of_pid(pid) {
+            Ok(d) => d,
+            Err(e) => {
+                c.add(Mark::Skip, format!("proxy process {pid} ({comm}): {e}"));
+                continue;
+            }
+        };
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
+        let steps = lineage(h, cfg, &dir);
+        let who = format!(
+            "the proxy (pid {pid} {comm}, listening on port {port}) runs in cgroup {}",
+            h.name(&dir)
+        );
+        let mut problems = Vec::new();
+        if let Some((st, v)) = deciding(&steps, &by_id, f)
+            && captures(v)
+        {
+            problems.push(format!(
+                "the map now sends it to {v} (element of {}, level {})",
+                h.name(&st.dir),
+                st.level.map_or("?".into(), |l| l.to_string())
+            ));
+        }
+        if let Some((st, i)) = steps
+            .iter()
+            .filter(|st| f.looks_up(st.level))
+            .find_map(|st| st.rule.map(|i| (st, i)))
+            && captures(&cfg.rules[i].target)
+        {
+            problems.push(format!(
+                "rules[{i}] {:?} sends {} to {}",
+                cfg.rules[i].pattern,
+                if st.dir == dir {
+                    "it".to_string()
+                } else {
+                    format!("its ancestor {}", h.name(&st.dir))
+                },
+                cfg.rules[i].target
+            ));
+        }
+        if problems.is_empty() {
+            c.add(Mark::Ok, format!("{who}, which is not proxied"));
+        } else {
+            c.add(
+                Mark::Warn,
+                format!(
+                    "{who}: {}; its own connections would loop back to itself {exempt}. Put the proxy in a cgroup that a \"direct\" rule lists",
+                    problems.join("; ")
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_listeners() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1ED5 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:1ED5 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 4243 1 0000000000000000 100 0 0 10 0\n\
+   2: 0100007F:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4244 1 0000000000000000 100 0 0 10 0\n";
+        assert_eq!(parse_proc_net(tcp, 7893, true), vec![4242]);
+        assert_eq!(parse_proc_net(tcp, 7893, false), vec![4242, 4243]);
+        assert_eq!(
+            parse_proc_net("garbage\nx y\n", 7893, true),
+            Vec::<u64>::new()
+        );
+    }
+}

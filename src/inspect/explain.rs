@@ -1,0 +1,246 @@
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::rules::{Facts, analyse};
+use super::{Hierarchy, Live, elements, load};
+use crate::cgroup;
+use crate::config::{Config, Verdict, match_form};
+use crate::daemon::Options;
+use crate::error::Error;
+use crate::nftables::Element;
+
+// ---------------------------------------------------------------------------
+// explain
+// ---------------------------------------------------------------------------
+
+/// One level of a cgroup's lineage, as the ruleset looks it up.
+pub(super) struct Step {
+    pub(super) dir: PathBuf,
+    pub(super) level: Option<usize>,
+    id: Option<u64>,
+    /// The rule matching this cgroup's own path (`None` above the root or
+    /// when none matches).
+    pub(super) rule: Option<usize>,
+    under_root: bool,
+}
+
+pub(super) fn lineage(h: &Hierarchy, cfg: &Config, dir: &Path) -> Vec<Step> {
+    h.lineage(dir)
+        .into_iter()
+        .map(|d| {
+            let rp = h.rules_path(&d);
+            Step {
+                level: h.level(&d),
+                id: cgroup::id_of(&d).ok(),
+                rule: rp
+                    .as_deref()
+                    .and_then(|p| cfg.matching_rule(&match_form(p)).map(|(i, _)| i)),
+                under_root: rp.is_some(),
+                dir: d,
+            }
+        })
+        .collect()
+}
+
+/// Which step's element the kernel uses now (deepest looked-up level that
+/// has one).
+pub(super) fn deciding<'s, 'e>(
+    steps: &'s [Step],
+    map: &HashMap<u64, &'e Element>,
+    facts: &Facts,
+) -> Option<(&'s Step, &'e Verdict)> {
+    steps.iter().find_map(|s| {
+        let el: &'e Element = s.id.and_then(|id| map.get(&id).copied())?;
+        facts.looks_up(s.level).then_some((s, &el.verdict))
+    })
+}
+
+/// `cgtproxy explain PATH|PID...`. Returns the exit status.
+pub fn explain(opts: &Options, targets: &[OsString]) -> Result<i32, Error> {
+    if targets.is_empty() {
+        return Err(Error::Usage(
+            "explain needs a cgroup PATH or a PID (try --help)".into(),
+        ));
+    }
+    let (cfg, h) = load(opts)?;
+    let (els, map_error) = match elements(&cfg) {
+        Ok(e) => (e, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let facts = Live::open(&cfg)
+        .and_then(|mut l| l.rules())
+        .map(|r| analyse(&r, &cfg.map, &cfg.verdict_map))
+        .unwrap_or_default();
+    let by_id: HashMap<u64, &Element> = els.iter().map(|e| (e.id, e)).collect();
+    let mut code = i32::from(map_error.is_some());
+    let mut out = String::new();
+    for (n, t) in targets.iter().enumerate() {
+        if n > 0 {
+            out.push('\n');
+        }
+        match explain_one(&cfg, &h, t, &by_id, map_error.as_deref(), &facts) {
+            Ok(s) => out.push_str(&s),
+            Err(e) => {
+                let _ = writeln!(out, "{}: {e}", t.to_string_lossy());
+                code = 1;
+            }
+        }
+    }
+    print!("{out}");
+    Ok(code)
+}
+
+fn explain_one(
+    cfg: &Config,
+    h: &Hierarchy,
+    target: &OsStr,
+    map: &HashMap<u64, &Element>,
+    map_error: Option<&str>,
+    facts: &Facts,
+) -> Result<String, String> {
+    let bytes = target.as_bytes();
+    let mut s = String::new();
+    let dir = if !bytes.is_empty() && bytes.iter().all(u8::is_ascii_digit) {
+        let pid: u32 = target
+            .to_str()
+            .and_then(|t| t.parse().ok())
+            .ok_or("not a process id")?;
+        let dir = h.dir_of_pid(pid)?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let _ = writeln!(s, "process {pid} ({})", comm.trim_end());
+        dir
+    } else {
+        let p = Path::new(target);
+        let under_mount = h.mount_point().is_some_and(|m| p.starts_with(m));
+        if (p.starts_with(&h.root) || under_mount) && p.is_dir() {
+            p.to_path_buf()
+        } else {
+            cgroup::fs_path(&h.root, bytes)
+        }
+    };
+    if !dir.join("cgroup.procs").exists() {
+        return Err(format!("no such cgroup ({} does not exist)", dir.display()));
+    }
+    let steps = lineage(h, cfg, &dir);
+    let me = &steps[0];
+    let lvl = |l: Option<usize>| l.map_or("?".to_string(), |l| l.to_string());
+    let id = |i: Option<u64>| i.map_or("?".to_string(), |i| i.to_string());
+    let _ = writeln!(s, "cgroup     {}", h.name(&dir));
+    let _ = writeln!(s, "directory  {}", dir.display());
+    let _ = writeln!(s, "id         {}", id(me.id));
+    let _ = writeln!(s, "level      {}", lvl(me.level));
+    let rule_text = |i: usize| {
+        let r = &cfg.rules[i];
+        format!("rules[{i}] {:?} -> {}", r.pattern, r.target)
+    };
+    match (me.under_root, me.rule) {
+        (false, _) => {
+            let _ = writeln!(
+                s,
+                "rule       none: outside the cgroup root {}, which cgtproxy does not list",
+                h.root.display()
+            );
+        }
+        (true, Some(i)) => {
+            let _ = writeln!(s, "rule       {}", rule_text(i));
+        }
+        (true, None) => {
+            let _ = writeln!(
+                s,
+                "rule       none matches {:?}",
+                match_form(&h.rules_path(&dir).unwrap_or_default())
+            );
+        }
+    }
+    let own = me.id.and_then(|i| map.get(&i));
+    let _ = writeln!(
+        s,
+        "element    {}",
+        match (map_error, own) {
+            (Some(_), _) => "unknown (the map cannot be read)".to_string(),
+            (None, Some(e)) => format!("{}{}", e.verdict, counter_text(e.counter)),
+            (None, None) => "none".to_string(),
+        }
+    );
+    // The lookups, deepest first, as the ruleset does them.
+    let decider = if map_error.is_none() {
+        deciding(&steps, map, facts)
+    } else {
+        None
+    };
+    let rows: Vec<[String; 5]> = steps
+        .iter()
+        .filter(|st| st.level != Some(0))
+        .map(|st| {
+            let el = match (map_error, st.id.and_then(|i| map.get(&i))) {
+                (Some(_), _) => "?".to_string(),
+                (None, Some(e)) => e.verdict.to_string(),
+                (None, None) => "-".to_string(),
+            };
+            let mut name = h.name(&st.dir);
+            if decider.is_some_and(|(d, _)| d.dir == st.dir) {
+                name.push_str("   <- decides");
+            } else if !facts.looks_up(st.level) {
+                name.push_str("   (level not looked up by the ruleset)");
+            }
+            let rule = match (st.under_root, st.rule) {
+                (true, Some(i)) => format!("rules[{i}]"),
+                _ => "-".to_string(),
+            };
+            [lvl(st.level), id(st.id), rule, el, name]
+        })
+        .collect();
+    let head = ["LEVEL", "ID", "RULE", "ELEMENT", "CGROUP"];
+    let w = |i: usize| {
+        rows.iter()
+            .map(|r| r[i].chars().count())
+            .chain([head[i].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+    let _ = writeln!(s, "lookups    deepest first, as the ruleset does them:");
+    for r in std::iter::once(&head.map(String::from)).chain(&rows) {
+        let _ = writeln!(
+            s,
+            "  {:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
+            r[0], r[1], r[2], r[3], r[4]
+        );
+    }
+    if rows.is_empty() {
+        let _ = writeln!(s, "  (none: the root cgroup is never looked up)");
+    }
+    let verdict = match (map_error, decider) {
+        (Some(e), _) => format!("unknown: {e}"),
+        (None, Some((d, v))) if d.dir == dir => format!("{v}, from its own element"),
+        (None, Some((d, v))) => format!(
+            "{v}, inherited from the element of {} (level {})",
+            h.name(&d.dir),
+            lvl(d.level)
+        ),
+        (None, None) => "no element at any level: the ruleset's fallthrough applies (direct in the shipped ruleset)".to_string(),
+    };
+    let _ = writeln!(s, "verdict    {verdict}");
+    // What the daemon makes of it: the nearest listed cgroup decides.
+    let by_rules = steps
+        .iter()
+        .filter(|st| facts.looks_up(st.level))
+        .find_map(|st| st.rule.map(|i| (st, i)));
+    let _ = writeln!(
+        s,
+        "by rules   {}",
+        match by_rules {
+            Some((st, i)) if st.dir == dir => format!("{} (its own rule)", rule_text(i)),
+            Some((st, i)) => format!("{}, inherited from {}", rule_text(i), h.name(&st.dir)),
+            None => "no rule lists it or an ancestor below the cgroup root".to_string(),
+        }
+    );
+    Ok(s)
+}
+
+fn counter_text(c: Option<(u64, u64)>) -> String {
+    c.map_or(String::new(), |(p, b)| format!(" ({p} packets, {b} bytes)"))
+}

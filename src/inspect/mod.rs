@@ -1,0 +1,338 @@
+//! The operator's commands: `check`, `status` and `explain`. They only
+//! read — cgroupfs, `/proc`, and the live ruleset over netlink — and never
+//! change the kernel, so they are safe to run next to the daemon.
+//!
+//! Levels are the kernel's (`socket cgroupv2 level N`): the depth below the
+//! root of the cgroup2 hierarchy, whatever directory `cgroup-root` names.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::cgroup;
+use crate::config::Config;
+use crate::daemon::Options;
+use crate::error::Error;
+use crate::netlink::NlError;
+use crate::nftables::{self, Element, Object as NftObject};
+use crate::ruleset::{Ruleset, nl_error};
+use crate::wire::{self, Msg, Writer};
+
+use rules::{NftRule, parse_rule};
+
+mod check;
+mod explain;
+mod rules;
+mod status;
+
+pub use check::check;
+pub use explain::explain;
+pub use status::status;
+
+/// Chains of nft/cgtproxy*.nft that are plumbing, never a rule's target.
+const INTERNAL_CHAINS: &[&str] = &[
+    "output",
+    "lookup",
+    "dispatch",
+    "pass",
+    "pre_bypass",
+    "pre_proxy",
+    "reroute",
+    "prerouting",
+    "listener",
+    "dns",
+    "forward",
+    "forward_new",
+];
+
+// ---------------------------------------------------------------------------
+// The cgroup2 hierarchy as this process sees it
+// ---------------------------------------------------------------------------
+
+/// Where cgroup2 is mounted and where the cgroup root (the rules' `/`) is.
+struct Hierarchy {
+    /// The cgroup2 mount point and the depth of its root below the
+    /// hierarchy's root (non-zero when a subtree was mounted), when known.
+    mount: Option<(PathBuf, Option<usize>)>,
+    root: PathBuf,
+}
+
+/// Normal components of `p` (`..` makes it unknowable: `None`).
+fn depth(p: &Path) -> Option<usize> {
+    let mut n = 0;
+    for c in p.components() {
+        match c {
+            Component::Normal(_) => n += 1,
+            Component::RootDir | Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    Some(n)
+}
+
+/// `/` + `rel`, as bytes (the form rules and `/proc/PID/cgroup` use).
+fn slash(rel: &Path) -> Vec<u8> {
+    let mut v = b"/".to_vec();
+    v.extend_from_slice(rel.as_os_str().as_bytes());
+    v
+}
+
+impl Hierarchy {
+    fn new(root: PathBuf) -> Hierarchy {
+        let mount = std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .as_deref()
+            .and_then(cgroup::find_mount_and_root)
+            .map(|(r, mp)| (mp, depth(Path::new(OsStr::from_bytes(&r)))));
+        Hierarchy { mount, root }
+    }
+
+    fn mount_point(&self) -> Option<&Path> {
+        self.mount.as_ref().map(|(m, _)| m.as_path())
+    }
+
+    /// The kernel's level of the cgroup at `dir`.
+    fn level(&self, dir: &Path) -> Option<usize> {
+        let (m, base) = self.mount.as_ref()?;
+        Some(base.as_ref()? + depth(dir.strip_prefix(m).ok()?)?)
+    }
+
+    /// The path rules match for `dir`, when it is at or below the root.
+    fn rules_path(&self, dir: &Path) -> Option<Vec<u8>> {
+        let rel = dir.strip_prefix(&self.root).ok()?;
+        Some(if rel.as_os_str().is_empty() {
+            b"/".to_vec()
+        } else {
+            slash(rel)
+        })
+    }
+
+    /// How a cgroup is named for people: its rules path, or (above the
+    /// cgroup root) its path in the mount, flagged as such.
+    fn name(&self, dir: &Path) -> String {
+        if let Some(p) = self.rules_path(dir) {
+            return cgroup::display(&p);
+        }
+        match self.mount_point().and_then(|m| dir.strip_prefix(m).ok()) {
+            Some(rel) => format!("(above the cgroup root) {}", cgroup::display(&slash(rel))),
+            None => cgroup::display(dir.as_os_str().as_bytes()),
+        }
+    }
+
+    /// The directory of a process's cgroup.
+    fn dir_of_pid(&self, pid: u32) -> Result<PathBuf, String> {
+        let p = cgroup::path_of_pid(pid)?;
+        if p.split(|&c| c == b'/').any(|c| c == b"..") {
+            return Err(format!(
+                "process {pid} is in cgroup {} outside this cgroup namespace",
+                cgroup::display(&p)
+            ));
+        }
+        let m = self
+            .mount_point()
+            .ok_or("no cgroup2 file system is mounted (see /proc/self/mountinfo)")?;
+        Ok(cgroup::fs_path(m, &p))
+    }
+
+    /// `dir` and its ancestors down to the mount point (deepest first).
+    fn lineage(&self, dir: &Path) -> Vec<PathBuf> {
+        let stop = self.mount_point().unwrap_or(&self.root);
+        let mut out = vec![dir.to_path_buf()];
+        let mut d = dir;
+        while d != stop {
+            match d.parent() {
+                Some(p) if p.starts_with(stop) => {
+                    out.push(p.to_path_buf());
+                    d = p;
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Every cgroup at and below the root: (directory, id), parents first.
+    fn walk(&self) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(d) = stack.pop() {
+            // A cgroup removed meanwhile is simply not there.
+            let Ok(id) = cgroup::id_of(&d) else { continue };
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            out.push((d, id));
+        }
+        out
+    }
+}
+
+const NFT_MSG_GETRULE: u8 = 7;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_SET_EXPR: u16 = 17;
+const NFTA_SET_EXPRESSIONS: u16 = 18;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+
+/// The table as the kernel has it, read through the daemon's own `Ruleset`.
+struct Live {
+    rs: Ruleset,
+}
+
+/// The parts of a NEWSET reply `check` reports.
+#[derive(Debug, Default)]
+struct MapInfo {
+    set: Option<nftables::SetInfo>,
+    counter: bool,
+}
+
+impl Live {
+    fn open(cfg: &Config) -> Result<Live, Error> {
+        Ok(Live {
+            rs: Ruleset::open(cfg)?,
+        })
+    }
+
+    fn table(&mut self) -> Result<bool, Error> {
+        let t = self.rs.map.table.clone();
+        self.rs.get(&NftObject::Table(&t), |_| Ok(()))
+    }
+
+    fn map_info(&mut self, map: &str) -> Result<Option<MapInfo>, Error> {
+        let (t, m) = (self.rs.map.table.clone(), map.to_string());
+        let mut info = MapInfo::default();
+        let found = self.rs.get(&NftObject::Set(&t, &m), |m| {
+            info.set = Some(nftables::parse_set(m)?);
+            info.counter = set_has_counter(m);
+            Ok(())
+        })?;
+        Ok(found.then_some(info))
+    }
+
+    fn chain(&mut self, chain: &str) -> Result<bool, Error> {
+        let t = self.rs.map.table.clone();
+        self.rs.get(&NftObject::Chain(&t, chain), |_| Ok(()))
+    }
+
+    /// Every rule of the table, in chain order.
+    fn rules(&mut self) -> Result<Vec<NftRule>, Error> {
+        for _ in 0..10 {
+            let table = self.rs.map.table.clone();
+            let nl = self.rs.socket();
+            let seq = nl.seq();
+            let mut w = Writer::new();
+            // nft list table inet TABLE (its rules)
+            w.begin_msg(
+                nftables::msg_type(NFT_MSG_GETRULE),
+                wire::NLM_F_REQUEST | wire::NLM_F_DUMP,
+                seq,
+            );
+            w.put(&[nftables::FAMILY_INET, 0, 0, 0]); // nfgenmsg: family, v0, res_id 0
+            w.attr_str(NFTA_RULE_TABLE, &table);
+            w.end_msg();
+            let mut out = Vec::new();
+            let r = nl.request(&w.buf, seq, true, |m| {
+                let (t, _, rule) = parse_rule(m)?;
+                if t == table {
+                    out.push(rule);
+                }
+                Ok(())
+            });
+            match r {
+                Ok(()) => return Ok(out),
+                Err(NlError::Unknown("interrupted dump")) => continue,
+                Err(e) => return Err(nl_error("dump of the rules", e)),
+            }
+        }
+        Err(Error::Runtime(
+            "dump of the rules: interrupted ten times in a row".into(),
+        ))
+    }
+}
+
+/// Whether a NEWSET carries a `counter` expression for its elements.
+fn set_has_counter(m: &Msg<'_>) -> bool {
+    fn named_counter(expr: &[u8]) -> bool {
+        wire::attrs(expr)
+            .flatten()
+            .any(|(ty, v)| ty == NFTA_EXPR_NAME && wire::string(v) == "counter")
+    }
+    let Some(body) = m.payload.get(4..) else {
+        return false;
+    };
+    wire::attrs(body).flatten().any(|(ty, v)| match ty {
+        NFTA_SET_EXPR => named_counter(v),
+        NFTA_SET_EXPRESSIONS => wire::attrs(v)
+            .flatten()
+            .any(|(t, e)| t == NFTA_LIST_ELEM && named_counter(e)),
+        _ => false,
+    })
+}
+
+/// The map's elements by id, or why there are none to show.
+fn elements(cfg: &Config) -> Result<Vec<Element>, Error> {
+    let mut rs = Ruleset::open(cfg)?;
+    match rs.dump()? {
+        Some(e) => Ok(e),
+        None => Err(Error::Runtime(format!(
+            "table inet {} or its map '{}' or '{}' does not exist — load nft/cgtproxy.nft first",
+            cfg.table, cfg.map, cfg.verdict_map
+        ))),
+    }
+}
+
+/// Loads the config and resolves the cgroup root (`--cgroup-root` first).
+fn load(opts: &Options) -> Result<(Config, Hierarchy), Error> {
+    let (cfg, root) = crate::daemon::load(opts)?;
+    Ok((cfg, Hierarchy::new(root)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_root_and_point() {
+        let mi = "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+                  41 31 0:38 /../.. /sys/fs/cgroup/uni\\040fied rw - cgroup2 cgroup2 rw\n";
+        let (root, mp) = cgroup::find_mount_and_root(mi).unwrap();
+        assert_eq!(root, b"/../..");
+        assert_eq!(mp, PathBuf::from("/sys/fs/cgroup/uni fied"));
+        assert_eq!(depth(Path::new("/")), Some(0));
+        assert_eq!(depth(Path::new("/a/b")), Some(2));
+        assert_eq!(depth(Path::new("/..")), None);
+    }
+
+    #[test]
+    fn hierarchy_levels_and_paths() {
+        let h = Hierarchy {
+            mount: Some((PathBuf::from("/cg"), Some(0))),
+            root: PathBuf::from("/cg/test"),
+        };
+        assert_eq!(h.level(Path::new("/cg")), Some(0));
+        assert_eq!(h.level(Path::new("/cg/test/a/b")), Some(3));
+        assert_eq!(h.rules_path(Path::new("/cg/test")), Some(b"/".to_vec()));
+        assert_eq!(
+            h.rules_path(Path::new("/cg/test/a/b")),
+            Some(b"/a/b".to_vec())
+        );
+        assert_eq!(h.rules_path(Path::new("/cg/other")), None);
+        assert_eq!(
+            h.name(Path::new("/cg/other")),
+            "(above the cgroup root) /other"
+        );
+        let l = h.lineage(Path::new("/cg/test/a"));
+        assert_eq!(
+            l,
+            vec![
+                PathBuf::from("/cg/test/a"),
+                PathBuf::from("/cg/test"),
+                PathBuf::from("/cg")
+            ]
+        );
+    }
+}

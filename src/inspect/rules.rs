@@ -1,0 +1,587 @@
+use std::collections::{BTreeSet, HashMap};
+
+use super::{NFTA_EXPR_NAME, NFTA_LIST_ELEM, NFTA_RULE_TABLE};
+use crate::wire::{self, Msg};
+
+// ---------------------------------------------------------------------------
+// The live ruleset: what its rules do with the map
+// ---------------------------------------------------------------------------
+
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFTA_SOCKET_KEY: u16 = 1;
+const NFTA_SOCKET_DREG: u16 = 2;
+const NFTA_SOCKET_LEVEL: u16 = 3;
+const NFT_SOCKET_MARK: u32 = 1;
+const NFT_SOCKET_CGROUPV2: u32 = 3;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_DREG: u16 = 3;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFTA_META_SREG: u16 = 3;
+const NFT_META_MARK: u32 = 3;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFT_CMP_EQ: u32 = 0;
+const NFTA_TPROXY_REG_PORT: u16 = 3;
+const NF_ACCEPT: i32 = 1;
+const NFT_JUMP: i32 = -3;
+const NFT_GOTO: i32 = -4;
+
+/// One expression of a rule: its name and its attributes (raw).
+#[derive(Debug, Clone)]
+struct Expr {
+    name: String,
+    attrs: Vec<(u16, Vec<u8>)>,
+}
+
+impl Expr {
+    fn attr(&self, ty: u16) -> Option<&[u8]> {
+        self.attrs
+            .iter()
+            .find(|(t, _)| *t == ty)
+            .map(|(_, v)| v.as_slice())
+    }
+    /// nf_tables' NLA_U32 attributes are big-endian.
+    fn u32(&self, ty: u16) -> Option<u32> {
+        self.attr(ty).and_then(|v| wire::be32(v).ok())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct NftRule {
+    chain: String,
+    exprs: Vec<Expr>,
+}
+
+/// What `nft_data` holds: a value, or a verdict (code, chain).
+enum Data {
+    Value(Vec<u8>),
+    Verdict(i32, Option<String>),
+}
+
+fn parse_data(b: &[u8]) -> Option<Data> {
+    for a in wire::attrs(b) {
+        let (ty, v) = a.ok()?;
+        match ty {
+            NFTA_DATA_VALUE => return Some(Data::Value(v.to_vec())),
+            NFTA_DATA_VERDICT => {
+                let (mut code, mut chain) = (None, None);
+                for a in wire::attrs(v) {
+                    let (ty, v) = a.ok()?;
+                    match ty {
+                        NFTA_VERDICT_CODE => code = wire::be32(v).ok().map(|c| c as i32),
+                        NFTA_VERDICT_CHAIN => chain = Some(wire::string(v)),
+                        _ => {}
+                    }
+                }
+                return Some(Data::Verdict(code?, chain));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A NEWRULE message of a dump: its chain and expressions.
+pub(super) fn parse_rule(m: &Msg<'_>) -> Result<(String, String, NftRule), wire::Malformed> {
+    let body = m
+        .payload
+        .get(4..)
+        .ok_or(wire::Malformed("truncated nfgenmsg"))?;
+    let (mut table, mut chain, mut exprs) = (String::new(), String::new(), Vec::new());
+    for a in wire::attrs(body) {
+        let (ty, v) = a?;
+        match ty {
+            NFTA_RULE_TABLE => table = wire::string(v),
+            NFTA_RULE_CHAIN => chain = wire::string(v),
+            NFTA_RULE_EXPRESSIONS => {
+                for e in wire::attrs(v) {
+                    let (ty, e) = e?;
+                    if ty != NFTA_LIST_ELEM {
+                        continue;
+                    }
+                    let mut x = Expr {
+                        name: String::new(),
+                        attrs: Vec::new(),
+                    };
+                    for a in wire::attrs(e) {
+                        let (ty, v) = a?;
+                        match ty {
+                            NFTA_EXPR_NAME => x.name = wire::string(v),
+                            NFTA_EXPR_DATA => {
+                                for a in wire::attrs(v) {
+                                    let (ty, v) = a?;
+                                    x.attrs.push((ty, v.to_vec()));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    exprs.push(x);
+                }
+            }
+            _ => {}
+        }
+    }
+    let c = chain.clone();
+    Ok((table, c, NftRule { chain, exprs }))
+}
+
+/// What the live ruleset does with the map, read from its rules.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Facts {
+    /// Levels of the `socket cgroupv2 level N vmap @MAP` lookups.
+    pub(super) levels: BTreeSet<u32>,
+    /// Chains that hold those lookups.
+    pub(super) lookup_chains: BTreeSet<String>,
+    /// A rule looks the packet mark up in the verdicts map.
+    pub(super) dispatches: bool,
+    /// Chains known to exist (those with rules; `check` adds the empty
+    /// ones the config names), and those whose first rule is `meta mark set
+    /// socket mark`.
+    pub(super) chains: BTreeSet<String>,
+    pub(super) restores: BTreeSet<String>,
+    /// `tproxy ... to :PORT` ports.
+    pub(super) tproxy_ports: BTreeSet<u16>,
+    /// The packet mark the TPROXY rules match (`meta mark X ... tproxy`).
+    pub(super) tproxy_mark: Option<u32>,
+    /// `meta mark X accept` in a lookup chain: the proxy's own mark.
+    pub(super) proxy_mark: Option<u32>,
+    /// Chains that send what reaches them to the TPROXY listener: those
+    /// setting the TPROXY mark, and those that go to or jump to one.
+    pub(super) capturing: BTreeSet<String>,
+}
+
+impl Facts {
+    pub(super) fn levels_text(&self) -> String {
+        let v: Vec<u32> = self.levels.iter().copied().collect();
+        let contiguous = v.windows(2).all(|w| w[1] == w[0] + 1);
+        match (v.first(), v.last()) {
+            (Some(a), Some(b)) if a == b => format!("level {a}"),
+            (Some(a), Some(b)) if contiguous => format!("levels {a}-{b}"),
+            _ => format!(
+                "levels {}",
+                v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+            ),
+        }
+    }
+
+    /// Whether the ruleset looks up the element of a cgroup at `level`.
+    pub(super) fn looks_up(&self, level: Option<usize>) -> bool {
+        match level {
+            Some(0) => false,
+            Some(l) => self.levels.is_empty() || self.levels.contains(&(l as u32)),
+            None => true,
+        }
+    }
+}
+
+/// Chains from which one of `seed` is reached through goto or jump.
+fn reaching(seed: BTreeSet<String>, edges: &[(String, String)]) -> BTreeSet<String> {
+    let mut set = seed;
+    loop {
+        let before = set.len();
+        for (from, to) in edges {
+            if set.contains(to) {
+                set.insert(from.clone());
+            }
+        }
+        if set.len() == before {
+            return set;
+        }
+    }
+}
+
+/// Reads what the rules do, register by register: which levels feed a
+/// lookup in `map`, whether the mark feeds one in `verdicts`, where TPROXY
+/// sends to, and which marks steer it.
+pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
+    #[derive(Clone)]
+    enum Reg {
+        Cgroup(u32),
+        Value(Vec<u8>),
+        Mark,
+    }
+    /// One rule, reduced to what matters here.
+    #[derive(Default)]
+    struct Summary {
+        mark_eq: Option<u32>,
+        sets_mark: Vec<u32>,
+        tproxy: bool,
+        /// `meta mark X accept`: an exemption.
+        exempt: bool,
+    }
+    let mut f = Facts::default();
+    let mut edges: Vec<(String, String)> = Vec::new();
+    let mut summaries: Vec<(&str, Summary)> = Vec::new();
+    for r in rules {
+        let mut regs: HashMap<u32, Reg> = HashMap::new();
+        let mut sum = Summary::default();
+        let mut accept = false;
+        for e in &r.exprs {
+            match e.name.as_str() {
+                "socket" if e.u32(NFTA_SOCKET_KEY) == Some(NFT_SOCKET_CGROUPV2) => {
+                    if let (Some(d), Some(l)) = (e.u32(NFTA_SOCKET_DREG), e.u32(NFTA_SOCKET_LEVEL))
+                    {
+                        regs.insert(d, Reg::Cgroup(l));
+                    }
+                }
+                "immediate" => match e.attr(NFTA_IMMEDIATE_DATA).and_then(parse_data) {
+                    Some(Data::Value(v)) => {
+                        if let Some(d) = e.u32(NFTA_IMMEDIATE_DREG) {
+                            regs.insert(d, Reg::Value(v));
+                        }
+                    }
+                    Some(Data::Verdict(code, chain)) => {
+                        accept = code == NF_ACCEPT;
+                        if let (NFT_JUMP | NFT_GOTO, Some(c)) = (code, chain) {
+                            edges.push((r.chain.clone(), c));
+                        }
+                    }
+                    None => {}
+                },
+                "meta" if e.u32(NFTA_META_KEY) == Some(NFT_META_MARK) => {
+                    if let Some(d) = e.u32(NFTA_META_DREG) {
+                        regs.insert(d, Reg::Mark);
+                    } else if let Some(Reg::Value(v)) =
+                        e.u32(NFTA_META_SREG).and_then(|s| regs.get(&s))
+                        && let Ok(b) = <[u8; 4]>::try_from(v.as_slice())
+                    {
+                        // The mark is a host-order u32 in the register.
+                        sum.sets_mark.push(u32::from_ne_bytes(b));
+                    }
+                }
+                "meta" => {
+                    // Any other load overwrites its register.
+                    if let Some(d) = e.u32(NFTA_META_DREG) {
+                        regs.remove(&d);
+                    }
+                }
+                "cmp" => {
+                    if let (Some(Reg::Mark), Some(NFT_CMP_EQ), Some(Data::Value(v))) = (
+                        e.u32(NFTA_CMP_SREG).and_then(|s| regs.get(&s)),
+                        e.u32(NFTA_CMP_OP),
+                        e.attr(NFTA_CMP_DATA).and_then(parse_data),
+                    ) && let Ok(b) = <[u8; 4]>::try_from(v.as_slice())
+                    {
+                        sum.mark_eq = Some(u32::from_ne_bytes(b));
+                    }
+                }
+                "lookup" => {
+                    let set = e.attr(NFTA_LOOKUP_SET).map(wire::string);
+                    match e.u32(NFTA_LOOKUP_SREG).and_then(|s| regs.get(&s)) {
+                        Some(Reg::Cgroup(l)) if set.as_deref() == Some(map) => {
+                            f.levels.insert(*l);
+                            f.lookup_chains.insert(r.chain.clone());
+                        }
+                        Some(Reg::Mark) if set.as_deref() == Some(verdicts) => f.dispatches = true,
+                        _ => {}
+                    }
+                    // A map lookup writes what it found over its register.
+                    if let Some(d) = e.u32(NFTA_LOOKUP_DREG) {
+                        regs.remove(&d);
+                    }
+                }
+                "tproxy" => {
+                    sum.tproxy = true;
+                    if let Some(Reg::Value(v)) =
+                        e.u32(NFTA_TPROXY_REG_PORT).and_then(|s| regs.get(&s))
+                        && let Ok(b) = <[u8; 2]>::try_from(v.as_slice())
+                    {
+                        f.tproxy_ports.insert(u16::from_be_bytes(b));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let names: Vec<&str> = r.exprs.iter().map(|e| e.name.as_str()).collect();
+        sum.exempt = names == ["meta", "cmp", "immediate"] && accept && sum.mark_eq.is_some();
+        if f.chains.insert(r.chain.clone()) && restores_mark(&r.exprs) {
+            f.restores.insert(r.chain.clone());
+        }
+        summaries.push((&r.chain, sum));
+    }
+    // The mark TPROXY takes: matched by a rule that does TPROXY itself or
+    // goes to a chain that does.
+    let tproxy_chains = reaching(
+        summaries
+            .iter()
+            .filter(|(_, s)| s.tproxy)
+            .map(|(c, _)| c.to_string())
+            .collect(),
+        &edges,
+    );
+    f.tproxy_mark = rules.iter().zip(&summaries).find_map(|(r, (_, s))| {
+        let goes = r.exprs.iter().any(|e| {
+            e.attr(NFTA_IMMEDIATE_DATA).and_then(parse_data).is_some_and(|d| {
+                matches!(d, Data::Verdict(NFT_JUMP | NFT_GOTO, Some(c)) if tproxy_chains.contains(&c))
+            })
+        });
+        s.mark_eq.filter(|_| s.tproxy || goes)
+    });
+    // The proxy's exemption: `meta mark X accept` on the way to a lookup.
+    let upstream = reaching(f.lookup_chains.clone(), &edges);
+    f.proxy_mark = summaries
+        .iter()
+        .find(|(c, s)| s.exempt && upstream.contains(*c))
+        .and_then(|(_, s)| s.mark_eq);
+    // Chains that hand what reaches them to the listener: those that set
+    // the TPROXY mark, and those that go to one of them.
+    f.capturing = reaching(
+        summaries
+            .iter()
+            .filter(|(_, s)| {
+                s.sets_mark
+                    .iter()
+                    .any(|m| f.tproxy_mark.is_none_or(|t| t == *m))
+            })
+            .map(|(c, _)| c.to_string())
+            .collect(),
+        &edges,
+    );
+    f
+}
+
+/// `meta mark set socket mark`: socket mark into a register, the packet
+/// mark from it.
+fn restores_mark(exprs: &[Expr]) -> bool {
+    let [sock, meta] = exprs else { return false };
+    let reg = sock.u32(NFTA_SOCKET_DREG);
+    sock.name == "socket"
+        && sock.u32(NFTA_SOCKET_KEY) == Some(NFT_SOCKET_MARK)
+        && meta.name == "meta"
+        && meta.u32(NFTA_META_KEY) == Some(NFT_META_MARK)
+        && reg.is_some()
+        && meta.u32(NFTA_META_SREG) == reg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Writer;
+
+    fn expr(name: &str, attrs: &[(u16, Vec<u8>)]) -> Expr {
+        Expr {
+            name: name.into(),
+            attrs: attrs.to_vec(),
+        }
+    }
+    fn be(v: u32) -> Vec<u8> {
+        v.to_be_bytes().to_vec()
+    }
+    fn value(v: &[u8]) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.attr(NFTA_DATA_VALUE, v);
+        w.buf
+    }
+    fn verdict(code: i32, chain: Option<&str>) -> Vec<u8> {
+        let mut w = Writer::new();
+        let n = w.nest_begin(NFTA_DATA_VERDICT);
+        w.attr_be32(NFTA_VERDICT_CODE, code as u32);
+        if let Some(c) = chain {
+            w.attr_str(NFTA_VERDICT_CHAIN, c);
+        }
+        w.nest_end(n);
+        w.buf
+    }
+    fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
+        NftRule {
+            chain: chain.into(),
+            exprs,
+        }
+    }
+
+    fn meta_mark_load() -> Expr {
+        expr("meta", &[(NFTA_META_DREG, be(1)), (NFTA_META_KEY, be(3))])
+    }
+    fn mark_eq(m: u32) -> Expr {
+        expr(
+            "cmp",
+            &[
+                (NFTA_CMP_SREG, be(1)),
+                (NFTA_CMP_OP, be(0)),
+                (NFTA_CMP_DATA, value(&m.to_ne_bytes())),
+            ],
+        )
+    }
+    fn goes(code: i32, chain: Option<&str>) -> Expr {
+        expr(
+            "immediate",
+            &[
+                (NFTA_IMMEDIATE_DREG, be(0)),
+                (NFTA_IMMEDIATE_DATA, verdict(code, chain)),
+            ],
+        )
+    }
+    fn load(reg: u32, v: &[u8]) -> Expr {
+        expr(
+            "immediate",
+            &[
+                (NFTA_IMMEDIATE_DREG, be(reg)),
+                (NFTA_IMMEDIATE_DATA, value(v)),
+            ],
+        )
+    }
+    fn set_name(map: &str) -> Vec<u8> {
+        let mut set = map.as_bytes().to_vec();
+        set.push(0);
+        set
+    }
+    /// `socket cgroupv2 level L vmap @MAP` (the 0.1 shape).
+    fn level(l: u32, map: &str) -> Vec<Expr> {
+        vec![
+            expr(
+                "socket",
+                &[
+                    (NFTA_SOCKET_KEY, be(3)),
+                    (NFTA_SOCKET_DREG, be(1)),
+                    (NFTA_SOCKET_LEVEL, be(l)),
+                ],
+            ),
+            expr(
+                "lookup",
+                &[(NFTA_LOOKUP_SET, set_name(map)), (NFTA_LOOKUP_SREG, be(1))],
+            ),
+        ]
+    }
+    /// `meta mark set socket cgroupv2 level L map @MAP goto dispatch`
+    fn level_number(l: u32, map: &str) -> Vec<Expr> {
+        let mut v = level(l, map);
+        v[1].attrs.push((NFTA_LOOKUP_DREG, be(1)));
+        v.push(expr(
+            "meta",
+            &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(1))],
+        ));
+        v.push(goes(-4, Some("dispatch")));
+        v
+    }
+    /// `meta mark set socket mark`
+    fn restore() -> Vec<Expr> {
+        vec![
+            expr(
+                "socket",
+                &[(NFTA_SOCKET_KEY, be(1)), (NFTA_SOCKET_DREG, be(1))],
+            ),
+            expr("meta", &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(1))]),
+        ]
+    }
+    /// `meta mark vmap @MAP`
+    fn dispatch(map: &str) -> Vec<Expr> {
+        vec![
+            meta_mark_load(),
+            expr(
+                "lookup",
+                &[(NFTA_LOOKUP_SET, set_name(map)), (NFTA_LOOKUP_SREG, be(1))],
+            ),
+        ]
+    }
+    fn set_mark(m: u32) -> Vec<Expr> {
+        vec![
+            load(8, &m.to_ne_bytes()),
+            expr("meta", &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(8))]),
+        ]
+    }
+    fn tproxy(port: u16) -> Vec<Expr> {
+        vec![
+            load(9, &port.to_be_bytes()),
+            expr("tproxy", &[(NFTA_TPROXY_REG_PORT, be(9))]),
+        ]
+    }
+
+    /// The shipped ruleset's shape, as the kernel dumps it: the lookups in
+    /// their own chain, TPROXY behind a goto.
+    #[test]
+    fn analyses_the_shipped_shape() {
+        let rules = vec![
+            // output: meta mark 6666 accept; ...; goto lookup
+            rule(
+                "output",
+                vec![meta_mark_load(), mark_eq(6666), goes(1, None)],
+            ),
+            rule("output", vec![goes(-4, Some("lookup"))]),
+            rule("lookup", level_number(2, "cgroups")),
+            rule("lookup", level_number(1, "cgroups")),
+            rule("lookup", vec![goes(-4, Some("pass"))]),
+            rule("dispatch", dispatch("verdicts")),
+            rule("dispatch", vec![goes(-4, Some("direct"))]),
+            // proxy: meta mark set socket mark; jump pre_proxy; ... goto reroute
+            rule("proxy", restore()),
+            rule("proxy", vec![goes(-3, Some("pre_proxy"))]),
+            rule("proxy", vec![goes(-4, Some("reroute"))]),
+            rule("reroute", [set_mark(9011), vec![goes(1, None)]].concat()),
+            rule("direct", restore()),
+            rule("direct", vec![goes(-4, Some("pass"))]),
+            rule("pass", vec![goes(1, None)]),
+            rule("mine", vec![goes(1, None)]),
+            rule("mine", restore()),
+            // prerouting: meta mark 9011 goto listener
+            rule(
+                "prerouting",
+                vec![meta_mark_load(), mark_eq(9011), goes(-4, Some("listener"))],
+            ),
+            rule("listener", [set_mark(9011), tproxy(7893)].concat()),
+        ];
+        let f = analyse(&rules, "cgroups", "verdicts");
+        assert_eq!(f.levels, BTreeSet::from([1, 2]));
+        assert!(f.dispatches);
+        assert_eq!(f.levels_text(), "levels 1-2");
+        assert_eq!(f.lookup_chains, BTreeSet::from(["lookup".to_string()]));
+        assert_eq!(f.tproxy_ports, BTreeSet::from([7893]));
+        assert_eq!(f.tproxy_mark, Some(9011));
+        assert_eq!(f.proxy_mark, Some(6666));
+        for c in ["proxy", "reroute"] {
+            assert!(f.capturing.contains(c), "{c} captures: {:?}", f.capturing);
+        }
+        for c in [
+            "direct",
+            "pass",
+            "output",
+            "lookup",
+            "dispatch",
+            "pre_proxy",
+        ] {
+            assert!(!f.capturing.contains(c), "{c} does not capture");
+        }
+        assert!(f.looks_up(Some(2)) && !f.looks_up(Some(3)) && !f.looks_up(Some(0)));
+        // `mine` restores, but too late: not on its first rule.
+        assert_eq!(
+            f.restores,
+            BTreeSet::from(["proxy".to_string(), "direct".to_string()])
+        );
+        assert!(analyse(&rules, "other", "verdicts").levels.is_empty());
+        assert!(!analyse(&rules, "cgroups", "other").dispatches);
+    }
+
+    /// An older shape: lookups in the base chain, TPROXY in prerouting.
+    #[test]
+    fn analyses_a_flat_ruleset() {
+        let rules = vec![
+            rule("output", vec![meta_mark_load(), mark_eq(1), goes(1, None)]),
+            rule("output", level(3, "m")),
+            rule("proxy", [set_mark(5), vec![goes(1, None)]].concat()),
+            rule("mine", vec![goes(-3, Some("proxy"))]),
+            rule(
+                "prerouting",
+                [vec![meta_mark_load(), mark_eq(5)], tproxy(1234)].concat(),
+            ),
+        ];
+        let f = analyse(&rules, "m", "v");
+        assert_eq!(f.levels_text(), "level 3");
+        assert_eq!((f.tproxy_mark, f.proxy_mark), (Some(5), Some(1)));
+        assert_eq!(f.tproxy_ports, BTreeSet::from([1234]));
+        assert_eq!(
+            f.capturing,
+            BTreeSet::from(["mine".to_string(), "proxy".to_string()])
+        );
+    }
+}
