@@ -105,8 +105,11 @@ pub fn run(opts: Options) -> Result<(), Error> {
 
     if opts.dry_run {
         let numbers = reconcile::plan(rs.numbers(), &ops).renumbered(rs.numbers());
-        print!("{}", describe_numbers(&numbers, &cfg.verdict_map, "would "));
-        print!("{}", describe(&ops, &tree, &HashMap::new(), "would "));
+        let tree_gone = (&tree, &HashMap::new());
+        print!(
+            "{}",
+            describe(&numbers, &cfg.verdict_map, &ops, tree_gone, "would ")
+        );
         println!(
             "dry run: {} to delete, {} to add; nothing was changed",
             ops.del.len(),
@@ -135,8 +138,8 @@ pub fn run(opts: Options) -> Result<(), Error> {
             )));
         }
     };
-    crate::log::write_lines(&describe_numbers(&numbers, &cfg.verdict_map, ""));
-    crate::log::write_lines(&describe(&ops, &tree, &HashMap::new(), ""));
+    let tree_gone = (&tree, &HashMap::new());
+    crate::log::write_lines(&describe(&numbers, &cfg.verdict_map, &ops, tree_gone, ""));
     info!(
         "watching {} cgroups under {}; map {} holds {} elements{}",
         tree.len(),
@@ -257,8 +260,8 @@ impl Daemon {
             .collect();
         match self.rs.apply(&ops, &|id| name(&self.tree, &gone, id)) {
             Ok(numbers) => {
-                crate::log::write_lines(&describe_numbers(&numbers, &self.cfg.verdict_map, ""));
-                crate::log::write_lines(&describe(&ops, &self.tree, &gone, ""));
+                let map = &self.cfg.verdict_map;
+                crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &gone), ""));
             }
             Err(e) => self.failed(e),
         }
@@ -306,8 +309,8 @@ impl Daemon {
         let empty = HashMap::new();
         match self.rs.apply(&ops, &|id| name(&self.tree, &empty, id)) {
             Ok(numbers) => {
-                crate::log::write_lines(&describe_numbers(&numbers, &self.cfg.verdict_map, ""));
-                crate::log::write_lines(&describe(&ops, &self.tree, &empty, ""));
+                let map = &self.cfg.verdict_map;
+                crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &empty), ""));
                 if self.missing {
                     info!(
                         "table inet {} is back; map {} refilled ({} elements)",
@@ -490,13 +493,30 @@ fn name(tree: &Tree, gone: &HashMap<u64, &[u8]>, id: u64) -> String {
 /// must not flood the journal.
 const LOG_EACH_UP_TO: usize = 16;
 
-/// One line per element change, for the log or `--dry-run` (which always
-/// lists every change).
-fn describe(ops: &Ops<'_>, tree: &Tree, gone: &HashMap<u64, &[u8]>, would: &str) -> String {
+/// One line per changed verdict number and per element change, for the log
+/// or `--dry-run` (which always lists every change).
+fn describe(
+    numbers: &[Renumber],
+    verdict_map: &str,
+    ops: &Ops<'_>,
+    (tree, gone): (&Tree, &HashMap<u64, &[u8]>),
+    would: &str,
+) -> String {
     if !crate::log::enabled(crate::log::INFO) && would.is_empty() {
         return String::new();
     }
     let mut s = String::new();
+    // Verdict numbers change rarely (a verdict's first use, a repair after
+    // someone else edited the maps): always one line each.
+    for r in numbers {
+        let (map, n) = (verdict_map, r.number);
+        let _ = match (&r.before, &r.after) {
+            (None, Some(v)) => writeln!(s, "cgtproxy: {would}bind {map} {n}: {v}"),
+            (Some(b), Some(v)) => writeln!(s, "cgtproxy: {would}bind {map} {n}: {v} (was {b})"),
+            (Some(b), None) => writeln!(s, "cgtproxy: {would}unbind {map} {n} (was {b})"),
+            (None, None) => Ok(()),
+        };
+    }
     let changes = ops.del.len().max(ops.add.len());
     if would.is_empty() && changes > LOG_EACH_UP_TO && !crate::log::enabled(crate::log::DEBUG) {
         let _ = writeln!(
@@ -517,25 +537,6 @@ fn describe(ops: &Ops<'_>, tree: &Tree, gone: &HashMap<u64, &[u8]>, would: &str)
     for (id, v) in &ops.add {
         let verb = if deleted.contains(id) { "set" } else { "add" };
         let _ = writeln!(s, "cgtproxy: {would}{verb} {}: {v}", name(tree, gone, *id));
-    }
-    s
-}
-
-/// One line per changed verdict number (they change rarely: a verdict's
-/// first use, a full reconcile after someone else edited the maps).
-fn describe_numbers(numbers: &[Renumber], map: &str, would: &str) -> String {
-    if !crate::log::enabled(crate::log::INFO) && would.is_empty() {
-        return String::new();
-    }
-    let mut s = String::new();
-    for r in numbers {
-        let n = r.number;
-        let _ = match (&r.before, &r.after) {
-            (None, Some(v)) => writeln!(s, "cgtproxy: {would}bind {map} {n}: {v}"),
-            (Some(b), Some(v)) => writeln!(s, "cgtproxy: {would}bind {map} {n}: {v} (was {b})"),
-            (Some(b), None) => writeln!(s, "cgtproxy: {would}unbind {map} {n} (was {b})"),
-            (None, None) => Ok(()),
-        };
     }
     s
 }

@@ -1,11 +1,13 @@
-//! cgtproxy: keeps an nftables verdict map keyed by cgroup v2 id in step with
-//! cgroupfs, so each application's traffic is proxied, dropped or left alone.
+//! cgtproxy: keeps two nftables maps — cgroup v2 id → verdict number, and
+//! number → verdict — in step with cgroupfs, so each application's traffic
+//! is proxied, dropped or left alone.
 //!
 //! Modules, in the order data flows through them:
 //! - `cli`: the command line (lexopt);
 //! - `config`: the JSON configuration and its rules;
 //! - `cgroup`, `watch`: the cgroup tree and its inotify watcher;
-//! - `reconcile`: cgroups × rules against the kernel map → element changes;
+//! - `reconcile`: cgroups × rules against the kernel maps → element and
+//!   verdict-number changes;
 //! - `ruleset`, `nftables`: the live ruleset and the nf_tables wire format;
 //! - `netlink`, `wire`: the netlink transport and framing;
 //! - `route`: the policy routing of the proxy mark;

@@ -10,7 +10,7 @@
 //! someone emptied or edited `verdicts`), and numbers no element carries
 //! any more are removed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::config::{Config, Verdict, match_form};
 use crate::nftables::Element;
@@ -99,10 +99,11 @@ fn diff<'a>(
         }
     }
     let mut ops = Ops::default();
-    let mut kept: Vec<u32> = Vec::new();
-    let mut have: HashMap<u64, ()> = HashMap::with_capacity(actual.len());
+    // A few distinct numbers, however many elements carry them.
+    let mut kept: BTreeSet<u32> = BTreeSet::new();
+    let mut have: HashSet<u64> = HashSet::with_capacity(actual.len());
     for e in actual {
-        have.insert(e.id, ());
+        have.insert(e.id);
         let now = match e.number.and_then(|n| rebind.iter().find(|(m, _)| *m == n)) {
             Some((_, v)) => *v,
             None => &e.verdict,
@@ -117,16 +118,14 @@ fn diff<'a>(
         }
     }
     for (id, v) in want {
-        if !have.contains_key(&id) {
+        if !have.contains(&id) {
             ops.add.push((id, v));
         }
     }
     ops.del.sort_unstable();
     ops.add.sort_unstable_by_key(|(id, _)| *id);
-    kept.sort_unstable();
-    kept.dedup();
     ops.rebind = rebind;
-    ops.kept = Some(kept);
+    ops.kept = Some(kept.into_iter().collect());
     ops
 }
 
@@ -210,12 +209,10 @@ pub fn plan(numbers: &[(u32, Verdict)], ops: &Ops<'_>) -> Plan {
         p.add.push((*id, n));
     }
     if let Some(kept) = &ops.kept {
-        let mut used: Vec<u32> = kept.clone();
+        let mut used: BTreeSet<u32> = kept.iter().copied().collect();
         used.extend(p.add.iter().map(|(_, n)| *n));
-        used.sort_unstable();
-        used.dedup();
         p.numbers.retain(|(n, _)| {
-            let keep = used.binary_search(n).is_ok();
+            let keep = used.contains(n);
             if !keep {
                 p.unbind.push(*n);
             }

@@ -5,7 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::rules::{Facts, analyse};
-use super::{Hierarchy, Live, elements, load};
+use super::{Hierarchy, Live, load};
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
 use crate::daemon::Options;
@@ -66,12 +66,19 @@ pub fn explain(opts: &Options, targets: &[OsString]) -> Result<i32, Error> {
         ));
     }
     let (cfg, h) = load(opts)?;
-    let (els, map_error) = match elements(&cfg) {
+    // One netlink socket for the elements and the rules.
+    let mut live = Live::open(&cfg);
+    let (els, map_error) = match live
+        .as_mut()
+        .map_err(|e| e.to_string())
+        .and_then(|l| l.elements(&cfg).map_err(|e| e.to_string()))
+    {
         Ok(e) => (e, None),
-        Err(e) => (Vec::new(), Some(e.to_string())),
+        Err(e) => (Vec::new(), Some(e)),
     };
-    let facts = Live::open(&cfg)
-        .and_then(|mut l| l.rules())
+    let facts = live
+        .ok()
+        .and_then(|mut l| l.rules().ok())
         .map(|r| analyse(&r, &cfg.map, &cfg.verdict_map))
         .unwrap_or_default();
     let by_id: HashMap<u64, &Element> = els.iter().map(|e| (e.id, e)).collect();

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::daemon::Options;
 use crate::error::Error;
 use crate::netlink::NlError;
-use crate::nftables::{self, Element, Object as NftObject};
+use crate::nftables::{self, Element, NFTA_EXPR_NAME, NFTA_LIST_ELEM, Object as NftObject};
 use crate::ruleset::{Ruleset, nl_error};
 use crate::wire::{self, Msg, Writer};
 
@@ -175,8 +175,6 @@ const NFT_MSG_GETRULE: u8 = 7;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_SET_EXPR: u16 = 17;
 const NFTA_SET_EXPRESSIONS: u16 = 18;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_EXPR_NAME: u16 = 1;
 
 /// The table as the kernel has it, read through the daemon's own `Ruleset`.
 struct Live {
@@ -273,15 +271,16 @@ fn set_has_counter(m: &Msg<'_>) -> bool {
     })
 }
 
-/// The map's elements by id, or why there are none to show.
-fn elements(cfg: &Config) -> Result<Vec<Element>, Error> {
-    let mut rs = Ruleset::open(cfg)?;
-    match rs.dump()? {
-        Some(e) => Ok(e),
-        None => Err(Error::Runtime(format!(
-            "table inet {} or its map '{}' or '{}' does not exist — load nft/cgtproxy.nft first",
-            cfg.table, cfg.map, cfg.verdict_map
-        ))),
+impl Live {
+    /// The map's elements, or why there are none to show.
+    fn elements(&mut self, cfg: &Config) -> Result<Vec<Element>, Error> {
+        match self.rs.dump()? {
+            Some(e) => Ok(e),
+            None => Err(Error::Runtime(format!(
+                "table inet {} or its map '{}' or '{}' does not exist — load nft/cgtproxy.nft first",
+                cfg.table, cfg.map, cfg.verdict_map
+            ))),
+        }
     }
 }
 

@@ -1,6 +1,10 @@
 use std::collections::{BTreeSet, HashMap};
 
-use super::{NFTA_EXPR_NAME, NFTA_LIST_ELEM, NFTA_RULE_TABLE};
+use super::NFTA_RULE_TABLE;
+use crate::nftables::{
+    NFT_GOTO, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_LIST_ELEM,
+    NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
+};
 use crate::wire::{self, Msg};
 
 // ---------------------------------------------------------------------------
@@ -9,11 +13,6 @@ use crate::wire::{self, Msg};
 
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_EXPR_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
-const NFTA_DATA_VERDICT: u16 = 2;
-const NFTA_VERDICT_CODE: u16 = 1;
-const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFTA_SOCKET_KEY: u16 = 1;
 const NFTA_SOCKET_DREG: u16 = 2;
 const NFTA_SOCKET_LEVEL: u16 = 3;
@@ -35,7 +34,6 @@ const NFT_CMP_EQ: u32 = 0;
 const NFTA_TPROXY_REG_PORT: u16 = 3;
 const NF_ACCEPT: i32 = 1;
 const NFT_JUMP: i32 = -3;
-const NFT_GOTO: i32 = -4;
 
 /// One expression of a rule: its name and its attributes (raw).
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
-use super::{elements, load};
+use super::{Live, load};
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
 use crate::daemon::Options;
@@ -22,7 +22,7 @@ struct Row {
 /// and counters. Returns the exit status.
 pub fn status(opts: &Options, as_json: bool) -> Result<i32, Error> {
     let (cfg, h) = load(opts)?;
-    let els = elements(&cfg)?;
+    let els = Live::open(&cfg)?.elements(&cfg)?;
     let wanted: HashSet<u64> = els.iter().map(|e| e.id).collect();
     let mut paths: HashMap<u64, Vec<u8>> = HashMap::new();
     for (dir, id) in h.walk() {
