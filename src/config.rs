@@ -10,6 +10,7 @@ use miniserde::json::{self, Number, Object, Value};
 use regex_lite::Regex;
 
 use crate::error::Error;
+pub use crate::selector::Form;
 
 pub const DEFAULT_PATH: &str = "/etc/cgtproxy/config.json";
 
@@ -73,7 +74,9 @@ pub const DEFAULT_ROUTE: Route = Route {
 
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// As the user wrote it, for messages.
+    /// How the rule selects cgroups, as written.
+    pub form: Form,
+    /// The regular expression `form` stands for (unanchored).
     pub pattern: String,
     regex: Regex,
     pub target: Verdict,
@@ -90,6 +93,13 @@ pub struct Config {
     pub route: Option<Route>,
     pub keep_on_exit: bool,
     pub rules: Vec<Rule>,
+}
+
+impl Rule {
+    /// `rules[I] "/a" -> goto proxy`, `rules[I] app "org.x" -> drop`, for messages.
+    pub fn describe(&self, i: usize) -> String {
+        format!("rules[{i}] {} -> {}", self.form, self.target)
+    }
 }
 
 impl Config {
@@ -210,6 +220,11 @@ impl Config {
             .find(|(_, r)| r.regex.is_match(path))
     }
 
+    /// Whether rule `i` selects `path` (whether or not an earlier rule does).
+    pub fn selects(&self, i: usize, path: &str) -> bool {
+        self.rules.get(i).is_some_and(|r| r.regex.is_match(path))
+    }
+
     pub fn verdict(&self, path: &str) -> Option<&Verdict> {
         self.matching_rule(path).map(|(_, r)| &r.target)
     }
@@ -318,26 +333,71 @@ fn rule(v: &Value) -> Result<Rule, (String, String)> {
         ));
     };
     let obj: &Object = obj;
+    const KEYS: &[&str] = &["match", "app", "unit", "container", "user", "target"];
     for key in obj.keys() {
-        if key != "match" && key != "target" {
+        if !KEYS.contains(&key.as_str()) {
             return Err((
                 format!(".{key}"),
-                "unknown key (expected match or target)".into(),
+                "unknown key (expected match, app, unit or container, with target; user with app or unit)".into(),
             ));
         }
     }
-    let pattern = obj
-        .get("match")
-        .ok_or((String::new(), "missing key \"match\"".into()))?;
-    let pattern = string(pattern).map_err(|w| (".match".into(), w))?;
-    // Anchored to the whole path; `.` also matches a newline, since cgroup
-    // names may contain one and `/.*` should still mean "everything below".
-    let regex = Regex::new(&format!("(?s)^(?:{pattern})$")).map_err(|e| {
-        (
-            ".match".to_string(),
-            format!("invalid regular expression {pattern:?}: {e}"),
-        )
-    })?;
+    let forms: Vec<&str> = ["match", "app", "unit", "container"]
+        .into_iter()
+        .filter(|k| obj.contains_key(*k))
+        .collect();
+    let key = match forms.as_slice() {
+        [k] => *k,
+        [] => {
+            return Err((
+                String::new(),
+                "missing key: a rule selects cgroups with one of \"match\", \"app\", \"unit\" or \"container\"".into(),
+            ));
+        }
+        [a, b, ..] => {
+            return Err((
+                format!(".{b}"),
+                format!(
+                    "a rule has exactly one of match, app, unit and container; this one also has {a} (split it into two rules)"
+                ),
+            ));
+        }
+    };
+    let place = format!(".{key}");
+    let value = string(&obj[key])
+        .map_err(|w| (place.clone(), w))?
+        .to_string();
+    let user = match obj.get("user") {
+        None => None,
+        Some(_) if !matches!(key, "app" | "unit") => {
+            return Err((
+                ".user".into(),
+                format!("\"user\" goes with \"app\" or \"unit\", not with \"{key}\""),
+            ));
+        }
+        Some(Value::Number(Number::U64(n))) => Some(
+            u32::try_from(*n)
+                .ok()
+                .filter(|&u| u != u32::MAX)
+                .ok_or((".user".to_string(), format!("{n} is not a user ID")))?,
+        ),
+        Some(v) => {
+            return Err((
+                ".user".into(),
+                format!(
+                    "expected a numeric user ID (as `id -u` prints it), got {}",
+                    kind(v)
+                ),
+            ));
+        }
+    };
+    let form = match key {
+        "match" => Form::Match(value),
+        "app" => Form::App { id: value, user },
+        "unit" => Form::Unit { name: value, user },
+        _ => Form::Container(value),
+    };
+    let regex = form.compile().map_err(|e| (place.clone(), e))?;
     let target = obj
         .get("target")
         .ok_or((String::new(), "missing key \"target\"".into()))?;
@@ -346,13 +406,42 @@ fn rule(v: &Value) -> Result<Rule, (String, String)> {
         .as_str()
     {
         "drop" => Verdict::Drop,
-        chain => Verdict::Goto(chain.to_string()),
+        chain => {
+            if let Some(hint) = target_hint(chain) {
+                return Err((".target".into(), hint));
+            }
+            Verdict::Goto(chain.to_string())
+        }
     };
     Ok(Rule {
-        pattern: pattern.to_string(),
+        pattern: form.pattern().unwrap_or_default(),
+        form,
         regex,
         target,
     })
+}
+
+/// Targets people write by analogy with nft or iptables, which name no
+/// chain of the ruleset: what they probably mean.
+fn target_hint(t: &str) -> Option<String> {
+    let mean = match t.to_ascii_lowercase().as_str() {
+        "accept" | "allow" | "return" | "bypass" | "none" | "continue" => "direct",
+        "reject" | "deny" | "block" => "drop",
+        "tproxy" | "redirect" | "proxied" => "proxy",
+        "direct" | "proxy" | "drop" => {
+            // The right word in the wrong case: chain names are case-sensitive.
+            return (t != t.to_ascii_lowercase()).then(|| {
+                format!(
+                    "{t:?}: targets are case-sensitive; write {:?}",
+                    t.to_ascii_lowercase()
+                )
+            });
+        }
+        _ => return None,
+    };
+    Some(format!(
+        "{t:?} is not a target; did you mean \"{mean}\"? (targets are drop or the name of a chain: proxy, direct, or one of yours)"
+    ))
 }
 
 /// The form a cgroup path is matched in: the path itself when it is UTF-8;
@@ -515,6 +604,12 @@ mod syntax {
                                 }
                                 out.extend_from_slice(&self.s[self.i..self.i + 5]);
                                 self.i += 5;
+                            }
+                            Some(&c) if c.is_ascii_graphic() => {
+                                let c = c as char;
+                                return Err(self.fail(&format!(
+                                    "bad escape \\{c} in string: JSON knows only \\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u; a regular expression's backslash is written twice in JSON (\"\\\\{c}\" for \\{c})"
+                                )));
                             }
                             _ => return Err(self.fail("bad escape in string")),
                         }
@@ -684,7 +779,7 @@ mod tests {
         );
         assert_eq!(
             msg(r#"{"rules":[{"match":"/a","target":"x","x":1}]}"#),
-            "c.json: rules[0].x: unknown key (expected match or target)"
+            "c.json: rules[0].x: unknown key (expected match, app, unit or container, with target; user with app or unit)"
         );
         assert_eq!(
             msg(r#"{"rules":{}}"#),
@@ -729,5 +824,86 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.verdict(&match_form(b"/x\xffy\xc3")), Some(&Verdict::Drop));
+    }
+
+    #[test]
+    fn rule_forms_and_their_errors() {
+        let c = Config::parse(
+            "c",
+            r#"{"rules":[
+                {"app":"org.telegram.desktop","target":"proxy"},
+                {"unit":"mihomo.service","target":"direct"},
+                {"unit":"pipewire.service","user":1000,"target":"direct"},
+                {"container":"4f3c2b1a0e9d","target":"drop"}]}"#,
+        )
+        .unwrap();
+        let u = "/user.slice/user-1000.slice/user@1000.service";
+        assert_eq!(
+            c.verdict(&format!(
+                "{u}/app.slice/app-flatpak-org.telegram.desktop-77.scope"
+            )),
+            Some(&Verdict::Goto("proxy".into()))
+        );
+        assert_eq!(
+            c.verdict("/system.slice/mihomo.service"),
+            Some(&Verdict::Goto("direct".into()))
+        );
+        assert_eq!(c.verdict("/system.slice/pipewire.service"), None);
+        assert_eq!(
+            c.verdict(&format!(
+                "/system.slice/docker-4f3c2b1a0e9d{}.scope",
+                "0".repeat(52)
+            )),
+            Some(&Verdict::Drop)
+        );
+        assert_eq!(
+            c.rules[2].describe(2),
+            "rules[2] unit \"pipewire.service\" user 1000 -> goto direct"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[{"app":"a.b","unit":"x.service","target":"proxy"}]}"#),
+            "c.json: rules[0].unit: a rule has exactly one of match, app, unit and container; this one also has app (split it into two rules)"
+        );
+        assert!(
+            msg(r#"{"rules":[{"target":"proxy"}]}"#)
+                .starts_with("c.json: rules[0]: missing key: a rule selects")
+        );
+        assert_eq!(
+            msg(r#"{"rules":[{"match":"/a","user":1,"target":"proxy"}]}"#),
+            "c.json: rules[0].user: \"user\" goes with \"app\" or \"unit\", not with \"match\""
+        );
+        assert_eq!(
+            msg(r#"{"rules":[{"app":"a.b","user":"me","target":"proxy"}]}"#),
+            "c.json: rules[0].user: expected a numeric user ID (as `id -u` prints it), got a string"
+        );
+        assert!(
+            msg(r#"{"rules":[{"unit":"mihomo","target":"proxy"}]}"#).starts_with(
+                "c.json: rules[0].unit: \"mihomo\" has no unit type; write \"mihomo.service\""
+            )
+        );
+        assert!(
+            msg(r#"{"rules":[{"container":"web","target":"proxy"}]}"#).starts_with(
+                "c.json: rules[0].container: \"web\": a container ID is 12 to 64 hex digits"
+            )
+        );
+    }
+
+    #[test]
+    fn errors_hint_at_the_fix() {
+        let m = msg(r#"{"rules":[{"match":"/a\d+","target":"proxy"}]}"#);
+        assert!(
+            m.starts_with("c.json:1:24: bad escape \\d in string"),
+            "{m}"
+        );
+        assert!(m.contains(r#"("\\d" for \d)"#), "{m}");
+        assert_eq!(
+            msg(r#"{"rules":[{"match":"/a","target":"accept"}]}"#),
+            "c.json: rules[0].target: \"accept\" is not a target; did you mean \"direct\"? (targets are drop or the name of a chain: proxy, direct, or one of yours)"
+        );
+        assert!(
+            msg(r#"{"rules":[{"match":"/a","target":"reject"}]}"#)
+                .contains("did you mean \"drop\"")
+        );
+        assert!(msg(r#"{"rules":[{"match":"/a","target":"Proxy"}]}"#).contains("write \"proxy\""));
     }
 }

@@ -27,6 +27,7 @@ pub mod nftables;
 pub mod reconcile;
 pub mod route;
 pub mod ruleset;
+pub mod selector;
 pub mod signals;
 pub mod watch;
 pub mod wire;

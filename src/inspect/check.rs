@@ -126,6 +126,9 @@ pub fn check(opts: &Options) -> Result<i32, Error> {
         );
     }
 
+    if let Some(h) = &h {
+        check_rule_counts(&mut c, &cfg, h, &cgroups);
+    }
     let (facts, els, counter) = check_ruleset(&cfg, &mut c);
     check_kernel(&mut c, facts.as_ref(), counter, &cfg.map);
     if let (Some(f), Some(route)) = (&facts, &cfg.route)
@@ -457,6 +460,42 @@ fn kernel_evidence(modules: &[&str], symbol: &str) -> Option<String> {
     None
 }
 
+/// Per rule, how many live cgroups it decides now (the first matching rule
+/// decides). A rule that decides none is a warning: a typo in an app ID or
+/// unit name, an app not running, or an earlier rule that takes them all.
+fn check_rule_counts(c: &mut Checklist, cfg: &Config, h: &Hierarchy, cgroups: &[(PathBuf, u64)]) {
+    let mut decides = vec![0usize; cfg.rules.len()];
+    // Per rule, the earlier rule that took the most of its cgroups.
+    let mut shadowed: Vec<BTreeMap<usize, usize>> = vec![BTreeMap::new(); cfg.rules.len()];
+    for (dir, _) in cgroups {
+        let Some(p) = h.rules_path(dir) else { continue };
+        let p = match_form(&p);
+        let Some((first, _)) = cfg.matching_rule(&p) else {
+            continue;
+        };
+        decides[first] += 1;
+        for (later, s) in shadowed.iter_mut().enumerate().skip(first + 1) {
+            if decides[later] == 0 && cfg.selects(later, &p) {
+                *s.entry(first).or_default() += 1;
+            }
+        }
+    }
+    for (i, r) in cfg.rules.iter().enumerate() {
+        let n = decides[i];
+        let what = r.describe(i);
+        if n > 0 {
+            let s = if n == 1 { "" } else { "s" };
+            c.add(Mark::Ok, format!("{what}: {n} live cgroup{s}"));
+            continue;
+        }
+        let why = match shadowed[i].iter().max_by_key(|(_, n)| **n) {
+            Some((j, _)) => format!("every cgroup it selects is taken by rules[{j}] before it; move it up"),
+            None => "it selects no cgroup now (is the app running? is the name right? `cgtproxy apps` lists what runs)".to_string(),
+        };
+        c.add(Mark::Warn, format!("{what}: 0 live cgroups: {why}"));
+    }
+}
+
 /// Cgroups a rule lists deeper than the deepest level the ruleset looks up
 /// never get their own element used.
 fn check_depth(
@@ -670,8 +709,8 @@ fn check_self_capture(
             && captures(&cfg.rules[i].target)
         {
             problems.push(format!(
-                "rules[{i}] {:?} sends {} to {}",
-                cfg.rules[i].pattern,
+                "rules[{i}] {} sends {} to {}",
+                cfg.rules[i].form,
                 if st.dir == dir {
                     "it".to_string()
                 } else {

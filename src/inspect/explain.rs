@@ -139,10 +139,7 @@ fn explain_one(
     let _ = writeln!(s, "directory  {}", dir.display());
     let _ = writeln!(s, "id         {}", id(me.id));
     let _ = writeln!(s, "level      {}", lvl(me.level));
-    let rule_text = |i: usize| {
-        let r = &cfg.rules[i];
-        format!("rules[{i}] {:?} -> {}", r.pattern, r.target)
-    };
+    let rule_text = |i: usize| cfg.rules[i].describe(i);
     match (me.under_root, me.rule) {
         (false, _) => {
             let _ = writeln!(
