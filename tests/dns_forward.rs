@@ -110,7 +110,7 @@ fn ifaces_in_set() -> String {
 
 #[test]
 fn shipped_files_check_alone_and_combined() {
-    e2e("shipped_files_check_alone_and_combined", |env| {
+    sandbox(|env| {
         // Every file alone, and every documented combination, in an empty
         // namespace; nothing is loaded by `-c`.
         let combos: [&[&str]; 8] = [
@@ -530,7 +530,7 @@ enum Who {
 
 #[test]
 fn dns_of_proxy_cgroups_goes_to_the_resolver() {
-    e2e("dns_of_proxy_cgroups_goes_to_the_resolver", |env| {
+    sandbox(|env| {
         // The documented way: everything in one run (the forward file's
         // set stays empty, so it changes nothing here).
         load(env, &[MAIN, DNS, FORWARD]);
@@ -684,65 +684,62 @@ fn dns_of_proxy_cgroups_goes_to_the_resolver() {
 
 #[test]
 fn dns_hijack_comes_with_the_dns_file_and_survives_reload() {
-    e2e(
-        "dns_hijack_comes_with_the_dns_file_and_survives_reload",
-        |env| {
-            load(env, &[MAIN]);
-            add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
-            let _remote = Remote::start();
-            let proxy = start_proxy();
-            let fake = DnsServer::start(
-                "fake",
-                &[SocketAddr::new(Ipv4Addr::LOCALHOST.into(), RESOLVER_PORT)],
-                Ipv4Addr::new(198, 18, 53, 1),
-                "2001:db8:53::1".parse().unwrap(),
-            );
-            env.cg.mkdir(&["/p"]);
-            nft_add_elements(&env.mount, &[(&env.cg.path("/p"), "goto proxy")]);
-            let p = env.cg.path("/p");
-            let dst: SocketAddr = "198.18.1.7:53".parse().unwrap();
+    sandbox(|env| {
+        load(env, &[MAIN]);
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let _remote = Remote::start();
+        let proxy = start_proxy();
+        let fake = DnsServer::start(
+            "fake",
+            &[SocketAddr::new(Ipv4Addr::LOCALHOST.into(), RESOLVER_PORT)],
+            Ipv4Addr::new(198, 18, 53, 1),
+            "2001:db8:53::1".parse().unwrap(),
+        );
+        env.cg.mkdir(&["/p"]);
+        nft_add_elements(&env.mount, &[(&env.cg.path("/p"), "goto proxy")]);
+        let p = env.cg.path("/p");
+        let dst: SocketAddr = "198.18.1.7:53".parse().unwrap();
 
-            // Without the DNS file, DNS of a proxy cgroup is proxied like
-            // anything else: the TPROXY listener gets it.
-            let name = "before.load.test";
-            let r = resolve(&p, Proto::Udp, dst, name, QTYPE_A, None, QUICK);
-            assert!(r.is_err(), "the line server does not speak DNS: {r:?}");
-            assert!(fake.got(name).is_empty());
-            assert!(
-                proxy.events().iter().any(|e| e.local == dst),
-                "DNS without the DNS file should reach the TPROXY listener"
-            );
+        // Without the DNS file, DNS of a proxy cgroup is proxied like
+        // anything else: the TPROXY listener gets it.
+        let name = "before.load.test";
+        let r = resolve(&p, Proto::Udp, dst, name, QTYPE_A, None, QUICK);
+        assert!(r.is_err(), "the line server does not speak DNS: {r:?}");
+        assert!(fake.got(name).is_empty());
+        assert!(
+            proxy.events().iter().any(|e| e.local == dst),
+            "DNS without the DNS file should reach the TPROXY listener"
+        );
 
-            // With it, the resolver; loading it again changes nothing.
-            load(env, &[DNS]);
-            load(env, &[DNS]);
-            let r = resolve(
-                &p,
-                Proto::Tcp,
-                dst,
-                "after.load.test",
-                QTYPE_A,
-                None,
-                QUICK * 4,
-            );
-            assert_eq!(r, Ok(IpAddr::from(Ipv4Addr::new(198, 18, 53, 1))));
+        // With it, the resolver; loading it again changes nothing.
+        load(env, &[DNS]);
+        load(env, &[DNS]);
+        let r = resolve(
+            &p,
+            Proto::Tcp,
+            dst,
+            "after.load.test",
+            QTYPE_A,
+            None,
+            QUICK * 4,
+        );
+        assert_eq!(r, Ok(IpAddr::from(Ipv4Addr::new(198, 18, 53, 1))));
 
-            // A firewall reload (main file, then the DNS file, one run).
-            load(env, &[MAIN, DNS]);
-            nft_add_elements(&env.mount, &[(&p, "goto proxy")]);
-            let r = resolve(
-                &p,
-                Proto::Udp,
-                dst,
-                "after.reload.test",
-                QTYPE_A,
-                None,
-                QUICK * 4,
-            );
-            assert_eq!(r, Ok(IpAddr::from(Ipv4Addr::new(198, 18, 53, 1))));
-            assert_eq!(fake.got("after.reload.test").len(), 2);
-        },
-    );
+        // A firewall reload (main file, then the DNS file, one run).
+        load(env, &[MAIN, DNS]);
+        nft_add_elements(&env.mount, &[(&p, "goto proxy")]);
+        let r = resolve(
+            &p,
+            Proto::Udp,
+            dst,
+            "after.reload.test",
+            QTYPE_A,
+            None,
+            QUICK * 4,
+        );
+        assert_eq!(r, Ok(IpAddr::from(Ipv4Addr::new(198, 18, 53, 1))));
+        assert_eq!(fake.got("after.reload.test").len(), 2);
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -853,185 +850,182 @@ fn set_ifaces(op: &str, names: &[&str]) {
 
 #[test]
 fn forwarded_traffic_from_listed_interfaces_is_proxied() {
-    e2e(
-        "forwarded_traffic_from_listed_interfaces_is_proxied",
-        |env| {
-            // Loaded one after the other (each file on its own).
-            load(env, &[MAIN]);
-            load(env, &[FORWARD]);
-            add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
-            let remote = Remote::start();
-            let proxy = start_proxy();
-            let client = start_client(&remote);
-            let bypass = remote.ns.run(|| {
-                Server::start(
-                    "bypass",
-                    &[
-                        SocketAddr::new(BYPASS_V4.into(), SERVICE_PORT),
-                        SocketAddr::new(BYPASS_V6.into(), SERVICE_PORT),
-                    ],
-                    false,
-                )
-            });
-            let gateway = Server::start(
-                "gateway",
+    sandbox(|env| {
+        // Loaded one after the other (each file on its own).
+        load(env, &[MAIN]);
+        load(env, &[FORWARD]);
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        let client = start_client(&remote);
+        let bypass = remote.ns.run(|| {
+            Server::start(
+                "bypass",
                 &[
-                    SocketAddr::new(GATEWAY_V4.into(), SERVICE_PORT),
-                    SocketAddr::new(GATEWAY_V6.into(), SERVICE_PORT),
+                    SocketAddr::new(BYPASS_V4.into(), SERVICE_PORT),
+                    SocketAddr::new(BYPASS_V6.into(), SERVICE_PORT),
                 ],
                 false,
-            );
-            // The client's processes need some cgroup; the gateway's own
-            // traffic comes from an unlisted one (so: direct).
-            env.cg.mkdir(&["/client", "/host"]);
-            let client_cg = env.cg.path("/client");
-            let host_cg = env.cg.path("/host");
-
-            let from_client = |proto: Proto, dst: SocketAddr, msg: &str| {
-                let (cg, msg) = (client_cg.clone(), msg.to_string());
-                client.run(move || exchange(&cg, proto, dst, &msg))
-            };
-            let client_ip = |dst: SocketAddr| -> IpAddr {
-                match dst {
-                    SocketAddr::V4(_) => CLIENT_V4.into(),
-                    SocketAddr::V6(_) => CLIENT_V6.into(),
-                }
-            };
-            let forwarded = |proto, dst: SocketAddr, server: &Server, tag: &str| {
-                let msg = env.token("fwd");
-                let r = from_client(proto, dst, &msg);
-                assert_eq!(
-                    r,
-                    Ok(format!("{tag}:{msg}")),
-                    "{proto:?} to {dst}: forwarded"
-                );
-                let ev = server.got(&msg);
-                assert_eq!(ev.len(), 1, "{ev:?}");
-                assert_eq!(ev[0].peer.ip(), client_ip(dst), "not NATed");
-                assert!(proxy.got(&msg).is_empty(), "{proto:?} to {dst}: proxied");
-            };
-            let proxied = |proto, dst: SocketAddr| {
-                let msg = env.token("tp");
-                let r = from_client(proto, dst, &msg);
-                assert_eq!(r, Ok(format!("proxy:{msg}")), "{proto:?} to {dst}: proxied");
-                let ev = proxy.got(&msg);
-                assert_eq!(ev.len(), 1, "{ev:?}");
-                assert_eq!(ev[0].local, dst, "original destination");
-                assert_eq!(ev[0].peer.ip(), client_ip(dst), "client address");
-                assert!(remote.server.got(&msg).is_empty());
-            };
-            let remotes = [Remote::v4(), Remote::v6()];
-            let bypasses = [
-                SocketAddr::new(BYPASS_V4.into(), SERVICE_PORT),
-                SocketAddr::new(BYPASS_V6.into(), SERVICE_PORT),
-            ];
-            let gateways = [
+            )
+        });
+        let gateway = Server::start(
+            "gateway",
+            &[
                 SocketAddr::new(GATEWAY_V4.into(), SERVICE_PORT),
                 SocketAddr::new(GATEWAY_V6.into(), SERVICE_PORT),
-            ];
-            let all_protos = [Proto::Tcp, Proto::Udp];
+            ],
+            false,
+        );
+        // The client's processes need some cgroup; the gateway's own
+        // traffic comes from an unlisted one (so: direct).
+        env.cg.mkdir(&["/client", "/host"]);
+        let client_cg = env.cg.path("/client");
+        let host_cg = env.cg.path("/host");
 
-            // Not in the set: forwarded untouched.
+        let from_client = |proto: Proto, dst: SocketAddr, msg: &str| {
+            let (cg, msg) = (client_cg.clone(), msg.to_string());
+            client.run(move || exchange(&cg, proto, dst, &msg))
+        };
+        let client_ip = |dst: SocketAddr| -> IpAddr {
+            match dst {
+                SocketAddr::V4(_) => CLIENT_V4.into(),
+                SocketAddr::V6(_) => CLIENT_V6.into(),
+            }
+        };
+        let forwarded = |proto, dst: SocketAddr, server: &Server, tag: &str| {
+            let msg = env.token("fwd");
+            let r = from_client(proto, dst, &msg);
+            assert_eq!(
+                r,
+                Ok(format!("{tag}:{msg}")),
+                "{proto:?} to {dst}: forwarded"
+            );
+            let ev = server.got(&msg);
+            assert_eq!(ev.len(), 1, "{ev:?}");
+            assert_eq!(ev[0].peer.ip(), client_ip(dst), "not NATed");
+            assert!(proxy.got(&msg).is_empty(), "{proto:?} to {dst}: proxied");
+        };
+        let proxied = |proto, dst: SocketAddr| {
+            let msg = env.token("tp");
+            let r = from_client(proto, dst, &msg);
+            assert_eq!(r, Ok(format!("proxy:{msg}")), "{proto:?} to {dst}: proxied");
+            let ev = proxy.got(&msg);
+            assert_eq!(ev.len(), 1, "{ev:?}");
+            assert_eq!(ev[0].local, dst, "original destination");
+            assert_eq!(ev[0].peer.ip(), client_ip(dst), "client address");
+            assert!(remote.server.got(&msg).is_empty());
+        };
+        let remotes = [Remote::v4(), Remote::v6()];
+        let bypasses = [
+            SocketAddr::new(BYPASS_V4.into(), SERVICE_PORT),
+            SocketAddr::new(BYPASS_V6.into(), SERVICE_PORT),
+        ];
+        let gateways = [
+            SocketAddr::new(GATEWAY_V4.into(), SERVICE_PORT),
+            SocketAddr::new(GATEWAY_V6.into(), SERVICE_PORT),
+        ];
+        let all_protos = [Proto::Tcp, Proto::Udp];
+
+        // Not in the set: forwarded untouched.
+        for proto in all_protos {
+            for dst in remotes {
+                forwarded(proto, dst, &remote.server, "remote");
+            }
+        }
+        // Connections opened now stay forwarded after the interface joins.
+        let mut early: Vec<(Proto, SocketAddr, Session)> = Vec::new();
+        for proto in all_protos {
+            for dst in remotes {
+                let cg = client_cg.clone();
+                let mut s = client.run(move || Session::open(&cg, proto, dst));
+                // (A UDP flow exists only once something was sent.)
+                let msg = env.token("early");
+                assert_eq!(s.send(&msg), Ok(format!("remote:{msg}")));
+                early.push((proto, dst, s));
+            }
+        }
+
+        for names in [&["cgtf0"][..], &["cgtf*"][..]] {
+            set_ifaces("add", names);
+            // In the set: TCP and UDP reach the TPROXY listener with their
+            // original destination ...
             for proto in all_protos {
                 for dst in remotes {
-                    forwarded(proto, dst, &remote.server, "remote");
+                    proxied(proto, dst);
                 }
-            }
-            // Connections opened now stay forwarded after the interface joins.
-            let mut early: Vec<(Proto, SocketAddr, Session)> = Vec::new();
-            for proto in all_protos {
+                // ... except to bypass destinations and to the gateway.
+                for dst in bypasses {
+                    forwarded(proto, dst, &bypass, "bypass");
+                }
+                for dst in gateways {
+                    let msg = env.token("gw");
+                    assert_eq!(from_client(proto, dst, &msg), Ok(format!("gateway:{msg}")));
+                    assert_eq!(gateway.got(&msg).len(), 1);
+                    assert!(proxy.got(&msg).is_empty());
+                }
+                // The gateway's own traffic is untouched.
                 for dst in remotes {
-                    let cg = client_cg.clone();
-                    let mut s = client.run(move || Session::open(&cg, proto, dst));
-                    // (A UDP flow exists only once something was sent.)
-                    let msg = env.token("early");
-                    assert_eq!(s.send(&msg), Ok(format!("remote:{msg}")));
-                    early.push((proto, dst, s));
-                }
-            }
-
-            for names in [&["cgtf0"][..], &["cgtf*"][..]] {
-                set_ifaces("add", names);
-                // In the set: TCP and UDP reach the TPROXY listener with their
-                // original destination ...
-                for proto in all_protos {
-                    for dst in remotes {
-                        proxied(proto, dst);
-                    }
-                    // ... except to bypass destinations and to the gateway.
-                    for dst in bypasses {
-                        forwarded(proto, dst, &bypass, "bypass");
-                    }
-                    for dst in gateways {
-                        let msg = env.token("gw");
-                        assert_eq!(from_client(proto, dst, &msg), Ok(format!("gateway:{msg}")));
-                        assert_eq!(gateway.got(&msg).len(), 1);
-                        assert!(proxy.got(&msg).is_empty());
-                    }
-                    // The gateway's own traffic is untouched.
-                    for dst in remotes {
-                        let msg = env.token("host");
-                        assert_eq!(
-                            exchange(&host_cg, proto, dst, &msg),
-                            Ok(format!("remote:{msg}"))
-                        );
-                        assert!(proxy.got(&msg).is_empty());
-                    }
-                }
-                for (proto, dst, s) in early.iter_mut() {
-                    let msg = env.token("early");
+                    let msg = env.token("host");
                     assert_eq!(
-                        s.send(&msg),
-                        Ok(format!("remote:{msg}")),
-                        "{proto:?} to {dst}: an existing connection was taken over"
+                        exchange(&host_cg, proto, dst, &msg),
+                        Ok(format!("remote:{msg}"))
                     );
-                }
-                // (nft 1.0.6 cannot delete a wildcard element: "element does
-                // not exist"; flushing the set works.)
-                nft_script("flush set inet cgtproxy proxy_ifaces\n");
-            }
-
-            // Connections proxied while the interface was in the set stay
-            // proxied after it left; new ones are forwarded again.
-            set_ifaces("add", &["cgtf0"]);
-            let mut late: Vec<(Proto, SocketAddr, Session)> = Vec::new();
-            for proto in all_protos {
-                for dst in remotes {
-                    let cg = client_cg.clone();
-                    let s = client.run(move || Session::open(&cg, proto, dst));
-                    late.push((proto, dst, s));
+                    assert!(proxy.got(&msg).is_empty());
                 }
             }
-            for (_, _, s) in late.iter_mut() {
-                let msg = env.token("late");
-                assert_eq!(s.send(&msg), Ok(format!("proxy:{msg}")));
-            }
-            set_ifaces("delete", &["cgtf0"]);
-            for (proto, dst, s) in late.iter_mut() {
-                let msg = env.token("late");
+            for (proto, dst, s) in early.iter_mut() {
+                let msg = env.token("early");
                 assert_eq!(
                     s.send(&msg),
-                    Ok(format!("proxy:{msg}")),
-                    "{proto:?} to {dst}: a proxied connection moved"
+                    Ok(format!("remote:{msg}")),
+                    "{proto:?} to {dst}: an existing connection was taken over"
                 );
             }
-            for proto in all_protos {
-                for dst in remotes {
-                    forwarded(proto, dst, &remote.server, "remote");
-                }
-            }
+            // (nft 1.0.6 cannot delete a wildcard element: "element does
+            // not exist"; flushing the set works.)
+            nft_script("flush set inet cgtproxy proxy_ifaces\n");
+        }
 
-            // Together with the DNS file, forwarded traffic is unchanged; the
-            // forward file loaded again empties the set.
-            load(env, &[DNS]);
-            set_ifaces("add", &["cgtf0"]);
-            for proto in all_protos {
-                proxied(proto, Remote::v4());
+        // Connections proxied while the interface was in the set stay
+        // proxied after it left; new ones are forwarded again.
+        set_ifaces("add", &["cgtf0"]);
+        let mut late: Vec<(Proto, SocketAddr, Session)> = Vec::new();
+        for proto in all_protos {
+            for dst in remotes {
+                let cg = client_cg.clone();
+                let s = client.run(move || Session::open(&cg, proto, dst));
+                late.push((proto, dst, s));
             }
-            load(env, &[FORWARD]);
-            forwarded(Proto::Tcp, Remote::v4(), &remote.server, "remote");
-            drop(early);
-            drop(late);
-        },
-    );
+        }
+        for (_, _, s) in late.iter_mut() {
+            let msg = env.token("late");
+            assert_eq!(s.send(&msg), Ok(format!("proxy:{msg}")));
+        }
+        set_ifaces("delete", &["cgtf0"]);
+        for (proto, dst, s) in late.iter_mut() {
+            let msg = env.token("late");
+            assert_eq!(
+                s.send(&msg),
+                Ok(format!("proxy:{msg}")),
+                "{proto:?} to {dst}: a proxied connection moved"
+            );
+        }
+        for proto in all_protos {
+            for dst in remotes {
+                forwarded(proto, dst, &remote.server, "remote");
+            }
+        }
+
+        // Together with the DNS file, forwarded traffic is unchanged; the
+        // forward file loaded again empties the set.
+        load(env, &[DNS]);
+        set_ifaces("add", &["cgtf0"]);
+        for proto in all_protos {
+            proxied(proto, Remote::v4());
+        }
+        load(env, &[FORWARD]);
+        forwarded(Proto::Tcp, Remote::v4(), &remote.server, "remote");
+        drop(early);
+        drop(late);
+    });
 }

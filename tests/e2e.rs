@@ -6,21 +6,11 @@
 mod common;
 
 use common::*;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
-
-/// Client time limit where the connection is expected to fail.
-const QUICK: Duration = Duration::from_millis(1500);
 
 fn rules() -> Rules {
     Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct"), ("/x", "drop")])
-}
-
-fn local_ip(dst: SocketAddr) -> IpAddr {
-    match dst {
-        SocketAddr::V4(_) => LOCAL_V4.into(),
-        SocketAddr::V6(_) => LOCAL_V6.into(),
-    }
 }
 
 const PROTOS: [Proto; 2] = [Proto::Tcp, Proto::Udp];
@@ -29,97 +19,13 @@ fn dsts() -> [SocketAddr; 2] {
     [Remote::v4(), Remote::v6()]
 }
 
-/// Sends from `cg` and asserts the TPROXY listener got it with the original
-/// destination intact, the remote nothing, and the answer came back.
-fn assert_proxied(
-    env: &Env,
-    proxy: &Server,
-    remote: &Remote,
-    cg: &str,
-    proto: Proto,
-    dst: SocketAddr,
-) {
-    let msg = env.token("proxied");
-    let r = exchange(&env.cg.path(cg), proto, dst, &msg);
-    assert_eq!(
-        r,
-        Ok(format!("proxy:{msg}")),
-        "{proto:?} to {dst} from cgroup {cg}: expected the TPROXY listener to answer"
-    );
-    let ev = proxy.got(&msg);
-    assert_eq!(ev.len(), 1, "proxy events for {msg}: {ev:?}");
-    assert_eq!(
-        ev[0].local, dst,
-        "original destination seen by the listener"
-    );
-    assert_eq!(
-        ev[0].peer.ip(),
-        local_ip(dst),
-        "client address seen by the listener"
-    );
-    assert!(
-        remote.server.got(&msg).is_empty(),
-        "proxied traffic also reached the remote"
-    );
-}
-
-/// Sends from `cg` and asserts the remote server got it and answered.
-fn assert_direct(
-    env: &Env,
-    proxy: &Server,
-    remote: &Remote,
-    cg: &str,
-    proto: Proto,
-    dst: SocketAddr,
-) {
-    let msg = env.token("direct");
-    let r = exchange(&env.cg.path(cg), proto, dst, &msg);
-    assert_eq!(
-        r,
-        Ok(format!("remote:{msg}")),
-        "{proto:?} to {dst} from cgroup {cg}: expected the remote server to answer"
-    );
-    let ev = remote.server.got(&msg);
-    assert_eq!(ev.len(), 1, "remote events for {msg}: {ev:?}");
-    assert_eq!(ev[0].local, dst);
-    assert!(
-        proxy.got(&msg).is_empty(),
-        "direct traffic also reached the proxy"
-    );
-}
-
-/// Sends from `cg` and asserts nothing got through.
-fn assert_dropped(
-    env: &Env,
-    proxy: &Server,
-    remote: &Remote,
-    cg: &str,
-    proto: Proto,
-    dst: SocketAddr,
-) {
-    let msg = env.token("dropped");
-    let r = exchange_within(&env.cg.path(cg), proto, dst, &msg, QUICK);
-    assert!(
-        r.is_err(),
-        "{proto:?} to {dst} from cgroup {cg} should be dropped, got {r:?}"
-    );
-    assert!(
-        remote.server.got(&msg).is_empty(),
-        "dropped traffic reached the remote"
-    );
-    assert!(
-        proxy.got(&msg).is_empty(),
-        "dropped traffic reached the proxy"
-    );
-}
-
 // ---------------------------------------------------------------------------
 // Traffic
 // ---------------------------------------------------------------------------
 
 #[test]
 fn proxy_cgroup_reaches_tproxy_listener() {
-    e2e("proxy_cgroup_reaches_tproxy_listener", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -140,7 +46,7 @@ fn proxy_cgroup_reaches_tproxy_listener() {
 
 #[test]
 fn direct_and_drop_cgroups() {
-    e2e("direct_and_drop_cgroups", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -161,7 +67,7 @@ fn direct_and_drop_cgroups() {
 
 #[test]
 fn nested_child_inherits_ancestor_verdict() {
-    e2e("nested_child_inherits_ancestor_verdict", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -183,10 +89,11 @@ fn nested_child_inherits_ancestor_verdict() {
 
 #[test]
 fn embedded_default_config() {
-    e2e("embedded_default_config", |env| {
+    sandbox(|env| {
         if std::path::Path::new("/etc/cgtproxy/config.json").exists() {
             eprintln!(
-                "SKIP embedded_default_config: /etc/cgtproxy/config.json exists, so the embedded default does not apply"
+                "SKIP {}: /etc/cgtproxy/config.json exists, so the embedded default does not apply",
+                env.name
             );
             return;
         }
@@ -265,7 +172,7 @@ fn embedded_default_config() {
 
 #[test]
 fn cgroups_before_and_after_start_and_removed() {
-    e2e("cgroups_before_and_after_start_and_removed", |env| {
+    sandbox(|env| {
         load_ruleset();
         let rules = rules();
         env.cg
@@ -319,7 +226,7 @@ fn cgroups_before_and_after_start_and_removed() {
 
 #[test]
 fn odd_cgroup_names() {
-    e2e("odd_cgroup_names", |env| {
+    sandbox(|env| {
         load_ruleset();
         // (cgroupfs refuses '\n' in a name: mkdir gives EINVAL.)
         let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/[^/]*d", "direct")]);
@@ -348,7 +255,7 @@ fn odd_cgroup_names() {
 
 #[test]
 fn bad_config_is_refused_and_changes_nothing() {
-    e2e("bad_config_is_refused_and_changes_nothing", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/d", "/x"]);
         let rules = rules();
@@ -486,7 +393,7 @@ fn names_line_and_column(msg: &str, line: u32) -> bool {
 
 #[test]
 fn verdict_sticks_when_element_appears() {
-    e2e("verdict_sticks_when_element_appears", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -527,59 +434,56 @@ fn verdict_sticks_when_element_appears() {
 
 #[test]
 fn sighup_reload_keeps_established_and_refuses_bad_config() {
-    e2e(
-        "sighup_reload_keeps_established_and_refuses_bad_config",
-        |env| {
-            load_ruleset();
-            let remote = Remote::start();
-            let proxy = start_proxy();
-            env.cg.mkdir(&["/p", "/d"]);
-            let rules = rules();
-            let config = env.write_config(&Config::new(&rules));
-            let mut args = env.run_args(&config);
-            args.push("-v".into());
-            let mut d = Daemon::start(&args);
-            env.wait_map(&rules);
-            let mut tcp = Session::open(&env.cg.path("/p"), Proto::Tcp, Remote::v6());
-            assert_eq!(tcp.send("one"), Ok("proxy:one".into()));
+    sandbox(|env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&["/p", "/d"]);
+        let rules = rules();
+        let config = env.write_config(&Config::new(&rules));
+        let mut args = env.run_args(&config);
+        args.push("-v".into());
+        let mut d = Daemon::start(&args);
+        env.wait_map(&rules);
+        let mut tcp = Session::open(&env.cg.path("/p"), Proto::Tcp, Remote::v6());
+        assert_eq!(tcp.send("one"), Ok("proxy:one".into()));
 
-            // Reload: /p loses its rule, /d becomes proxied.
-            let reloaded = Rules::new(&[("/d", "proxy")]);
-            std::fs::write(&config, Config::new(&reloaded).to_json()).unwrap();
-            d.signal(libc::SIGHUP);
-            env.wait_map(&reloaded);
-            assert_eq!(
-                tcp.send("two"),
-                Ok("proxy:two".into()),
-                "established proxied connection moved after its element went"
-            );
-            assert_direct(env, &proxy, &remote, "/p", Proto::Tcp, Remote::v6());
-            assert_proxied(env, &proxy, &remote, "/d", Proto::Tcp, Remote::v6());
+        // Reload: /p loses its rule, /d becomes proxied.
+        let reloaded = Rules::new(&[("/d", "proxy")]);
+        std::fs::write(&config, Config::new(&reloaded).to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        env.wait_map(&reloaded);
+        assert_eq!(
+            tcp.send("two"),
+            Ok("proxy:two".into()),
+            "established proxied connection moved after its element went"
+        );
+        assert_direct(env, &proxy, &remote, "/p", Proto::Tcp, Remote::v6());
+        assert_proxied(env, &proxy, &remote, "/d", Proto::Tcp, Remote::v6());
 
-            // A bad new config is refused; the old one stays.
-            std::fs::write(
-                &config,
-                "{\"rules\": [{\"match\": \"(\", \"target\": \"proxy\"}]}",
-            )
-            .unwrap();
-            d.signal(libc::SIGHUP);
-            env.cg.mkdir(&["/d/child"]);
-            std::thread::sleep(Duration::from_millis(200));
-            assert!(
-                d.running(),
-                "a bad config on SIGHUP must not stop the daemon:\n{}",
-                d.log()
-            );
-            env.wait_map(&reloaded);
-            assert!(
-                d.running(),
-                "a bad config on SIGHUP must not stop the daemon:\n{}",
-                d.log()
-            );
-            let f = d.stop();
-            assert_eq!(f.code(), Some(0), "{}", f.describe());
-        },
-    );
+        // A bad new config is refused; the old one stays.
+        std::fs::write(
+            &config,
+            "{\"rules\": [{\"match\": \"(\", \"target\": \"proxy\"}]}",
+        )
+        .unwrap();
+        d.signal(libc::SIGHUP);
+        env.cg.mkdir(&["/d/child"]);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            d.running(),
+            "a bad config on SIGHUP must not stop the daemon:\n{}",
+            d.log()
+        );
+        env.wait_map(&reloaded);
+        assert!(
+            d.running(),
+            "a bad config on SIGHUP must not stop the daemon:\n{}",
+            d.log()
+        );
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -588,7 +492,7 @@ fn sighup_reload_keeps_established_and_refuses_bad_config() {
 
 #[test]
 fn sigterm_removes_elements_and_routes() {
-    e2e("sigterm_removes_elements_and_routes", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/x"]);
         let rules = rules();
@@ -612,7 +516,7 @@ fn sigterm_removes_elements_and_routes() {
 
 #[test]
 fn sigint_and_custom_route() {
-    e2e("sigint_and_custom_route", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         let rules = rules();
@@ -635,7 +539,7 @@ fn sigint_and_custom_route() {
 
 #[test]
 fn route_false_installs_no_routing() {
-    e2e("route_false_installs_no_routing", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         let rules = rules();
@@ -651,7 +555,7 @@ fn route_false_installs_no_routing() {
 
 #[test]
 fn keep_on_exit_keeps_elements() {
-    e2e("keep_on_exit_keeps_elements", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/x", "/d"]);
         let rules = rules();
@@ -673,7 +577,7 @@ fn keep_on_exit_keeps_elements() {
 
 #[test]
 fn sigkill_leaves_state_and_restart_converges() {
-    e2e("sigkill_leaves_state_and_restart_converges", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/stale", "/p/kept", "/x"]);
         let rules = rules();
@@ -720,7 +624,7 @@ fn sigkill_leaves_state_and_restart_converges() {
 /// an element written, or a message without the way out fails the test.
 #[test]
 fn failed_route_install_leaves_routing_as_it_was() {
-    e2e("failed_route_install_leaves_routing_as_it_was", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/d"]);
         let rules = rules();
@@ -758,7 +662,7 @@ fn failed_route_install_leaves_routing_as_it_was() {
 
 #[test]
 fn once_replaces_the_map_and_exits() {
-    e2e("once_replaces_the_map_and_exits", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/d", "/q"]);
         let rules = rules();
@@ -824,7 +728,7 @@ fn dry_run(env: &Env, config: &std::path::Path) -> Finished {
 /// must be refused (exit 2) before anything is printed or changed.
 #[test]
 fn dry_run_prints_the_changes_and_changes_nothing() {
-    e2e("dry_run_prints_the_changes_and_changes_nothing", |env| {
+    sandbox(|env| {
         load_ruleset();
         nft_script("add chain inet cgtproxy mine { meta mark set socket mark; accept; }\n");
         let remote = Remote::start();
@@ -909,7 +813,7 @@ fn dry_run_prints_the_changes_and_changes_nothing() {
 
 #[test]
 fn ruleset_reload_and_flush_are_refilled() {
-    e2e("ruleset_reload_and_flush_are_refilled", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/d", "/x"]);
         let rules = rules();
@@ -938,7 +842,7 @@ fn ruleset_reload_and_flush_are_refilled() {
 
 #[test]
 fn many_cgroups_at_start_and_while_stopped() {
-    e2e("many_cgroups_at_start_and_while_stopped", |env| {
+    sandbox(|env| {
         load_ruleset();
         let rules = rules();
         // Past one 64 KiB netlink attribute's worth of elements at start.
@@ -970,7 +874,7 @@ fn many_cgroups_at_start_and_while_stopped() {
 /// buffer (~4,000 elements): it used to fail with EMSGSIZE.
 #[test]
 fn once_fills_10000_elements_in_one_transaction() {
-    e2e("once_fills_10000_elements_in_one_transaction", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         for i in 0..100 {
@@ -993,7 +897,7 @@ fn once_fills_10000_elements_in_one_transaction() {
 /// aborts the whole batch) must end in a full reconcile, not a stuck map.
 #[test]
 fn plain_deletes_as_on_kernels_before_6_3() {
-    e2e("plain_deletes_as_on_kernels_before_6_3", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/p/b", "/d", "/x"]);
         let rules = rules();
@@ -1053,7 +957,7 @@ fn plain_deletes_as_on_kernels_before_6_3() {
 /// the chain `leaky` below (a target chain without the restore) shows.
 #[test]
 fn socket_mark_survives_the_verdict_number() {
-    e2e("socket_mark_survives_the_verdict_number", |env| {
+    sandbox(|env| {
         load_ruleset();
         nft_script("add chain inet cgtproxy leaky { goto pass; }\n");
         let remote = Remote::start();
@@ -1151,7 +1055,7 @@ fn socket_mark_survives_the_verdict_number() {
 /// number (the marked server would not be reached).
 #[test]
 fn target_chains_of_ones_own_work_end_to_end() {
-    e2e("target_chains_of_ones_own_work_end_to_end", |env| {
+    sandbox(|env| {
         load_ruleset();
         nft_script(
             "add chain inet cgtproxy mine { meta mark set socket mark; counter accept; }\n\

@@ -51,23 +51,6 @@ fn bridge_nf(on: bool) -> bool {
         .all(|f| fs::write(format!("/proc/sys/net/bridge/{f}"), v).is_ok())
 }
 
-/// A tool that a non-kernel test needs, found in PATH: `false` means skip
-/// (printed), and with `CI=true` a missing tool fails the test.
-fn have(test: &str, tool: &str) -> bool {
-    let ok = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| {
-        fs::metadata(d.join(tool)).is_ok_and(|m| {
-            m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-        })
-    });
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{test}: `{tool}` is missing (CI=true makes this a failure)");
-        }
-        eprintln!("SKIP {test}: `{tool}` is missing");
-    }
-    ok
-}
-
 /// The level of a cgroup directory as the kernel counts it.
 fn level(env: &Env, dir: &Path) -> usize {
     dir.strip_prefix(&env.mount).unwrap().components().count()
@@ -151,7 +134,7 @@ fn row<'a>(rows: &'a [StatusRow], path: &str) -> &'a StatusRow {
 
 #[test]
 fn status_counters_rise_with_traffic() {
-    e2e("status_counters_rise_with_traffic", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let _proxy = start_proxy();
@@ -230,7 +213,7 @@ fn status_counters_rise_with_traffic() {
 
 #[test]
 fn status_shows_a_gone_cgroup_by_its_id() {
-    e2e("status_shows_a_gone_cgroup_by_its_id", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/gone", "/kept"]);
         let rules = Rules::new(&[("/gone|/kept", "drop")]);
@@ -261,7 +244,7 @@ fn status_shows_a_gone_cgroup_by_its_id() {
 
 #[test]
 fn status_without_the_table_fails() {
-    e2e("status_without_the_table_fails", |env| {
+    sandbox(|env| {
         let config = env.write_config(&Config::new(&Rules::new(&[("/p", "proxy")])));
         let f = cli(env, &config, &["status"]);
         assert_eq!(f.code(), Some(1), "{}", f.describe());
@@ -327,7 +310,7 @@ impl Drop for Sleeper {
 
 #[test]
 fn explain_names_the_rule_for_a_nested_cgroup() {
-    e2e("explain_names_the_rule_for_a_nested_cgroup", |env| {
+    sandbox(|env| {
         load_ruleset();
         let _remote = Remote::start();
         let proxy = start_proxy();
@@ -435,7 +418,7 @@ fn explain_names_the_rule_for_a_nested_cgroup() {
 
 #[test]
 fn check_passes_then_catches_a_missing_chain() {
-    e2e("check_passes_then_catches_a_missing_chain", |env| {
+    sandbox(|env| {
         load_ruleset();
         bridge_nf(false);
         let _proxy = start_proxy();
@@ -533,7 +516,7 @@ fn check_passes_then_catches_a_missing_chain() {
 
 #[test]
 fn check_catches_the_proxy_capturing_itself() {
-    e2e("check_catches_the_proxy_capturing_itself", |env| {
+    sandbox(|env| {
         load_ruleset();
         bridge_nf(false);
         env.cg.mkdir(&["/proxy/svc"]);
@@ -591,49 +574,46 @@ fn check_catches_the_proxy_capturing_itself() {
 
 #[test]
 fn check_warns_about_br_netfilter_and_cgroup_namespaces() {
-    e2e(
-        "check_warns_about_br_netfilter_and_cgroup_namespaces",
-        |env| {
-            load_ruleset();
-            let _proxy = start_proxy();
-            env.cg.mkdir(&["/p", "/ns"]);
-            let config = env.write_config(&Config::new(&Rules::new(&[("/p", "proxy")])));
-            if bridge_nf(true) {
-                let out = expect(cli(env, &config, &["check"]), 1, "check, br_netfilter");
-                assert!(
+    sandbox(|env| {
+        load_ruleset();
+        let _proxy = start_proxy();
+        env.cg.mkdir(&["/p", "/ns"]);
+        let config = env.write_config(&Config::new(&Rules::new(&[("/p", "proxy")])));
+        if bridge_nf(true) {
+            let out = expect(cli(env, &config, &["check"]), 1, "check, br_netfilter");
+            assert!(
                 out.contains("WARN  br_netfilter: net.bridge.bridge-nf-call-iptables and bridge-nf-call-ip6tables = 1"),
                 "{out}"
             );
-                bridge_nf(false);
-            } else {
-                eprintln!("br_netfilter is not available here: that trap is not staged");
-            }
-            expect(cli(env, &config, &["check"]), 0, "check, all well");
+            bridge_nf(false);
+        } else {
+            eprintln!("br_netfilter is not available here: that trap is not staged");
+        }
+        expect(cli(env, &config, &["check"]), 0, "check, all well");
 
-            // From inside a cgroup namespace rooted at /ns.
-            let f = run_cmd(
-                Command::new("sh")
-                    .args([
-                        "-c",
-                        "echo $$ > \"$CG/cgroup.procs\" && exec unshare -C \"$@\"",
-                        "sh",
-                        BIN,
-                        "check",
-                        "-c",
-                        config.to_str().unwrap(),
-                        "--cgroup-root",
-                        env.cg.root.to_str().unwrap(),
-                    ])
-                    .env("CG", env.cg.path("/ns")),
-                LIMIT,
-            );
-            let out = expect(f, 1, "check in a cgroup namespace");
-            assert!(
-                out.contains("WARN  running in a non-root cgroup namespace"),
-                "{out}"
-            );
-        },
-    );
+        // From inside a cgroup namespace rooted at /ns.
+        let f = run_cmd(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "echo $$ > \"$CG/cgroup.procs\" && exec unshare -C \"$@\"",
+                    "sh",
+                    BIN,
+                    "check",
+                    "-c",
+                    config.to_str().unwrap(),
+                    "--cgroup-root",
+                    env.cg.root.to_str().unwrap(),
+                ])
+                .env("CG", env.cg.path("/ns")),
+            LIMIT,
+        );
+        let out = expect(f, 1, "check in a cgroup namespace");
+        assert!(
+            out.contains("WARN  running in a non-root cgroup namespace"),
+            "{out}"
+        );
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -651,7 +631,7 @@ fn many(env: &Env) -> Rules {
 
 #[test]
 fn ready_fd_is_written_after_the_map_is_filled() {
-    e2e("ready_fd_is_written_after_the_map_is_filled", |env| {
+    sandbox(|env| {
         load_ruleset();
         let rules = many(env);
         let config = env.write_config(&Config::new(&rules));
@@ -705,7 +685,7 @@ fn notified(sock: &UnixDatagram, want: &str, seen: &mut Vec<String>) {
 
 #[test]
 fn notify_socket_gets_ready_after_the_map_is_filled() {
-    e2e("notify_socket_gets_ready_after_the_map_is_filled", |env| {
+    sandbox(|env| {
         load_ruleset();
         let rules = many(env);
         let config = env.write_config(&Config::new(&rules));
@@ -771,7 +751,7 @@ const PAGES: [&str; 2] = ["man/cgtproxy.8", "man/cgtproxy.json.5"];
 
 #[test]
 fn man_pages_lint_clean() {
-    if !have("man_pages_lint_clean", "mandoc") {
+    if !have(test_name!(), "mandoc") {
         return;
     }
     for page in PAGES {
@@ -854,7 +834,7 @@ fn options_and_commands(help: &str) -> Vec<String> {
 
 #[test]
 fn help_agrees_with_the_man_page() {
-    if !have("help_agrees_with_the_man_page", "mandoc") {
+    if !have(test_name!(), "mandoc") {
         return;
     }
     let help = expect(run_cmd(Command::new(BIN).arg("--help"), LIMIT), 0, "--help");
@@ -942,7 +922,7 @@ fn systemd_unit_verifies_and_is_hardened() {
     ] {
         assert!(unit.contains(want), "{want:?} missing from the unit");
     }
-    if !have("systemd_unit_verifies_and_is_hardened", "systemd-analyze") {
+    if !have(test_name!(), "systemd-analyze") {
         return;
     }
     // verify wants ExecStart to exist: point it at the binary under test.
@@ -1069,7 +1049,7 @@ fn path_with_bin() -> OsString {
 
 #[test]
 fn runit_run_script_starts_the_daemon() {
-    e2e("runit_run_script_starts_the_daemon", |env| {
+    sandbox(|env| {
         // No ruleset loaded: the run script loads it.
         env.cg.mkdir(&["/p"]);
         let rules = Rules::new(&[("/p", "proxy")]);
@@ -1101,7 +1081,7 @@ fn runit_run_script_starts_the_daemon() {
 
 #[test]
 fn openrc_command_line_starts_the_daemon() {
-    e2e("openrc_command_line_starts_the_daemon", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         let rules = Rules::new(&[("/p", "proxy")]);

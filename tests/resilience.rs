@@ -5,12 +5,13 @@
 //! cgroup names.
 //!
 //! Each test runs in its own network namespace with its own cgroup subtree
-//! (tests/common/mod.rs). The map is read back with the real `nft`; the
-//! truth is computed here from a walk of the subtree through directory fds
-//! (so paths longer than PATH_MAX and non-UTF-8 names are seen as they are)
-//! and the rules. Transactions are watched with our own NFNLGRP_NFTABLES
-//! listener ([`Monitor`]): each transaction's element events, closed by
-//! NEWGEN with the committer's pid, are what `nft monitor` prints.
+//! (tests/common/). The map is read back with the real `nft`; the truth is
+//! computed from a walk of the subtree through directory fds
+//! (tests/common/fdtree.rs: paths longer than PATH_MAX and non-UTF-8 names
+//! are seen as they are) and the rules. Transactions are watched with our
+//! own NFNLGRP_NFTABLES listener (tests/common/monitor.rs): each
+//! transaction's element events, closed by NEWGEN with the committer's pid,
+//! are what `nft monitor` prints.
 //!
 //! They need root; without it they print SKIP (and fail with CI=true).
 
@@ -18,20 +19,18 @@ mod common;
 
 use common::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::fs;
-use std::io::{self, Read};
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 /// Generous bound for convergence after big changes (storms, overflow).
@@ -39,905 +38,6 @@ const SLOW_CONVERGE: Duration = Duration::from_secs(30);
 
 /// Linux PATH_MAX, including the terminating NUL.
 const PATH_MAX: usize = 4096;
-
-// ---------------------------------------------------------------------------
-// The truth, from directory fds
-// ---------------------------------------------------------------------------
-
-/// The documented match form of a cgroup path: UTF-8 as is; when the path
-/// is not UTF-8, each invalid byte becomes the four characters `\xHH`.
-fn match_form(path: &[u8]) -> String {
-    match std::str::from_utf8(path) {
-        Ok(s) => s.to_string(),
-        Err(_) => {
-            let mut out = String::new();
-            for chunk in path.utf8_chunks() {
-                out.push_str(chunk.valid());
-                for b in chunk.invalid() {
-                    out.push_str(&format!("\\x{b:02x}"));
-                }
-            }
-            out
-        }
-    }
-}
-
-fn cstr(b: &[u8]) -> CString {
-    CString::new(b).expect("no NUL in a file name")
-}
-
-/// openat(dir, name, O_DIRECTORY|O_NOFOLLOW).
-fn open_dir_at(dir: RawFd, name: &[u8]) -> io::Result<fs::File> {
-    let c = cstr(name);
-    // SAFETY: a valid C string and a caller-supplied directory fd.
-    let fd = unsafe {
-        libc::openat(
-            dir,
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that we now own.
-    Ok(unsafe { fs::File::from_raw_fd(fd) })
-}
-
-fn open_dir(path: &Path) -> fs::File {
-    let c = cstr(path.as_os_str().as_bytes());
-    // SAFETY: a valid C string.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    assert!(
-        fd >= 0,
-        "open {}: {}",
-        path.display(),
-        io::Error::last_os_error()
-    );
-    // SAFETY: a fresh fd that we now own.
-    unsafe { fs::File::from_raw_fd(fd) }
-}
-
-/// Subdirectory names of an open directory. `/proc/self/fd/N` follows the
-/// fd itself, so this works however long the directory's path is.
-fn subdirs(dir: &fs::File) -> Vec<Vec<u8>> {
-    let Ok(rd) = fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name().as_bytes().to_vec())
-        .collect()
-}
-
-/// Every cgroup below `root` (not `root` itself): (path bytes "/a/b", id).
-fn walk_fd(root: &Path) -> Vec<(Vec<u8>, u64)> {
-    let top = Rc::new(open_dir(root));
-    let mut stack: Vec<(Rc<fs::File>, Vec<u8>, Vec<u8>)> = subdirs(&top)
-        .into_iter()
-        .map(|n| (top.clone(), n.clone(), [b"/".as_slice(), &n].concat()))
-        .collect();
-    let mut out = Vec::new();
-    while let Some((parent, name, path)) = stack.pop() {
-        let Ok(dir) = open_dir_at(parent.as_raw_fd(), &name) else {
-            continue; // removed meanwhile
-        };
-        let Ok(md) = dir.metadata() else { continue };
-        out.push((path.clone(), std::os::unix::fs::MetadataExt::ino(&md)));
-        let dir = Rc::new(dir);
-        for n in subdirs(&dir) {
-            let p = [path.as_slice(), b"/", &n].concat();
-            stack.push((dir.clone(), n, p));
-        }
-    }
-    out
-}
-
-/// What the map should hold: id → verdict, from the walk and the rules.
-fn truth(root: &Path, rules: &Rules) -> MapDump {
-    walk_fd(root)
-        .into_iter()
-        .filter_map(|(p, id)| rules.verdict(&match_form(&p)).map(|v| (id, v)))
-        .collect()
-}
-
-fn names(root: &Path) -> HashMap<u64, String> {
-    walk_fd(root)
-        .into_iter()
-        .map(|(p, id)| {
-            let mut s = match_form(&p);
-            if s.len() > 120 {
-                s = format!("{}…[{} bytes]", &s[..60], p.len());
-            }
-            (id, s)
-        })
-        .collect()
-}
-
-fn diff(root: &Path, expected: &MapDump, actual: &MapDump) -> String {
-    let names = names(root);
-    let ids: BTreeSet<u64> = expected.keys().chain(actual.keys()).copied().collect();
-    let mut s = String::new();
-    let mut n = 0;
-    for id in ids {
-        let (e, a) = (expected.get(&id), actual.get(&id));
-        if e != a {
-            n += 1;
-            if n <= 40 {
-                s.push_str(&format!(
-                    "  id {id} {:?}: expected {e:?}, map has {a:?}\n",
-                    names.get(&id).map(String::as_str).unwrap_or("<gone>")
-                ));
-            }
-        }
-    }
-    if n > 40 {
-        s.push_str(&format!("  … {n} differences in all\n"));
-    }
-    s
-}
-
-/// Waits (up to `limit`) until the map equals the truth; panics with a diff.
-fn converge(env: &Env, rules: &Rules, limit: Duration, what: &str) -> MapDump {
-    let mut last = (MapDump::new(), MapDump::new());
-    let ok = wait_until(limit, Duration::from_millis(25), || {
-        let e = truth(&env.cg.root, rules);
-        let a = match try_dump_map("cgtproxy", "cgroups") {
-            Ok(a) => a,
-            Err(_) => return false,
-        };
-        let same = e == a;
-        last = (e, a);
-        same
-    });
-    assert!(
-        ok,
-        "{what}: map did not converge to the truth within {limit:?}; {} expected, {} in the map:\n{}",
-        last.0.len(),
-        last.1.len(),
-        diff(&env.cg.root, &last.0, &last.1)
-    );
-    last.1
-}
-
-/// Asserts now that the map equals the truth.
-fn assert_truth(env: &Env, rules: &Rules, what: &str) -> MapDump {
-    let (e, a) = (truth(&env.cg.root, rules), dump_map());
-    assert!(
-        e == a,
-        "{what}: map differs from the truth:\n{}",
-        diff(&env.cg.root, &e, &a)
-    );
-    a
-}
-
-// ---------------------------------------------------------------------------
-// Directories by fd: names that are not UTF-8, paths past PATH_MAX
-// ---------------------------------------------------------------------------
-
-/// `mkdir` of a chain of names below `base`, each inside the previous one,
-/// through directory fds (the absolute path may exceed PATH_MAX). Returns
-/// how many were made, and the error that stopped it, if any.
-fn mkdir_chain(base: &Path, names: &[Vec<u8>]) -> (usize, Option<io::Error>) {
-    let mut dir = open_dir(base);
-    for (i, n) in names.iter().enumerate() {
-        let c = cstr(n);
-        // SAFETY: a valid C string and an open directory fd.
-        if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return (i, Some(e));
-            }
-        }
-        dir = match open_dir_at(dir.as_raw_fd(), n) {
-            Ok(d) => d,
-            Err(e) => return (i + 1, Some(e)),
-        };
-    }
-    (names.len(), None)
-}
-
-/// Removes `name` in `dir` and everything below it, bottom-up, by fds.
-fn remove_tree_at(dir: RawFd, name: &[u8]) -> io::Result<()> {
-    let sub = open_dir_at(dir, name)?;
-    for n in subdirs(&sub) {
-        remove_tree_at(sub.as_raw_fd(), &n)?;
-    }
-    drop(sub);
-    let c = cstr(name);
-    // SAFETY: a valid C string and an open directory fd.
-    if unsafe { libc::unlinkat(dir, c.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Removes, on drop (also when a test fails), subtrees the harness cannot
-/// remove by path (longer than PATH_MAX).
-struct DeepCleanup(Vec<PathBuf>);
-
-impl Drop for DeepCleanup {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let parent = open_dir(p.parent().unwrap());
-            let name = p.file_name().unwrap().as_bytes();
-            match remove_tree_at(parent.as_raw_fd(), name) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => eprintln!("cleanup of {}: {e}", p.display()),
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// nf_tables events: our own `nft monitor`
-// ---------------------------------------------------------------------------
-
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWTABLE: u8 = 0;
-const NFT_MSG_NEWSETELEM: u8 = 12;
-const NFT_MSG_DELSETELEM: u8 = 14;
-const NFT_MSG_NEWGEN: u8 = 15;
-const NFT_MSG_DESTROYSETELEM: u8 = 30;
-const NFNLGRP_NFTABLES: libc::c_int = 7;
-
-/// The data of an element event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum ElemData {
-    /// NFTA_DATA_VERDICT, as `nft` prints it: "goto proxy", "drop", … (the
-    /// `verdicts` map).
-    Verdict(String),
-    /// NFTA_DATA_VALUE of 4 bytes, host order: a verdict number (the
-    /// `cgroups` map).
-    Number(u32),
-}
-
-/// One element event.
-#[derive(Clone, Debug)]
-struct ElemEvent {
-    del: bool,
-    table: String,
-    set: String,
-    /// The key: a cgroup id (8 bytes, `cgroups`) or a verdict number (4
-    /// bytes, `verdicts`), host order.
-    key: u64,
-    data: Option<ElemData>,
-}
-
-impl ElemEvent {
-    fn in_cgroups(&self) -> bool {
-        self.table == "cgtproxy" && self.set == "cgroups"
-    }
-    fn in_verdicts(&self) -> bool {
-        self.table == "cgtproxy" && self.set == VERDICT_MAP
-    }
-}
-
-/// One committed transaction, as the kernel announced it.
-#[derive(Clone, Debug, Default)]
-struct Txn {
-    /// When its NEWGEN was received.
-    at: Option<Instant>,
-    generation: u32,
-    pid: u32,
-    /// The committer's comm.
-    name: String,
-    elems: Vec<ElemEvent>,
-    /// Other messages: (kind, first name attribute).
-    others: Vec<(u8, String)>,
-}
-
-impl Txn {
-    fn at(&self) -> Instant {
-        self.at.unwrap()
-    }
-    /// Cgroup ids deleted from `cgroups`.
-    fn dels(&self) -> BTreeSet<u64> {
-        self.elems
-            .iter()
-            .filter(|e| e.del && e.in_cgroups())
-            .map(|e| e.key)
-            .collect()
-    }
-    /// `cgroups` elements added: cgroup id → number.
-    fn numbers(&self) -> BTreeMap<u64, u32> {
-        self.elems
-            .iter()
-            .filter(|e| !e.del && e.in_cgroups())
-            .map(|e| {
-                let n = match &e.data {
-                    Some(ElemData::Number(n)) => *n,
-                    other => panic!("a cgroups element without a number: {other:?}"),
-                };
-                (e.key, n)
-            })
-            .collect()
-    }
-    /// `verdicts` elements added: number → verdict.
-    fn verdict_adds(&self) -> VerdictDump {
-        self.elems
-            .iter()
-            .filter(|e| !e.del && e.in_verdicts())
-            .map(|e| {
-                let v = match &e.data {
-                    Some(ElemData::Verdict(v)) => v.clone(),
-                    other => format!("not a verdict: {other:?}"),
-                };
-                (e.key as u32, v)
-            })
-            .collect()
-    }
-    /// Numbers deleted from `verdicts`.
-    fn verdict_dels(&self) -> BTreeSet<u32> {
-        self.elems
-            .iter()
-            .filter(|e| e.del && e.in_verdicts())
-            .map(|e| e.key as u32)
-            .collect()
-    }
-    /// `cgroups` elements added, composed: cgroup id → verdict, through this
-    /// transaction's own `verdicts` additions, else `known` (a dump of
-    /// `verdicts` taken since: a number in use is never re-pointed).
-    fn adds(&self, known: &VerdictDump) -> MapDump {
-        let mut verdicts = known.clone();
-        verdicts.extend(self.verdict_adds());
-        self.numbers()
-            .into_iter()
-            .map(|(id, n)| (id, verdict_of_number(&verdicts, n)))
-            .collect()
-    }
-    /// Whether every element event is in one of the daemon's two maps.
-    fn touches_our_map(&self) -> bool {
-        self.elems.iter().all(|e| e.in_cgroups() || e.in_verdicts())
-    }
-}
-
-/// A NFNLGRP_NFTABLES listener in the calling thread's network namespace,
-/// read by a thread of its own, recording every transaction.
-struct Monitor {
-    txns: Arc<Mutex<Vec<Txn>>>,
-    lost: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, opt: libc::c_int, v: &T, what: &str) {
-    // SAFETY: a pointer to a live value with its size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (v as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "{what}: {}", io::Error::last_os_error());
-}
-
-impl Monitor {
-    fn start() -> Monitor {
-        // SAFETY: socket(2) with constant arguments.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        assert!(fd >= 0, "netlink socket: {}", io::Error::last_os_error());
-        // SAFETY: a fresh fd that we now own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain data.
-        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: binding our socket to a valid sockaddr_nl.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sa as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(r, 0, "bind netlink: {}", io::Error::last_os_error());
-        let raw = fd.as_raw_fd();
-        setsockopt(
-            raw,
-            libc::SOL_NETLINK,
-            libc::NETLINK_ADD_MEMBERSHIP,
-            &NFNLGRP_NFTABLES,
-            "NETLINK_ADD_MEMBERSHIP 7",
-        );
-        let size: libc::c_int = 64 << 20;
-        setsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &size,
-            "SO_RCVBUFFORCE",
-        );
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 50_000,
-        };
-        setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv, "SO_RCVTIMEO");
-        let txns = Arc::new(Mutex::new(Vec::new()));
-        let lost = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let (txns, lost, stop) = (txns.clone(), lost.clone(), stop.clone());
-            thread::Builder::new()
-                .name("nft-monitor".into())
-                .spawn(move || monitor_loop(fd, &txns, &lost, &stop))
-                .unwrap()
-        };
-        Monitor {
-            txns,
-            lost,
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn txns(&self) -> Vec<Txn> {
-        self.txns.lock().unwrap().clone()
-    }
-
-    fn by_pid(&self, pid: i32) -> Vec<Txn> {
-        self.txns()
-            .into_iter()
-            .filter(|t| t.pid == pid as u32)
-            .collect()
-    }
-
-    /// Asserts that no event was lost (ENOBUFS) so far.
-    fn assert_complete(&self) {
-        assert_eq!(
-            self.lost.load(Ordering::Relaxed),
-            0,
-            "the test's event listener lost events (ENOBUFS)"
-        );
-    }
-
-    /// Waits until `f` holds for the transactions recorded so far.
-    fn wait_for(&self, limit: Duration, f: impl Fn(&[Txn]) -> bool) -> bool {
-        wait_until(limit, Duration::from_millis(10), || f(&self.txns()))
-    }
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn monitor_loop(fd: OwnedFd, txns: &Mutex<Vec<Txn>>, lost: &AtomicU64, stop: &AtomicBool) {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut cur = Txn::default();
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: reading into our own buffer from our own socket.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
-                Some(libc::ENOBUFS) => {
-                    lost.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                _ => return,
-            }
-        }
-        let now = Instant::now();
-        let mut b = &buf[..n as usize];
-        while b.len() >= 16 {
-            let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
-            if len < 16 || len > b.len() {
-                break;
-            }
-            let ty = u16::from_ne_bytes(b[4..6].try_into().unwrap());
-            if ty >> 8 == NFNL_SUBSYS_NFTABLES && len >= 20 {
-                on_message((ty & 0xff) as u8, &b[20..len], &mut cur, now, txns);
-            }
-            b = &b[align4(len).min(b.len())..];
-        }
-    }
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// Attributes of one level: (type without flags, payload).
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 4 {
-        let l = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let t = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        if l < 4 || l > b.len() {
-            break;
-        }
-        out.push((t, &b[4..l]));
-        b = &b[align4(l).min(b.len())..];
-    }
-    out
-}
-
-fn attr<'a>(list: &[(u16, &'a [u8])], t: u16) -> Option<&'a [u8]> {
-    list.iter().find(|(k, _)| *k == t).map(|(_, v)| *v)
-}
-
-fn attr_str(list: &[(u16, &[u8])], t: u16) -> String {
-    let v = attr(list, t).unwrap_or_default();
-    let v = v.split(|&c| c == 0).next().unwrap_or_default();
-    String::from_utf8_lossy(v).into_owned()
-}
-
-fn attr_be32(list: &[(u16, &[u8])], t: u16) -> u32 {
-    attr(list, t)
-        .and_then(|v| v.get(..4))
-        .map(|v| u32::from_be_bytes(v.try_into().unwrap()))
-        .unwrap_or(0)
-}
-
-fn on_message(kind: u8, body: &[u8], cur: &mut Txn, now: Instant, txns: &Mutex<Vec<Txn>>) {
-    let top = attrs(body);
-    match kind {
-        NFT_MSG_NEWGEN => {
-            // NFTA_GEN_ID 1, NFTA_GEN_PROC_PID 2, NFTA_GEN_PROC_NAME 3.
-            cur.generation = attr_be32(&top, 1);
-            cur.pid = attr_be32(&top, 2);
-            cur.name = attr_str(&top, 3);
-            cur.at = Some(now);
-            txns.lock().unwrap().push(std::mem::take(cur));
-        }
-        NFT_MSG_NEWSETELEM | NFT_MSG_DELSETELEM | NFT_MSG_DESTROYSETELEM => {
-            // NFTA_SET_ELEM_LIST_TABLE 1, _SET 2, _ELEMENTS 3 > NFTA_LIST_ELEM 1.
-            let table = attr_str(&top, 1);
-            let set = attr_str(&top, 2);
-            let elems = attr(&top, 3).map(attrs).unwrap_or_default();
-            for (_, e) in elems {
-                let e = attrs(e);
-                // NFTA_SET_ELEM_KEY 1 > NFTA_DATA_VALUE 1: a cgroup id (8
-                // bytes) or a verdict number (4 bytes), host order.
-                let key = attr(&e, 1).map(attrs).unwrap_or_default();
-                let Some(key) = attr(&key, 1).and_then(|v| match v.len() {
-                    8 => Some(u64::from_ne_bytes(v.try_into().unwrap())),
-                    4 => Some(u64::from(u32::from_ne_bytes(v.try_into().unwrap()))),
-                    _ => None,
-                }) else {
-                    continue;
-                };
-                // NFTA_SET_ELEM_DATA 2 > NFTA_DATA_VALUE 1 (a number, host
-                // order) or NFTA_DATA_VERDICT 2 > CODE 1, CHAIN 2.
-                let data = attr(&e, 2).map(attrs).and_then(|d| {
-                    if let Some(v) = attr(&d, 1).and_then(|v| v.get(..4)) {
-                        return Some(ElemData::Number(u32::from_ne_bytes(v.try_into().unwrap())));
-                    }
-                    attr(&d, 2).map(attrs).map(|v| {
-                        let code = attr_be32(&v, 1) as i32;
-                        let chain = attr_str(&v, 2);
-                        ElemData::Verdict(match code {
-                            0 => "drop".to_string(),
-                            1 => "accept".to_string(),
-                            -3 => format!("jump {chain}"),
-                            -4 => format!("goto {chain}"),
-                            c => format!("verdict {c}"),
-                        })
-                    })
-                });
-                cur.elems.push(ElemEvent {
-                    del: kind != NFT_MSG_NEWSETELEM,
-                    table: table.clone(),
-                    set: set.clone(),
-                    key,
-                    data,
-                });
-            }
-        }
-        _ => cur.others.push((kind, attr_str(&top, 1))),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Logs, traffic, processes
-// ---------------------------------------------------------------------------
-
-fn count(log: &str, needle: &str) -> usize {
-    log.lines().filter(|l| l.contains(needle)).count()
-}
-
-/// Waits until `log()` has at least `n` lines containing `needle`.
-fn wait_log(log: impl Fn() -> String, needle: &str, n: usize, limit: Duration) -> String {
-    let mut last = String::new();
-    let ok = wait_until(limit, Duration::from_millis(20), || {
-        last = log();
-        count(&last, needle) >= n
-    });
-    assert!(
-        ok,
-        "expected {n} log line(s) containing {needle:?} within {limit:?}; log:\n{last}"
-    );
-    last
-}
-
-/// TCP from a new process in `cg` to the remote address: asserts that the
-/// TPROXY listener answered with the original destination intact.
-fn assert_proxied(env: &Env, proxy: &Server, cg: &Path, dst: SocketAddr) {
-    let msg = env.token("proxied");
-    let r = exchange(cg, Proto::Tcp, dst, &msg);
-    assert_eq!(
-        r,
-        Ok(format!("proxy:{msg}")),
-        "TCP to {dst} from {}: expected the TPROXY listener to answer",
-        cg.display()
-    );
-    let ev = proxy.got(&msg);
-    assert_eq!(ev.len(), 1, "proxy events for {msg}: {ev:?}");
-    assert_eq!(
-        ev[0].local, dst,
-        "original destination seen by the listener"
-    );
-}
-
-/// UDP from a new process in `cg`: asserts that the remote server answered.
-fn assert_direct(env: &Env, proxy: &Server, remote: &Remote, cg: &Path, dst: SocketAddr) {
-    let msg = env.token("direct");
-    let r = exchange(cg, Proto::Udp, dst, &msg);
-    assert_eq!(
-        r,
-        Ok(format!("remote:{msg}")),
-        "UDP to {dst} from {}: expected the remote server to answer",
-        cg.display()
-    );
-    assert_eq!(remote.server.got(&msg).len(), 1);
-    assert!(
-        proxy.got(&msg).is_empty(),
-        "direct traffic reached the proxy"
-    );
-}
-
-/// `ip -4|-6 rule` lines for (mark, table).
-fn policy_rule_lines(family: &str, mark: u32, table: u32) -> usize {
-    let (m, t) = (format!("fwmark {mark:#x}"), format!("lookup {table}"));
-    ip_rules(family)
-        .lines()
-        .filter(|l| l.contains(&m) && l.contains(&t))
-        .count()
-}
-
-fn local_route_lines(family: &str, table: u32) -> usize {
-    ip_routes(family, table)
-        .lines()
-        .filter(|l| l.contains("local default dev lo"))
-        .count()
-}
-
-fn assert_single_policy_routing(when: &str) {
-    for fam in ["-4", "-6"] {
-        assert_eq!(
-            (
-                policy_rule_lines(fam, ROUTE_MARK, ROUTE_TABLE),
-                local_route_lines(fam, ROUTE_TABLE)
-            ),
-            (1, 1),
-            "{when}: expected exactly one `fwmark {ROUTE_MARK:#x} lookup {ROUTE_TABLE}` rule and \
-             one `local default dev lo table {ROUTE_TABLE}` route ({fam}); rules:\n{}\nroutes:\n{}",
-            ip_rules(fam),
-            ip_routes(fam, ROUTE_TABLE)
-        );
-    }
-}
-
-/// Starts the daemon with explicit args (no -v: the default log level).
-fn start_daemon(env: &Env, config: &Path, extra: &[&str]) -> Daemon {
-    let mut args = env.run_args(config);
-    args.extend(extra.iter().map(OsString::from));
-    Daemon::start(&args)
-}
-
-/// Prerequisite tools this file needs beyond the harness's: skip with a
-/// reason, or fail with CI=true.
-fn need(test: &str, tool: &str, arg: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg(arg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{test}: `{tool}` is missing (CI=true makes this a failure)");
-        }
-        eprintln!("SKIP {test}: `{tool}` is missing");
-    }
-    ok
-}
-
-/// The daemon run as an unprivileged user through `setpriv`, keeping only
-/// CAP_NET_ADMIN (inheritable, ambient, bounding set).
-struct PrivDaemon {
-    child: Option<Child>,
-    log: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a valid 2-int array.
-    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    assert_eq!(r, 0, "pipe2: {}", io::Error::last_os_error());
-    // SAFETY: two fresh fds that we now own.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-fn reader<R: Read + Send + 'static>(r: R, log: Arc<Mutex<String>>, pid: u32) -> JoinHandle<()> {
-    thread::spawn(move || {
-        let mut r = io::BufReader::new(r);
-        let mut line = Vec::new();
-        while io::BufRead::read_until(&mut r, b'\n', &mut line).unwrap_or(0) > 0 {
-            let l = String::from_utf8_lossy(&line);
-            eprint!("[cgtproxy {pid}] {l}");
-            log.lock().unwrap().push_str(&l);
-            line.clear();
-        }
-    })
-}
-
-impl PrivDaemon {
-    fn start(uid: u32, gid: u32, args: &[OsString]) -> PrivDaemon {
-        let (r, w) = pipe();
-        let mut cmd = Command::new("setpriv");
-        cmd.arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={gid}"))
-            .arg("--clear-groups")
-            .arg("--inh-caps=-all,+net_admin")
-            .arg("--ambient-caps=-all,+net_admin")
-            .arg("--bounding-set=-all,+net_admin")
-            .arg("--")
-            .arg(BIN)
-            .args(args)
-            .arg("--ready-fd")
-            .arg("3")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let wfd = w.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (dup2, fcntl) after fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if wfd == 3 {
-                    let fl = libc::fcntl(wfd, libc::F_GETFD);
-                    if libc::fcntl(wfd, libc::F_SETFD, fl & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(wfd, 3) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().expect("spawn setpriv cgtproxy");
-        drop(w);
-        let log = Arc::new(Mutex::new(String::new()));
-        let pid = child.id();
-        let readers = vec![
-            reader(child.stderr.take().unwrap(), log.clone(), pid),
-            reader(child.stdout.take().unwrap(), log.clone(), pid),
-        ];
-        let mut d = PrivDaemon {
-            child: Some(child),
-            log,
-            readers,
-        };
-        let mut pfd = libc::pollfd {
-            fd: r.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        let mut b = [0u8; 8];
-        // SAFETY: reading into a local buffer from our pipe.
-        let got = if n > 0 {
-            unsafe { libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) }
-        } else {
-            -1
-        };
-        if got <= 0 || !b[..got as usize].contains(&b'\n') {
-            let (st, log) = d.finish(true);
-            panic!("unprivileged cgtproxy {args:?} did not become ready: {st:?}\n{log}");
-        }
-        d
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().expect("wait").is_none())
-    }
-
-    /// SIGTERM (or SIGKILL) and waits (10 s) for the exit.
-    fn finish(&mut self, kill: bool) -> (Option<ExitStatus>, String) {
-        let Some(mut c) = self.child.take() else {
-            return (None, self.log());
-        };
-        // SAFETY: kill(2) of our own child.
-        unsafe {
-            libc::kill(
-                c.id() as i32,
-                if kill { libc::SIGKILL } else { libc::SIGTERM },
-            )
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let st = loop {
-            if let Some(st) = c.try_wait().expect("wait") {
-                break Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        };
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        (st, self.log())
-    }
-}
-
-impl Drop for PrivDaemon {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A child process killed on drop.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// "Uid:" and "CapEff:" of a process.
-fn uid_and_caps(pid: i32) -> (String, String) {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |k: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or_default()
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    };
-    (field("Uid:"), field("CapEff:"))
-}
 
 /// A small deterministic PRNG (splitmix64).
 struct Rng(u64);
@@ -959,20 +59,13 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn mkdir_all(env: &Env, rels: &[String]) {
-    for chunk in rels.chunks(2000) {
-        env.cg
-            .mkdir(&chunk.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-}
-
 // ---------------------------------------------------------------------------
 // 1. Ruleset reload while running
 // ---------------------------------------------------------------------------
 
 #[test]
 fn ruleset_reload_refills_2000_elements() {
-    e2e("ruleset_reload_refills_2000_elements", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -1048,8 +141,22 @@ fn ruleset_reload_refills_2000_elements() {
             ms(from_commit[1]),
             from_commit.len()
         );
-        assert_proxied(env, &proxy, &env.cg.path("/p/g7/c7"), Remote::v4());
-        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v6());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p/g7/c7"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/d"),
+            Proto::Udp,
+            Remote::v6(),
+        );
         assert!(d.running());
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
@@ -1063,7 +170,7 @@ fn ruleset_reload_refills_2000_elements() {
 
 #[test]
 fn map_flush_and_table_delete_while_cgroups_change() {
-    e2e("map_flush_and_table_delete_while_cgroups_change", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -1126,7 +233,9 @@ fn map_flush_and_table_delete_while_cgroups_change() {
             assert_proxied(
                 env,
                 &proxy,
+                &remote,
                 &env.cg.path(&format!("/p/late{round}")),
+                Proto::Tcp,
                 Remote::v4(),
             );
             assert_direct(
@@ -1134,6 +243,7 @@ fn map_flush_and_table_delete_while_cgroups_change() {
                 &proxy,
                 &remote,
                 &env.cg.path(&format!("/d{round}")),
+                Proto::Udp,
                 Remote::v4(),
             );
         }
@@ -1150,7 +260,7 @@ fn map_flush_and_table_delete_while_cgroups_change() {
 
 #[test]
 fn sighup_switches_verdicts_in_one_transaction() {
-    e2e("sighup_switches_verdicts_in_one_transaction", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -1170,7 +280,14 @@ fn sighup_switches_verdicts_in_one_transaction() {
         let config = env.write_config(&Config::new(&old));
         let d = start_daemon(env, &config, &[]);
         let before = converge(env, &old, CONVERGE, "initial sync");
-        assert_proxied(env, &proxy, &env.cg.path("/a"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/a"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
 
         let verdicts_before = dump_verdicts();
         let drop_number: BTreeSet<u32> = verdicts_before
@@ -1230,9 +347,30 @@ fn sighup_switches_verdicts_in_one_transaction() {
         let mut kept = verdicts_before.clone();
         kept.retain(|_, v| v.as_str() != "drop");
         assert_eq!(dump_verdicts(), kept, "verdicts after SIGHUP");
-        assert_proxied(env, &proxy, &env.cg.path("/b"), Remote::v6());
-        assert_proxied(env, &proxy, &env.cg.path("/n"), Remote::v4());
-        assert_direct(env, &proxy, &remote, &env.cg.path("/a"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/b"),
+            Proto::Tcp,
+            Remote::v6(),
+        );
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/n"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/a"),
+            Proto::Udp,
+            Remote::v4(),
+        );
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
     });
@@ -1247,7 +385,7 @@ fn sighup_switches_verdicts_in_one_transaction() {
 /// removing loses the old routing when the new one fails.
 #[test]
 fn sighup_moves_the_policy_routing() {
-    e2e("sighup_moves_the_policy_routing", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         let rules = Rules::new(&[("/p(/.*)?", "proxy")]);
@@ -1307,7 +445,7 @@ fn sighup_moves_the_policy_routing() {
 
 #[test]
 fn sighup_with_broken_config_keeps_the_old_one() {
-    e2e("sighup_with_broken_config_keeps_the_old_one", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -1353,8 +491,22 @@ fn sighup_with_broken_config_keeps_the_old_one() {
             env.cg.mkdir(&[&p, &dd]);
             converge(env, &rules, CONVERGE, &format!("after SIGHUP with {what}"));
             assert!(d.running(), "{what}: the daemon stopped:\n{}", d.log());
-            assert_proxied(env, &proxy, &env.cg.path(&p), Remote::v4());
-            assert_direct(env, &proxy, &remote, &env.cg.path(&dd), Remote::v4());
+            assert_proxied(
+                env,
+                &proxy,
+                &remote,
+                &env.cg.path(&p),
+                Proto::Tcp,
+                Remote::v4(),
+            );
+            assert_direct(
+                env,
+                &proxy,
+                &remote,
+                &env.cg.path(&dd),
+                Proto::Udp,
+                Remote::v4(),
+            );
         }
         // A ruleset reload now refills by the running (old) rules.
         load_ruleset();
@@ -1371,7 +523,14 @@ fn sighup_with_broken_config_keeps_the_old_one() {
         d.signal(libc::SIGHUP);
         wait_log(|| d.log(), "configuration reloaded", 1, CONVERGE);
         converge(env, &good, CONVERGE, "after a good SIGHUP");
-        assert_proxied(env, &proxy, &env.cg.path("/d/after0"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/d/after0"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
     });
@@ -1383,7 +542,7 @@ fn sighup_with_broken_config_keeps_the_old_one() {
 
 #[test]
 fn sigkill_restart_converges_in_one_transaction() {
-    e2e("sigkill_restart_converges_in_one_transaction", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -1397,7 +556,14 @@ fn sigkill_restart_converges_in_one_transaction() {
         assert_single_policy_routing("first run");
         d.kill();
         assert_eq!(dump_map(), running, "SIGKILL: what was written stays");
-        assert_proxied(env, &proxy, &env.cg.path("/p/s1/c1"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p/s1/c1"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
 
         // While down: matched cgroups removed (whole subtrees, one
         // verdict-bearing leaf), new ones made (nested, matched or not).
@@ -1436,7 +602,14 @@ fn sigkill_restart_converges_in_one_transaction() {
             "restart adds exactly the new"
         );
         assert_single_policy_routing("restart after SIGKILL");
-        assert_proxied(env, &proxy, &env.cg.path("/p/new/a/b"), Remote::v6());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p/new/a/b"),
+            Proto::Tcp,
+            Remote::v6(),
+        );
 
         // Killed again in the middle of a burst, restarted while it goes on.
         let root = env.cg.root.clone();
@@ -1477,7 +650,14 @@ fn sigkill_restart_converges_in_one_transaction() {
             .collect();
         assert!(mine.is_empty(), "nothing to change, yet: {mine:?}");
         assert_single_policy_routing("third restart");
-        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/d"),
+            Proto::Udp,
+            Remote::v4(),
+        );
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
         assert_eq!(dump_map(), MapDump::new());
@@ -1500,7 +680,7 @@ struct StormNode {
 
 #[test]
 fn storm_of_20000_nested_creates_and_removes() {
-    e2e("storm_of_20000_nested_creates_and_removes", |env| {
+    sandbox(|env| {
         load_ruleset();
         let rules = Rules::new(&[
             ("/p[0-9]+(/.*)?", "proxy"),
@@ -1621,7 +801,7 @@ fn storm_of_20000_nested_creates_and_removes() {
 
 #[test]
 fn inotify_overflow_while_sigstopped_converges() {
-    e2e("inotify_overflow_while_sigstopped_converges", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -1632,7 +812,8 @@ fn inotify_overflow_while_sigstopped_converges() {
             .unwrap();
         if max_queued > 100_000 {
             eprintln!(
-                "SKIP inotify_overflow_while_sigstopped_converges: max_queued_events is {max_queued}; too many cgroups to make"
+                "SKIP {}: max_queued_events is {max_queued}; too many cgroups to make",
+                env.name
             );
             return;
         }
@@ -1693,8 +874,22 @@ fn inotify_overflow_while_sigstopped_converges() {
             "the log must mention the overflow and the rescan:\n{log}"
         );
         assert!(d.running());
-        assert_proxied(env, &proxy, &env.cg.path("/p/late/a/b"), Remote::v4());
-        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p/late/a/b"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/d"),
+            Proto::Udp,
+            Remote::v4(),
+        );
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
     });
@@ -1784,93 +979,104 @@ fn hold_watches(uid: u32, files: &[PathBuf], instances: usize, leave: usize) -> 
 
 #[test]
 fn out_of_inotify_watches_is_reported_once_and_survived() {
-    e2e(
-        "out_of_inotify_watches_is_reported_once_and_survived",
-        |env| {
-            let name = "out_of_inotify_watches_is_reported_once_and_survived";
-            if !need(name, "setpriv", "--version") || !need(name, "sleep", "--version") {
-                return;
-            }
-            let max_watches = read_sysctl("max_user_watches");
-            let max_instances = read_sysctl("max_user_instances");
-            if max_watches > 2_000_000 || max_instances < 8 {
-                eprintln!(
-                    "SKIP {name}: max_user_watches {max_watches}, max_user_instances {max_instances}: \
+    sandbox(|env| {
+        let name = env.name.clone();
+        if !need(&name, "setpriv", "--version") || !need(&name, "sleep", "--version") {
+            return;
+        }
+        let max_watches = read_sysctl("max_user_watches");
+        let max_instances = read_sysctl("max_user_instances");
+        if max_watches > 2_000_000 || max_instances < 8 {
+            eprintln!(
+                "SKIP {name}: max_user_watches {max_watches}, max_user_instances {max_instances}: \
                      too many watches to exhaust in a test"
-                );
+            );
+            return;
+        }
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        // A user of its own: the watch limit is per user.
+        let uid = 3_100_000 + (std::process::id() % 100_000);
+        let instances = (max_instances - 4).min(100);
+        let per = max_watches.div_ceil(instances) + 1;
+        let dir = env.tmp.join("watchees");
+        fs::create_dir(&dir).unwrap();
+        let files: Vec<PathBuf> = (0..per).map(|i| dir.join(i.to_string())).collect();
+        for f in &files {
+            fs::write(f, "").unwrap();
+        }
+        world_readable(&env.tmp, &[]);
+        world_readable(
+            &dir,
+            &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
+        );
+        let t = Instant::now();
+        // One watch left: the daemon gets its root's, no more.
+        let holder = match hold_watches(uid, &files, instances, 1) {
+            Ok(c) => KillOnDrop(c),
+            Err(e) => {
+                eprintln!("SKIP {name}: could not exhaust the watches of uid {uid}: {e}");
                 return;
             }
-            load_ruleset();
-            let remote = Remote::start();
-            let proxy = start_proxy();
-            // A user of its own: the watch limit is per user.
-            let uid = 3_100_000 + (std::process::id() % 100_000);
-            let instances = (max_instances - 4).min(100);
-            let per = max_watches.div_ceil(instances) + 1;
-            let dir = env.tmp.join("watchees");
-            fs::create_dir(&dir).unwrap();
-            let files: Vec<PathBuf> = (0..per).map(|i| dir.join(i.to_string())).collect();
-            for f in &files {
-                fs::write(f, "").unwrap();
-            }
-            world_readable(&env.tmp, &[]);
-            world_readable(
-                &dir,
-                &files.iter().map(PathBuf::as_path).collect::<Vec<_>>(),
-            );
-            let t = Instant::now();
-            // One watch left: the daemon gets its root's, no more.
-            let holder = match hold_watches(uid, &files, instances, 1) {
-                Ok(c) => KillOnDrop(c),
-                Err(e) => {
-                    eprintln!("SKIP {name}: could not exhaust the watches of uid {uid}: {e}");
-                    return;
-                }
-            };
-            eprintln!(
-                "uid {uid}: {max_watches} inotify watches taken by pid {} in {:.0} ms, one left",
-                holder.0.id(),
-                ms(t.elapsed())
-            );
+        };
+        eprintln!(
+            "uid {uid}: {max_watches} inotify watches taken by pid {} in {:.0} ms, one left",
+            holder.0.id(),
+            ms(t.elapsed())
+        );
 
-            let rules = Rules::new(&[("/p[0-9]*(/.*)?", "proxy"), ("/d", "direct")]);
-            env.cg
-                .mkdir(&["/p/a/b", "/p/c", "/d", "/q/p/x", "/gone/p1"]);
-            let config = env.write_config(&Config::new(&rules));
-            world_readable(&env.tmp, &[&config]);
-            let mut d = PrivDaemon::start(uid, uid, &env.run_args(&config));
-            // The scan needs no watches: everything there is served.
-            converge(env, &rules, CONVERGE, "initial sync without watches");
-            let warning = "out of inotify watches";
-            let log = wait_log(|| d.log(), warning, 1, CONVERGE);
-            // Changes in the watched root are followed; new directories
-            // cannot be watched and must not make it say so again.
-            env.cg.mkdir(&["/p2", "/p3", "/d2"]);
-            env.cg.rmdir("/gone");
-            converge(env, &rules, CONVERGE, "changes in the watched root");
-            env.cg.rmdir("/p");
-            env.cg.mkdir(&["/p", "/p4"]);
-            converge(env, &rules, CONVERGE, "more changes in the watched root");
-            thread::sleep(Duration::from_millis(200));
-            let log2 = d.log();
-            assert_eq!(
-                count(&log2, warning),
-                1,
-                "running out of watches is said once:\n{log2}"
-            );
-            assert!(d.running(), "{log2}");
-            eprintln!(
-                "out of watches, said once: {}",
-                log.lines().find(|l| l.contains(warning)).unwrap()
-            );
-            assert_proxied(env, &proxy, &env.cg.path("/p4"), Remote::v4());
-            assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
-            let (st, log) = d.finish(false);
-            assert_eq!(st.and_then(|s| s.code()), Some(0), "{log}");
-            assert_eq!(dump_map(), MapDump::new());
-            drop(holder);
-        },
-    );
+        let rules = Rules::new(&[("/p[0-9]*(/.*)?", "proxy"), ("/d", "direct")]);
+        env.cg
+            .mkdir(&["/p/a/b", "/p/c", "/d", "/q/p/x", "/gone/p1"]);
+        let config = env.write_config(&Config::new(&rules));
+        world_readable(&env.tmp, &[&config]);
+        let mut d = Daemon::start_unprivileged(uid, uid, &env.run_args(&config));
+        // The scan needs no watches: everything there is served.
+        converge(env, &rules, CONVERGE, "initial sync without watches");
+        let warning = "out of inotify watches";
+        let log = wait_log(|| d.log(), warning, 1, CONVERGE);
+        // Changes in the watched root are followed; new directories
+        // cannot be watched and must not make it say so again.
+        env.cg.mkdir(&["/p2", "/p3", "/d2"]);
+        env.cg.rmdir("/gone");
+        converge(env, &rules, CONVERGE, "changes in the watched root");
+        env.cg.rmdir("/p");
+        env.cg.mkdir(&["/p", "/p4"]);
+        converge(env, &rules, CONVERGE, "more changes in the watched root");
+        thread::sleep(Duration::from_millis(200));
+        let log2 = d.log();
+        assert_eq!(
+            count(&log2, warning),
+            1,
+            "running out of watches is said once:\n{log2}"
+        );
+        assert!(d.running(), "{log2}");
+        eprintln!(
+            "out of watches, said once: {}",
+            log.lines().find(|l| l.contains(warning)).unwrap()
+        );
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p4"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/d"),
+            Proto::Udp,
+            Remote::v4(),
+        );
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(dump_map(), MapDump::new());
+        drop(holder);
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -1879,9 +1085,8 @@ fn out_of_inotify_watches_is_reported_once_and_survived() {
 
 #[test]
 fn runs_as_nobody_with_only_cap_net_admin() {
-    e2e("runs_as_nobody_with_only_cap_net_admin", |env| {
-        let name = "runs_as_nobody_with_only_cap_net_admin";
-        if !need(name, "setpriv", "--version") {
+    sandbox(|env| {
+        if !need(&env.name, "setpriv", "--version") {
             return;
         }
         load_ruleset();
@@ -1891,7 +1096,7 @@ fn runs_as_nobody_with_only_cap_net_admin() {
         env.cg.mkdir(&["/p/a", "/d", "/x"]);
         let config = env.write_config(&Config::new(&rules));
         world_readable(&env.tmp, &[&config]);
-        let mut d = PrivDaemon::start(65534, 65534, &env.run_args(&config));
+        let mut d = Daemon::start_unprivileged(65534, 65534, &env.run_args(&config));
         let (uid, caps) = uid_and_caps(d.pid());
         assert_eq!(uid, "65534", "the daemon runs as nobody");
         assert_eq!(
@@ -1903,15 +1108,36 @@ fn runs_as_nobody_with_only_cap_net_admin() {
         assert_single_policy_routing("as nobody");
         env.cg.mkdir(&["/p/new/deeper"]);
         converge(env, &rules, CONVERGE, "a new cgroup, as nobody");
-        assert_proxied(env, &proxy, &env.cg.path("/p/new/deeper"), Remote::v4());
-        assert_proxied(env, &proxy, &env.cg.path("/p/a"), Remote::v6());
-        assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p/new/deeper"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p/a"),
+            Proto::Tcp,
+            Remote::v6(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/d"),
+            Proto::Udp,
+            Remote::v4(),
+        );
         // Self-healing works unprivileged too.
         load_ruleset();
         converge(env, &rules, CONVERGE, "ruleset reload, as nobody");
         assert!(d.running());
-        let (st, log) = d.finish(false);
-        assert_eq!(st.and_then(|s| s.code()), Some(0), "{log}");
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
         assert_eq!(dump_map(), MapDump::new(), "SIGTERM empties the map");
         assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, false, "after SIGTERM as nobody");
     });
@@ -1923,7 +1149,7 @@ fn runs_as_nobody_with_only_cap_net_admin() {
 
 #[test]
 fn non_utf8_names_match_on_the_escaped_form() {
-    e2e("non_utf8_names_match_on_the_escaped_form", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -1998,8 +1224,22 @@ fn non_utf8_names_match_on_the_escaped_form() {
             );
         }
         // A process in a non-UTF-8 cgroup is steered by its element.
-        assert_proxied(env, &proxy, &raw(b"/p/\xff\xfe"), Remote::v4());
-        assert_direct(env, &proxy, &remote, &raw(b"/u/bad\xff"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &raw(b"/p/\xff\xfe"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
+        assert_direct(
+            env,
+            &proxy,
+            &remote,
+            &raw(b"/u/bad\xff"),
+            Proto::Udp,
+            Remote::v4(),
+        );
         // Removal of non-UTF-8 cgroups is followed too.
         fs::remove_dir(raw(b"/u/bad\xff")).unwrap();
         fs::remove_dir(raw(b"/u/mixed \xc3\xa9\xfe/child \x80")).unwrap();
@@ -2011,9 +1251,9 @@ fn non_utf8_names_match_on_the_escaped_form() {
 
 #[test]
 fn paths_past_path_max_are_followed() {
-    e2e("paths_past_path_max_are_followed", |env| {
+    sandbox(|env| {
         load_ruleset();
-        let _remote = Remote::start();
+        let remote = Remote::start();
         let proxy = start_proxy();
         let rules = Rules::new(&[
             ("/deep[0-9](/.*)?", "proxy"),
@@ -2065,7 +1305,14 @@ fn paths_past_path_max_are_followed() {
         );
         assert!(d.running(), "the daemon died:\n{}", d.log());
         assert!(!d.log().contains("panicked"), "{}", d.log());
-        assert_proxied(env, &proxy, &env.cg.path("/p/after"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p/after"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
         drop(cleanup);
         env.cg.mkdir(&["/p/last"]);
         converge(env, &rules, CONVERGE, "after the chains were removed");
@@ -2233,7 +1480,7 @@ impl<'a> Tampered<'a> {
 /// missing or extra "bind"/"unbind" line fails the log comparisons.
 #[test]
 fn tampered_verdicts_are_repaired() {
-    e2e("tampered_verdicts_are_repaired", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -2245,8 +1492,15 @@ fn tampered_verdicts_are_repaired() {
         converge(env, &rules, CONVERGE, "initial sync");
         let p = env.cg.path("/p/child");
         let traffic_is_right = |what: &str| {
-            assert_proxied(env, &proxy, &p, Remote::v4());
-            assert_direct(env, &proxy, &remote, &env.cg.path("/d"), Remote::v4());
+            assert_proxied(env, &proxy, &remote, &p, Proto::Tcp, Remote::v4());
+            assert_direct(
+                env,
+                &proxy,
+                &remote,
+                &env.cg.path("/d"),
+                Proto::Udp,
+                Remote::v4(),
+            );
             assert_no_answer(env, &proxy, &remote, &env.cg.path("/x"), what);
         };
         traffic_is_right("before");
@@ -2272,7 +1526,7 @@ fn tampered_verdicts_are_repaired() {
         let t = Tampered::mark(&mon, &d);
         nft_script("flush map inet cgtproxy verdicts\n");
         assert_eq!(dump_verdicts(), VerdictDump::new());
-        assert_direct(env, &proxy, &remote, &p, Remote::v4());
+        assert_direct(env, &proxy, &remote, &p, Proto::Udp, Remote::v4());
         d.signal(libc::SIGCONT);
         t.repaired_in_verdicts_only(&d, &numbers, &bind_all, "`flush map verdicts` (stopped)");
         assert_truth(env, &rules, "after `flush map verdicts` (stopped)");
@@ -2409,9 +1663,9 @@ fn tampered_verdicts_are_repaired() {
 /// fails the log comparisons.
 #[test]
 fn verdict_numbers_are_collected_and_reused() {
-    e2e("verdict_numbers_are_collected_and_reused", |env| {
+    sandbox(|env| {
         load_ruleset();
-        let _remote = Remote::start();
+        let remote = Remote::start();
         let proxy = start_proxy();
         env.cg.mkdir(&["/p/a", "/x"]);
         // As a previous run might have left it.
@@ -2440,7 +1694,14 @@ fn verdict_numbers_are_collected_and_reused() {
         );
 
         // Counted traffic on /p's element.
-        assert_proxied(env, &proxy, &env.cg.path("/p"), Remote::v4());
+        assert_proxied(
+            env,
+            &proxy,
+            &remote,
+            &env.cg.path("/p"),
+            Proto::Tcp,
+            Remote::v4(),
+        );
         let counted = |when: &str| -> u64 {
             let raw = dump_raw();
             let e = raw

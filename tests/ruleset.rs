@@ -11,7 +11,9 @@ const QUICK: Duration = Duration::from_millis(1500);
 
 #[test]
 fn ruleset_loads_and_reloads() {
-    e2e("ruleset_loads_and_reloads", |env| {
+    sandbox(|env| {
+        // The harness names the test after its function, once.
+        assert_eq!(env.name, test_name!(), "the name sandbox() derived");
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         nft_add_elements(&env.mount, &[(&env.cg.path("/p"), "goto proxy")]);
@@ -33,7 +35,7 @@ fn ruleset_loads_and_reloads() {
 
 #[test]
 fn ruleset_steers_by_cgroup() {
-    e2e("ruleset_steers_by_cgroup", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let remote = Remote::start();
@@ -97,7 +99,7 @@ fn ruleset_steers_by_cgroup() {
 /// destination (see [`marked_server`]), and the exchange fails.
 #[test]
 fn ruleset_keeps_the_socket_mark() {
-    e2e("ruleset_keeps_the_socket_mark", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let remote = Remote::start();
