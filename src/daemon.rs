@@ -15,9 +15,9 @@ use rustix::event::{PollFd, PollFlags, poll};
 use crate::cgroup;
 use crate::config::{Config, Route};
 use crate::error::Error;
-use crate::netlink::{NlError, Socket};
+use crate::netlink::Socket;
 use crate::nftables::{self, NFNL_SUBSYS_NFTABLES};
-use crate::reconcile::{self, Ops, Renumber};
+use crate::reconcile::{self, Numbers, Ops, Renumber};
 use crate::route;
 use crate::ruleset::{ApplyError, Ruleset};
 use crate::signals::{Signal, Signals};
@@ -60,6 +60,9 @@ struct Daemon {
     root: PathBuf,
     tree: Tree,
     rs: Ruleset,
+    /// `verdicts` as last dumped, with this process's commits since. Any
+    /// other writer's change to it makes the daemon dump again.
+    numbers: Numbers,
     events: Option<Socket>,
     routes: Option<Route>,
     /// The map may not match the tree: dump and reconcile at the next turn.
@@ -98,13 +101,14 @@ pub fn run(opts: Options) -> Result<(), Error> {
     };
     let tree = Tree::scan(&root)
         .map_err(|e| Error::Runtime(format!("{}: {}", root.display(), crate::error::io(&e))))?;
-    let actual = rs
+    let dump = rs
         .dump()?
         .ok_or_else(|| Error::Config(rs.table_missing()))?;
-    let ops = reconcile::full(&cfg, tree.iter(), &actual, rs.numbers());
+    let (actual, mut numbers) = (dump.elements, dump.numbers);
+    let ops = reconcile::full(&cfg, tree.iter(), &actual, &numbers);
 
     if opts.dry_run {
-        let numbers = reconcile::plan(rs.numbers(), &ops).renumbered(rs.numbers());
+        let numbers = reconcile::plan(&numbers, &ops).renumbered(&numbers);
         let tree_gone = (&tree, &HashMap::new());
         print!(
             "{}",
@@ -125,7 +129,9 @@ pub fn run(opts: Options) -> Result<(), Error> {
         Some(r) => route::install(r)?,
         None => false,
     };
-    let numbers = match rs.apply(&ops, &|id| name(&tree, &HashMap::new(), id)) {
+    let renumbered = match commit(&mut rs, &mut numbers, &ops, &|id| {
+        name(&tree, &HashMap::new(), id)
+    }) {
         Ok(n) => n,
         Err(e) => {
             // Leave the kernel as it was: remove only routes this run created.
@@ -139,7 +145,13 @@ pub fn run(opts: Options) -> Result<(), Error> {
         }
     };
     let tree_gone = (&tree, &HashMap::new());
-    crate::log::write_lines(&describe(&numbers, &cfg.verdict_map, &ops, tree_gone, ""));
+    crate::log::write_lines(&describe(
+        &renumbered,
+        &cfg.verdict_map,
+        &ops,
+        tree_gone,
+        "",
+    ));
     info!(
         "watching {} cgroups under {}; map {} holds {} elements{}",
         tree.len(),
@@ -166,6 +178,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
         root,
         tree,
         rs,
+        numbers,
         events,
         routes,
         resync: false,
@@ -258,7 +271,8 @@ impl Daemon {
                 _ => None,
             })
             .collect();
-        match self.rs.apply(&ops, &|id| name(&self.tree, &gone, id)) {
+        let name = |id| name(&self.tree, &gone, id);
+        match commit(&mut self.rs, &mut self.numbers, &ops, &name) {
             Ok(numbers) => {
                 let map = &self.cfg.verdict_map;
                 crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &gone), ""));
@@ -295,7 +309,10 @@ impl Daemon {
     /// Dump the map and make it exactly right in one transaction.
     fn full_sync(&mut self) {
         let actual = match self.rs.dump() {
-            Ok(Some(a)) => a,
+            Ok(Some(d)) => {
+                self.numbers = d.numbers;
+                d.elements
+            }
             Ok(None) => {
                 self.failed(ApplyError::Missing(self.rs.table_missing()));
                 return;
@@ -305,9 +322,10 @@ impl Daemon {
                 return;
             }
         };
-        let ops = reconcile::full(&self.cfg, self.tree.iter(), &actual, self.rs.numbers());
+        let ops = reconcile::full(&self.cfg, self.tree.iter(), &actual, &self.numbers);
         let empty = HashMap::new();
-        match self.rs.apply(&ops, &|id| name(&self.tree, &empty, id)) {
+        let name = |id| name(&self.tree, &empty, id);
+        match commit(&mut self.rs, &mut self.numbers, &ops, &name) {
             Ok(numbers) => {
                 let map = &self.cfg.verdict_map;
                 crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &empty), ""));
@@ -386,7 +404,7 @@ impl Daemon {
         });
         if let Err(e) = r {
             // Lost events (ENOBUFS): we can't know what changed.
-            if !matches!(e, NlError::Unknown(_)) {
+            if !e.outcome_unknown() {
                 warn!("nf_tables events: {e}");
             }
             resync = true;
@@ -478,6 +496,22 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Plans `ops` against `numbers` (reconcile decides every number), commits
+/// the plan, and moves `numbers` on to what the kernel now holds. Returns
+/// the numbers that changed.
+fn commit(
+    rs: &mut Ruleset,
+    numbers: &mut Numbers,
+    ops: &Ops<'_>,
+    name: &dyn Fn(u64) -> String,
+) -> Result<Vec<Renumber>, ApplyError> {
+    let plan = reconcile::plan(numbers, ops);
+    rs.commit(&plan, name)?;
+    let changed = plan.renumbered(numbers);
+    *numbers = plan.numbers;
+    Ok(changed)
 }
 
 /// A cgroup for messages: its path (escaped), or that it is gone.

@@ -41,6 +41,11 @@ pub fn io(e: &std::io::Error) -> String {
     }
 }
 
+/// An errno as words, the way [`io`] says it.
+pub fn errno_text(errno: i32) -> String {
+    io(&std::io::Error::from_raw_os_error(errno))
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

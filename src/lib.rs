@@ -2,32 +2,55 @@
 //! number → verdict — in step with cgroupfs, so each application's traffic
 //! is proxied, dropped or left alone.
 //!
-//! Modules, in the order data flows through them:
-//! - `cli`: the command line (lexopt);
-//! - `config`: the JSON configuration and its rules;
-//! - `cgroup`, `watch`: the cgroup tree and its inotify watcher;
-//! - `reconcile`: cgroups × rules against the kernel maps → element and
-//!   verdict-number changes;
-//! - `ruleset`, `nftables`: the live ruleset and the nf_tables wire format;
-//! - `netlink`, `wire`: the netlink transport and framing;
-//! - `route`: the policy routing of the proxy mark;
+//! Modules, in the order data flows through them (a cgroup event becomes
+//! a netlink batch top to bottom; a kernel refusal comes back up through
+//! `refusal`):
+//! - `cli`, `config`: the command line (lexopt) and the JSON configuration
+//!   and its rules (`selector`: the rule forms as regexes);
+//! - `cgroup`, `watch`: the cgroup tree and its inotify watcher (→ `Change`s);
+//! - `reconcile`: cgroups × rules against what the maps hold → `Ops`, and
+//!   with the caller's number table → a `Plan` (every element change and
+//!   verdict number decided);
+//! - `ruleset`: the session with the live ruleset: checks it, dumps it,
+//!   commits a `Plan` as one transaction;
+//! - `refusal`: a kernel refusal → a sentence and the daemon's next move;
+//! - `nftables`: the nf_tables codec (batches, dumps, rules, `nft_data`);
+//! - `netlink`: the transport (`Transport`: the kernel's socket or a fake)
+//!   and the conversation over it (`Conn`: sequence numbers, acks, dumps);
+//! - `wire`: netlink framing (headers, attributes);
+//! - `route`: the policy routing of the proxy mark (rtnetlink);
 //! - `daemon`: the single-threaded loop that joins them;
 //! - `inspect`: `check`, `status` and `explain` (read-only).
 
 pub mod log;
 
-pub mod cgroup;
+// Input: the command line, the configuration, the cgroup tree.
 pub mod cli;
 pub mod config;
+pub mod selector;
+
+pub mod cgroup;
+pub mod watch;
+
+// Decision: what the maps must hold.
+pub mod reconcile;
+
+// The kernel side, from the session down to the bytes.
+pub mod ruleset;
+
+pub mod refusal;
+
+pub mod nftables;
+
+pub mod netlink;
+
+pub mod wire;
+
+pub mod route;
+
+// The loop, and the read-only commands.
 pub mod daemon;
+pub mod signals;
+
 pub mod error;
 pub mod inspect;
-pub mod netlink;
-pub mod nftables;
-pub mod reconcile;
-pub mod route;
-pub mod ruleset;
-pub mod selector;
-pub mod signals;
-pub mod watch;
-pub mod wire;

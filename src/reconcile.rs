@@ -13,8 +13,24 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::config::{Config, Verdict, match_form};
-use crate::nftables::Element;
 use crate::watch::Change;
+
+/// A `cgroups` element as the kernel holds it, read through `verdicts`:
+/// the verdict its number stands for (see `Ruleset::dump`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    pub id: u64,
+    /// The number it carries (None: a verdict, from a ruleset of 0.1).
+    pub number: Option<u32>,
+    pub verdict: Verdict,
+    /// (packets, bytes) from the per-element counter.
+    pub counter: Option<(u64, u64)>,
+}
+
+/// `verdicts` as the kernel holds it, number → verdict, sorted by number.
+/// The caller (the daemon) holds it between transactions: read from a dump,
+/// replaced by each committed `Plan::numbers`.
+pub type Numbers = Vec<(u32, Verdict)>;
 
 /// Element changes for one transaction, in verdicts. Deletes go first, so
 /// a verdict change (delete + add of the same key) lands as one atomic

@@ -1,35 +1,45 @@
-//! The live ruleset, over netlink: does it have what the config names, what
-//! does the map hold, and the transactions that change it. Kernel errors
-//! become sentences that name the table, map, chain or cgroup.
+//! The session with the live ruleset: does it have what the config names,
+//! what do the maps and rules hold (dumps), and committing a
+//! `reconcile::Plan` as one transaction. It decides nothing: the plan,
+//! verdict numbers included, is reconcile's, and the caller holds the
+//! number table between transactions; a refusal becomes a sentence in
+//! `refusal`.
 //!
 //! Two maps carry the state (see nft/cgtproxy.nft for why): `cgroups`, cgroup
 //! id → verdict number, and `verdicts`, number → verdict. A dump reads each
 //! element through `verdicts` ("element → number → verdict" is what the
-//! kernel does with its packets); a transaction is a `reconcile::Plan`,
-//! both maps in one batch.
-
-use std::io;
+//! kernel does with its packets).
 
 use neli::consts::socket::NlFamily;
 
 use crate::config::{Config, Verdict};
 use crate::error::Error;
-use crate::netlink::{NlError, Socket};
-use crate::nftables::{self, Batch, Blame, Data, ElemMsg, Element, Entry, MapRef, Object};
-use crate::reconcile::{self, Ops, Renumber};
-use crate::wire::ErrorMsg;
+use crate::netlink::{Conn, Kernel, NlError, Transport};
+use crate::nftables::{
+    self, Batch, ElemData, ElemMsg, Entry, MapRef, NF_DROP, NFT_CONTINUE, NFT_GOTO, NftVerdict,
+    Object, Rule,
+};
+use crate::reconcile::{Element, Numbers, Plan};
+pub use crate::refusal::ApplyError;
+use crate::refusal::{self, Refused};
+use crate::wire::Msg;
 
-pub struct Ruleset {
-    nl: Socket,
+pub struct Ruleset<T: Transport = Kernel> {
+    nl: Conn<T>,
     /// `cgroups`: cgroup id → verdict number.
     pub map: MapRef,
     /// `verdicts`: verdict number → verdict.
     pub verdicts: MapRef,
     /// DESTROYSETELEM (Linux 6.3+): deletes that never fail on a missing key.
     pub destroy: bool,
-    /// `verdicts` as last dumped, with this process's commits since. Any
-    /// other writer's change to it makes the daemon dump again.
-    numbers: Vec<(u32, Verdict)>,
+}
+
+/// What the two maps hold: the `cgroups` elements, each read through
+/// `verdicts`, and `verdicts` itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dump {
+    pub elements: Vec<Element>,
+    pub numbers: Numbers,
 }
 
 /// The two maps cgtproxy writes, for checking what the kernel has.
@@ -73,80 +83,69 @@ impl MapRole {
     }
 }
 
-/// Why a transaction failed, as far as the daemon's next move goes.
-#[derive(Debug)]
-pub enum ApplyError {
-    /// The table or the map is gone: wait for the ruleset to come back.
-    Missing(String),
-    /// The map did not hold what we thought (EEXIST / ENOENT on an
-    /// element), or the outcome is unknown: dump and reconcile.
-    Diverged(String),
-    /// Anything else (a chain went missing, permissions …): logged.
-    Failed(String),
+/// A verdict as nf_tables encodes it.
+pub fn to_wire(v: &Verdict) -> NftVerdict {
+    let (code, chain) = match v {
+        Verdict::Drop => (NF_DROP, None),
+        Verdict::Goto(c) => (NFT_GOTO, Some(c.clone())),
+        Verdict::Other(code, chain) => (*code, chain.clone()),
+        // Never a rule's target; `continue` does what the ruleset does
+        // with a number that has no verdict (on to `goto direct`).
+        Verdict::Unbound(_) => (NFT_CONTINUE, None),
+    };
+    NftVerdict { code, chain }
 }
 
-impl std::fmt::Display for ApplyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ApplyError::Missing(m) | ApplyError::Diverged(m) | ApplyError::Failed(m) => {
-                f.write_str(m)
-            }
-        }
+/// What an nf_tables verdict means here.
+pub fn from_wire(v: NftVerdict) -> Verdict {
+    match (v.code, v.chain) {
+        (NF_DROP, None) => Verdict::Drop,
+        (NFT_GOTO, Some(c)) => Verdict::Goto(c),
+        (code, chain) => Verdict::Other(code, chain),
     }
-}
-
-fn errno_text(errno: i32) -> String {
-    let s = io::Error::from_raw_os_error(errno).to_string();
-    // "No such file or directory (os error 2)" → "No such file or directory"
-    s.split(" (os error").next().unwrap_or(&s).to_string()
 }
 
 /// A netlink failure as an error: EPERM means the missing capability,
 /// anything else is said with `what` was being done.
 pub fn nl_error(what: &str, e: NlError) -> Error {
-    match e {
-        NlError::Kernel(ErrorMsg {
-            errno: libc::EPERM, ..
-        }) => Error::Runtime("nf_tables: permission denied (cgtproxy needs CAP_NET_ADMIN)".into()),
-        e => Error::Runtime(format!("{what}: {e}")),
+    match e.errno() {
+        Some(libc::EPERM) => Error::Runtime(refusal::NO_CAP.into()),
+        _ => Error::Runtime(e.to_string()).context(what),
     }
 }
 
-impl Ruleset {
-    /// The table and the two maps `cfg` names.
+impl Ruleset<Kernel> {
+    /// The table and the two maps `cfg` names, over a new netlink socket.
     pub fn open(cfg: &Config) -> Result<Ruleset, Error> {
-        let nl = Socket::open(NlFamily::Netfilter)
-            .map_err(|e| Error::Runtime(format!("netlink socket: {e}")))?;
+        let nl = Conn::open(NlFamily::Netfilter)
+            .map_err(|e| Error::Runtime(crate::error::io(&e)).context("netlink socket"))?;
+        Ok(Ruleset::on(nl, cfg, destroy_supported()))
+    }
+}
+
+impl<T: Transport> Ruleset<T> {
+    /// The table and maps `cfg` names, over `nl`; `destroy`: whether
+    /// deletes may use DESTROYSETELEM.
+    pub fn on(nl: Conn<T>, cfg: &Config, destroy: bool) -> Ruleset<T> {
         let map = |name: &str| MapRef {
             table: cfg.table.clone(),
             map: name.into(),
         };
-        Ok(Ruleset {
+        Ruleset {
             nl,
             map: map(&cfg.map),
             verdicts: map(&cfg.verdict_map),
-            destroy: destroy_supported(),
-            numbers: Vec::new(),
-        })
+            destroy,
+        }
     }
 
-    /// The socket, for read-only requests of other kinds (`check` dumps rules).
-    pub fn socket(&mut self) -> &mut Socket {
+    /// The conversation, for requests of other kinds and for tests.
+    pub fn conn(&mut self) -> &mut Conn<T> {
         &mut self.nl
     }
 
     pub fn table_missing(&self) -> String {
-        format!(
-            "table inet {} does not exist — load nft/cgtproxy.nft first",
-            self.map.table
-        )
-    }
-
-    fn map_missing(&self, map: &MapRef) -> String {
-        format!(
-            "map '{}' does not exist in table inet {}",
-            map.map, map.table
-        )
+        refusal::load_table(&self.map.table)
     }
 
     /// Asks the kernel for one object; `f` sees its reply. False when it
@@ -154,7 +153,7 @@ impl Ruleset {
     pub fn get(
         &mut self,
         obj: &Object<'_>,
-        mut f: impl FnMut(&crate::wire::Msg<'_>) -> Result<(), NlError>,
+        mut f: impl FnMut(&Msg<'_>) -> Result<(), NlError>,
     ) -> Result<bool, Error> {
         let seq = self.nl.seq();
         match self
@@ -162,10 +161,7 @@ impl Ruleset {
             .request(&nftables::get_request(seq, obj), seq, false, |m| f(m))
         {
             Ok(()) => Ok(true),
-            Err(NlError::Kernel(ErrorMsg {
-                errno: libc::ENOENT,
-                ..
-            })) => Ok(false),
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(nl_error("nf_tables", e)),
         }
     }
@@ -176,11 +172,7 @@ impl Ruleset {
     pub fn check(&mut self, cfg: &Config) -> Result<(), Error> {
         let table = self.map.table.clone();
         if !self.get(&Object::Table(&table), |_| Ok(()))? {
-            return Err(Error::Config(format!(
-                "{}: {}",
-                cfg.source,
-                self.table_missing()
-            )));
+            return Err(Error::Config(self.table_missing()).context(&cfg.source));
         }
         let mut problems = Vec::new();
         for (map, role) in [
@@ -194,7 +186,7 @@ impl Ruleset {
             })? {
                 problems.push(format!(
                     "{} — load nft/cgtproxy.nft, or fix \"{}\"",
-                    self.map_missing(&map),
+                    refusal::map_missing(&map),
                     role.key()
                 ));
                 continue;
@@ -205,60 +197,63 @@ impl Ruleset {
         }
         for (chain, rule) in cfg.chains() {
             if !self.get(&Object::Chain(&table, chain), |_| Ok(()))? {
-                problems.push(format!("chain '{chain}' named by rules[{rule}].target does not exist in table inet {table}"));
+                let why = format!("named by rules[{rule}].target");
+                problems.push(refusal::chain_missing(chain, &why, &table));
             }
         }
         if !problems.is_empty() {
-            return Err(Error::Config(format!(
-                "{}: {}",
-                cfg.source,
-                problems.join("; ")
-            )));
+            return Err(Error::Config(problems.join("; ")).context(&cfg.source));
         }
         Ok(())
     }
 
+    /// A dump (asked again while interrupted); `Ok(None)` when what it
+    /// reads (table, map) is missing.
+    fn dump_of<R>(
+        &mut self,
+        what: &str,
+        request: impl Fn(u32) -> Vec<u8>,
+        mut each: impl FnMut(&Msg<'_>, &mut Vec<R>) -> Result<(), NlError>,
+    ) -> Result<Option<Vec<R>>, Error> {
+        let r = self.nl.dump(request, |out: &mut Vec<R>, m| each(m, out));
+        match r {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
+            Err(NlError::Interrupted) => Err(Error::Runtime(format!(
+                "interrupted {} times in a row",
+                crate::netlink::DUMP_ATTEMPTS
+            ))
+            .context(what)),
+            Err(e) => Err(nl_error(what, e)),
+        }
+    }
+
     /// Every element of `map`. `Ok(None)` when the table or map is missing.
     fn dump_map(&mut self, map: &MapRef) -> Result<Option<Vec<Entry>>, Error> {
-        // A dump is interrupted when the map changes under it; try again.
-        for _ in 0..10 {
-            let seq = self.nl.seq();
-            let req = nftables::dump_elements_request(seq, map);
-            let mut out = Vec::new();
-            let r = self.nl.request(&req, seq, true, |m| {
+        self.dump_of(
+            &format!("dump of map {}", map.map),
+            |seq| nftables::dump_elements_request(seq, map),
+            |m, out| {
                 let (t, s, els) = nftables::parse_elements(m)?;
                 if t == map.table && s == map.map {
                     out.extend(els);
                 }
                 Ok(())
-            });
-            match r {
-                Ok(()) => return Ok(Some(out)),
-                Err(NlError::Kernel(ErrorMsg {
-                    errno: libc::ENOENT,
-                    ..
-                })) => return Ok(None),
-                Err(NlError::Unknown("interrupted dump")) => continue,
-                Err(e) => return Err(nl_error(&format!("dump of map {}", map.map), e)),
-            }
-        }
-        Err(Error::Runtime(format!(
-            "dump of map {}: interrupted ten times in a row",
-            map.map
-        )))
+            },
+        )
     }
 
-    /// What the map holds now, each element with the verdict its number
+    /// What the maps hold now, each element with the verdict its number
     /// stands for. `Ok(None)` when the table or either map is missing.
-    pub fn dump(&mut self) -> Result<Option<Vec<Element>>, Error> {
+    pub fn dump(&mut self) -> Result<Option<Dump>, Error> {
         let verdicts = self.verdicts.clone();
         let Some(bound) = self.dump_map(&verdicts)? else {
             return Ok(None);
         };
-        self.numbers = bound
+        let numbers: Numbers = bound
             .into_iter()
             .filter_map(|e| match (u32::try_from(e.key), e.data) {
-                (Ok(n), Data::Verdict(v)) => Some((n, v)),
+                (Ok(n), ElemData::Verdict(v)) => Some((n, from_wire(v))),
                 _ => None,
             })
             .collect();
@@ -266,61 +261,67 @@ impl Ruleset {
         let Some(entries) = self.dump_map(&map)? else {
             return Ok(None);
         };
-        Ok(Some(
-            entries
-                .into_iter()
-                .map(|e| {
-                    let (number, verdict) = match e.data {
-                        Data::Number(n) => (Some(n), self.verdict_of(n)),
-                        // Not our layout; reported, and replaced on write.
-                        Data::Verdict(v) => (None, v),
-                    };
-                    Element {
-                        id: e.key,
-                        number,
-                        verdict,
-                        counter: e.counter,
-                    }
-                })
-                .collect(),
-        ))
+        let verdict_of = |n: u32| {
+            numbers
+                .iter()
+                .find(|(m, _)| *m == n)
+                .map_or(Verdict::Unbound(n), |(_, v)| v.clone())
+        };
+        let elements = entries
+            .into_iter()
+            .map(|e| {
+                let (number, verdict) = match e.data {
+                    ElemData::Mark(n) => (Some(n), verdict_of(n)),
+                    // Not our layout; reported, and replaced on write.
+                    ElemData::Verdict(v) => (None, from_wire(v)),
+                };
+                Element {
+                    id: e.key,
+                    number,
+                    verdict,
+                    counter: e.counter,
+                }
+            })
+            .collect();
+        Ok(Some(Dump { elements, numbers }))
     }
 
-    fn verdict_of(&self, n: u32) -> Verdict {
-        self.numbers
-            .iter()
-            .find(|(m, _)| *m == n)
-            .map_or(Verdict::Unbound(n), |(_, v)| v.clone())
+    /// Every rule of the table, in chain order.
+    pub fn rules(&mut self) -> Result<Vec<Rule>, Error> {
+        let table = self.map.table.clone();
+        let rules = self.dump_of(
+            "dump of the rules",
+            |seq| nftables::dump_rules_request(seq, &table),
+            |m, out| {
+                let rule = nftables::parse_rule(m)?;
+                if rule.table == table {
+                    out.push(rule);
+                }
+                Ok(())
+            },
+        )?;
+        Ok(rules.unwrap_or_default())
     }
 
-    /// `verdicts` as last dumped, with this process's commits since.
-    pub fn numbers(&self) -> &[(u32, Verdict)] {
-        &self.numbers
-    }
-
-    /// Applies `ops` as one transaction on both maps (see `reconcile::plan`
-    /// for the numbers). Returns the numbers it changed. `name` turns a
-    /// cgroup id into words for error messages.
-    pub fn apply(
-        &mut self,
-        ops: &Ops<'_>,
-        name: &dyn Fn(u64) -> String,
-    ) -> Result<Vec<Renumber>, ApplyError> {
-        let plan = reconcile::plan(&self.numbers, ops);
+    /// Sends `plan` as one transaction on both maps. `name` turns a cgroup
+    /// id into words for error messages.
+    pub fn commit(&mut self, plan: &Plan, name: &dyn Fn(u64) -> String) -> Result<(), ApplyError> {
         if plan.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let kind = if self.destroy {
             ElemMsg::Destroy
         } else {
             ElemMsg::Del
         };
+        let bind: Vec<(u32, NftVerdict)> =
+            plan.bind.iter().map(|(n, v)| (*n, to_wire(v))).collect();
         let mut b = Batch::new(self.nl.next_seq());
         b.verdicts(kind, &self.verdicts, plan.unbind.iter().map(|n| (*n, None)));
         b.verdicts(
             ElemMsg::New,
             &self.verdicts,
-            plan.bind.iter().map(|(n, v)| (*n, Some(v))),
+            bind.iter().map(|(n, v)| (*n, Some(v))),
         );
         b.elements(kind, &self.map, plan.del.iter().map(|id| (*id, None)));
         b.elements(
@@ -334,7 +335,7 @@ impl Ruleset {
         self.nl.used_up_to(info.end_seq);
         let errors = match self.nl.commit(&bytes, &info.acked, info.begin_seq) {
             Ok(e) => e,
-            Err(e @ NlError::Unknown(_)) => {
+            Err(e) if e.outcome_unknown() => {
                 return Err(ApplyError::Diverged(format!(
                     "transaction outcome unknown: {e}"
                 )));
@@ -342,83 +343,24 @@ impl Ruleset {
             Err(e) => return Err(ApplyError::Failed(format!("transaction: {e}"))),
         };
         let Some(e) = errors.first() else {
-            let changed = plan.renumbered(&self.numbers);
-            self.numbers = plan.numbers;
-            return Ok(changed);
+            return Ok(());
         };
-        let what = errno_text(e.errno);
-        // The verdict a number was being bound to, and a cgroup that needs it.
-        let bound = |n: &u32| {
-            let v = plan.bind.iter().find(|(m, _)| m == n).map(|(_, v)| v);
-            let id = plan.add.iter().find(|(_, m)| m == n).map(|(id, _)| *id);
-            (v, id)
+        let refused = Refused {
+            errno: e.errno,
+            ext_msg: e.ext_msg.as_deref(),
+            blame: info.blame(e.seq, e.offset),
+            kind: info.kind(e.seq),
         };
-        let (table, verdicts) = (&self.map.table, &self.verdicts.map);
-        Err(match (e.errno, info.blame(e.seq, e.offset)) {
-            (libc::EPERM, _) => ApplyError::Failed(
-                "nf_tables: permission denied (cgtproxy needs CAP_NET_ADMIN)".into(),
-            ),
-            (libc::EOPNOTSUPP | libc::EINVAL, _) if info.kind(e.seq) == Some(ElemMsg::Destroy) => {
-                // A kernel older than 6.3 (or a backport without it).
-                self.destroy = false;
-                ApplyError::Diverged(
-                    "this kernel has no DESTROYSETELEM; deleting known elements only".into(),
-                )
-            }
-            (libc::ENOENT, Some(Blame::Table)) => ApplyError::Missing(self.table_missing()),
-            (libc::ENOENT, Some(Blame::Map(m))) => {
-                ApplyError::Missing(format!("map '{m}' does not exist in table inet {table}"))
-            }
-            // A number fails to bind with ENOENT only when its goto names a
-            // missing chain.
-            (libc::ENOENT, Some(Blame::Bound(n))) => {
-                let (v, id) = bound(n);
-                let chain = match v {
-                    Some(Verdict::Goto(c)) => c.as_str(),
-                    _ => "?",
-                };
-                ApplyError::Failed(format!(
-                    "chain '{chain}' (the verdict for cgroup {}) does not exist in table inet {table}",
-                    id.map_or_else(|| "?".into(), name)
-                ))
-            }
-            (libc::EEXIST | libc::EBUSY, Some(Blame::Bound(n))) => ApplyError::Diverged(format!(
-                "map {verdicts} already holds number {n} for another verdict"
-            )),
-            (libc::ENOENT, Some(Blame::Unbound(n))) => {
-                ApplyError::Diverged(format!("map {verdicts} has no number {n}"))
-            }
-            (_, Some(Blame::Bound(n) | Blame::Unbound(n))) => {
-                let v = bound(n).0.map(|v| format!(" ({v})")).unwrap_or_default();
-                ApplyError::Failed(format!("map {verdicts}, number {n}{v}: {what}"))
-            }
-            (libc::ENOENT, Some(Blame::Deleted(id))) => ApplyError::Diverged(format!(
-                "cgroup {}: no such element in map {}",
-                name(*id),
-                self.map.map
-            )),
-            (libc::EEXIST | libc::EBUSY, Some(Blame::Added(id))) => ApplyError::Diverged(format!(
-                "cgroup {}: map {} already holds another verdict for it",
-                name(*id),
-                self.map.map
-            )),
-            (_, Some(Blame::Added(id) | Blame::Deleted(id))) => {
-                ApplyError::Failed(format!("cgroup {}: {what}", name(*id)))
-            }
-            (libc::ENOENT, _) => ApplyError::Missing(format!(
-                "{} (or its map '{}' or '{verdicts}' is missing)",
-                self.table_missing(),
-                self.map.map
-            )),
-            _ => ApplyError::Failed(format!(
-                "transaction on map {}: {what}{}",
-                self.map.map,
-                e.ext_msg
-                    .as_deref()
-                    .map(|m| format!(" ({m})"))
-                    .unwrap_or_default()
-            )),
-        })
+        if refusal::destroy_unsupported(refused.errno, refused.kind) {
+            self.destroy = false;
+        }
+        Err(refusal::explain(
+            &refused,
+            &self.map,
+            &self.verdicts,
+            plan,
+            name,
+        ))
     }
 
     /// `flush map inet TABLE cgroups; flush map inet TABLE verdicts`, as one
@@ -431,20 +373,15 @@ impl Ruleset {
             .finish()
             .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;
         self.nl.used_up_to(info.end_seq);
-        let maps = format!("maps {} and {}", self.map.map, self.verdicts.map);
         match self.nl.commit(&bytes, &info.acked, info.begin_seq) {
-            Ok(errors) if errors.is_empty() => {
-                self.numbers.clear();
-                Ok(())
-            }
-            Ok(errors) if errors[0].errno == libc::ENOENT => {
-                Err(ApplyError::Missing(self.table_missing()))
-            }
-            Ok(errors) => Err(ApplyError::Failed(format!(
-                "flush of {maps}: {}",
-                errno_text(errors[0].errno)
+            Ok(errors) => match errors.first() {
+                None => Ok(()),
+                Some(e) => Err(refusal::explain_flush(e.errno, &self.map, &self.verdicts)),
+            },
+            Err(e) => Err(ApplyError::Failed(format!(
+                "flush of maps {} and {}: {e}",
+                self.map.map, self.verdicts.map
             ))),
-            Err(e) => Err(ApplyError::Failed(format!("flush of {maps}: {e}"))),
         }
     }
 }
@@ -458,11 +395,302 @@ fn destroy_supported() -> bool {
         return false;
     }
     let u = rustix::system::uname();
-    let rel = u.release().to_string_lossy();
-    let mut it = rel
+    kernel_has_destroy(&u.release().to_string_lossy())
+}
+
+/// Whether a kernel release string ("6.1.0-18-amd64") is 6.3 or later.
+fn kernel_has_destroy(release: &str) -> bool {
+    let mut it = release
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u32>().unwrap_or(0));
     let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
     (major, minor) >= (6, 3)
+}
+
+/// The session against a fake nf_tables (`nftables::fake`): the failure
+/// paths that otherwise only a root end-to-end test reaches.
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::netlink::fake::Fake;
+    use crate::nftables::fake::FakeNft;
+    use crate::nftables::{NFT_MSG_DELSETELEM, NFT_MSG_DESTROYSETELEM, NFT_MSG_NEWSETELEM};
+    use crate::reconcile::{self, Ops};
+    use crate::wire;
+
+    fn cfg() -> Config {
+        Config::parse(
+            "test.json",
+            r#"{"rules":[{"match":"/p(/.*)?","target":"proxy"},{"match":"/x","target":"drop"}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn session(k: &Rc<RefCell<FakeNft>>, destroy: bool) -> Ruleset<Fake> {
+        let conn = Conn::with_seq(FakeNft::transport(k), 100);
+        Ruleset::on(conn, &cfg(), destroy)
+    }
+
+    fn kernel(chains: &[&str]) -> Rc<RefCell<FakeNft>> {
+        Rc::new(RefCell::new(FakeNft::cgtproxy("cgtproxy", chains)))
+    }
+
+    fn name(id: u64) -> String {
+        format!("/app{id} (id {id})")
+    }
+
+    fn proxy() -> Verdict {
+        Verdict::Goto("proxy".into())
+    }
+
+    /// Plans `ops` against `numbers` and commits it, as the daemon does.
+    fn commit(
+        rs: &mut Ruleset<Fake>,
+        numbers: &mut Numbers,
+        ops: &Ops<'_>,
+    ) -> Result<(), ApplyError> {
+        let plan = reconcile::plan(numbers, ops);
+        rs.commit(&plan, &name)?;
+        *numbers = plan.numbers;
+        Ok(())
+    }
+
+    #[test]
+    fn commits_a_plan_and_dumps_it_back() {
+        let k = kernel(&["proxy"]);
+        let mut rs = session(&k, true);
+        rs.check(&cfg()).unwrap();
+        let (p, drop) = (proxy(), Verdict::Drop);
+        let ops = Ops {
+            add: vec![(10, &p), (11, &drop), (12, &p)],
+            ..Ops::default()
+        };
+        let mut numbers = Numbers::new();
+        commit(&mut rs, &mut numbers, &ops).unwrap();
+        assert_eq!(numbers, vec![(1, proxy()), (2, Verdict::Drop)]);
+        let d = rs.dump().unwrap().unwrap();
+        assert_eq!(d.numbers, numbers);
+        let got: Vec<(u64, Option<u32>, Verdict)> = d
+            .elements
+            .iter()
+            .map(|e| (e.id, e.number, e.verdict.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (10, Some(1), proxy()),
+                (11, Some(2), Verdict::Drop),
+                (12, Some(1), proxy())
+            ]
+        );
+        assert_eq!(d.elements[0].counter, Some((0, 0)));
+        assert_eq!(k.borrow().commits, 1);
+        // One datagram for the transaction: BEGIN, verdicts, cgroups, END.
+        let sent = rs.conn().transport().sent.clone();
+        let batch = sent.iter().find(|d| d[4] == 0x10).unwrap();
+        let types: Vec<u16> = wire::messages(batch).map(|m| m.unwrap().ty).collect();
+        assert_eq!(types, vec![0x10, 0x0a0c, 0x0a0c, 0x11]);
+    }
+
+    /// A verdict naming a chain the table lacks: the bind is refused with
+    /// ENOENT at the `verdicts` element, said as the chain and the cgroup
+    /// that needs it, and nothing changes.
+    #[test]
+    fn enoent_on_a_bind_names_the_chain_and_the_cgroup() {
+        let k = kernel(&[]);
+        let mut rs = session(&k, true);
+        let p = proxy();
+        let ops = Ops {
+            add: vec![(42, &p)],
+            ..Ops::default()
+        };
+        let mut numbers = Numbers::new();
+        let e = commit(&mut rs, &mut numbers, &ops).unwrap_err();
+        assert_eq!(
+            e,
+            ApplyError::Failed(
+                "chain 'proxy' (the verdict for cgroup /app42 (id 42)) does not exist in table inet cgtproxy".into()
+            )
+        );
+        assert!(
+            numbers.is_empty(),
+            "a refused plan does not move the numbers"
+        );
+        let k = k.borrow();
+        assert_eq!(k.commits, 0);
+        assert!(k.sets["cgroups"].elems.is_empty() && k.sets["verdicts"].elems.is_empty());
+    }
+
+    /// A map removed: `check` says which and where it is configured; a dump
+    /// says "missing" (the daemon waits for it); a commit blames the map.
+    #[test]
+    fn a_missing_map_is_a_config_error_a_missing_dump_and_a_wait() {
+        let k = kernel(&["proxy"]);
+        k.borrow_mut().sets.remove("verdicts");
+        let mut rs = session(&k, true);
+        let e = rs.check(&cfg()).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(
+            e.to_string(),
+            "test.json: map 'verdicts' does not exist in table inet cgtproxy — load nft/cgtproxy.nft, or fix \"verdict-map\""
+        );
+        assert_eq!(rs.dump().unwrap(), None);
+        let p = proxy();
+        let ops = Ops {
+            add: vec![(1, &p)],
+            ..Ops::default()
+        };
+        let e = commit(&mut rs, &mut Numbers::new(), &ops).unwrap_err();
+        assert_eq!(
+            e,
+            ApplyError::Missing("map 'verdicts' does not exist in table inet cgtproxy".into())
+        );
+        // And the table itself.
+        k.borrow_mut().table = None;
+        let e = rs.check(&cfg()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "test.json: table inet cgtproxy does not exist — load nft/cgtproxy.nft first"
+        );
+        let e = commit(&mut rs, &mut Numbers::new(), &ops).unwrap_err();
+        assert_eq!(e, ApplyError::Missing(rs.table_missing()));
+    }
+
+    /// Before Linux 6.3 DESTROYSETELEM is refused: the session says so once,
+    /// falls back to plain deletes (DELSETELEM) for good, and a plain delete
+    /// of an element someone else removed is "diverged" (dump and retry).
+    #[test]
+    fn pre_6_3_kernels_get_plain_deletes() {
+        let k = kernel(&["proxy"]);
+        k.borrow_mut().no_destroy = true;
+        let mut rs = session(&k, true);
+        let p = proxy();
+        let mut numbers = Numbers::new();
+        let add = Ops {
+            add: vec![(1, &p), (2, &p)],
+            ..Ops::default()
+        };
+        commit(&mut rs, &mut numbers, &add).unwrap();
+        let del = Ops {
+            del: vec![1],
+            ..Ops::default()
+        };
+        let e = commit(&mut rs, &mut numbers, &del).unwrap_err();
+        assert_eq!(
+            e,
+            ApplyError::Diverged(
+                "this kernel has no DESTROYSETELEM; deleting known elements only".into()
+            )
+        );
+        assert!(!rs.destroy);
+        assert_eq!(k.borrow().sets["cgroups"].elems.len(), 2, "all or nothing");
+        k.borrow_mut().elem_msgs.clear();
+        commit(&mut rs, &mut numbers, &del).unwrap();
+        assert_eq!(k.borrow().elem_msgs, vec![NFT_MSG_DELSETELEM]);
+        assert_eq!(
+            k.borrow().sets["cgroups"].elems.keys().collect::<Vec<_>>(),
+            vec![&2]
+        );
+        // Someone else deleted 2: a plain delete of it is refused.
+        k.borrow_mut()
+            .sets
+            .get_mut("cgroups")
+            .unwrap()
+            .elems
+            .remove(&2);
+        let del2 = Ops {
+            del: vec![2],
+            ..Ops::default()
+        };
+        let e = commit(&mut rs, &mut numbers, &del2).unwrap_err();
+        assert_eq!(
+            e,
+            ApplyError::Diverged("cgroup /app2 (id 2): no such element in map cgroups".into())
+        );
+        // With DESTROYSETELEM (6.3+) the same delete is fine.
+        let k6 = kernel(&["proxy"]);
+        let mut rs6 = session(&k6, true);
+        commit(&mut rs6, &mut Numbers::new(), &del2).unwrap();
+        assert_eq!(k6.borrow().elem_msgs, vec![NFT_MSG_DESTROYSETELEM]);
+    }
+
+    /// A dump the kernel marks interrupted (the map changed under it) is
+    /// asked again, and only the last, consistent attempt counts; one that
+    /// never settles is an error that says so.
+    #[test]
+    fn an_interrupted_dump_is_asked_again() {
+        let k = kernel(&["proxy"]);
+        let mut rs = session(&k, true);
+        let p = proxy();
+        let ops = Ops {
+            add: vec![(7, &p), (8, &p)],
+            ..Ops::default()
+        };
+        commit(&mut rs, &mut Numbers::new(), &ops).unwrap();
+        let sent_before = rs.conn().transport().sent.len();
+        k.borrow_mut().interrupt = 3;
+        let d = rs.dump().unwrap().unwrap();
+        assert_eq!(d.elements.len(), 2, "no element counted twice");
+        assert_eq!(d.numbers, vec![(1, proxy())]);
+        // verdicts: 3 interrupted + 1; cgroups: 1.
+        assert_eq!(rs.conn().transport().sent.len() - sent_before, 5);
+        k.borrow_mut().interrupt = usize::MAX;
+        let e = rs.dump().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "dump of map verdicts: interrupted 10 times in a row"
+        );
+    }
+
+    /// 20,000 elements: one transaction (one datagram, BEGIN … END), split
+    /// into element lists that each stay under the 64 KiB attribute limit,
+    /// every element landing.
+    #[test]
+    fn a_large_plan_is_split_below_64k_in_one_transaction() {
+        let k = kernel(&["proxy"]);
+        let mut rs = session(&k, true);
+        let p = proxy();
+        let ops = Ops {
+            add: (1..=20_000u64).map(|id| (id, &p)).collect(),
+            ..Ops::default()
+        };
+        commit(&mut rs, &mut Numbers::new(), &ops).unwrap();
+        let sent = rs.conn().transport().sent.last().unwrap().clone();
+        let msgs: Vec<_> = wire::messages(&sent).map(|m| m.unwrap()).collect();
+        assert!(msgs.len() > 6, "split: {} messages", msgs.len());
+        assert_eq!((msgs[0].ty, msgs[msgs.len() - 1].ty), (0x10, 0x11));
+        for m in &msgs {
+            assert!(
+                m.payload.len() + 16 < 65_536,
+                "message of {} bytes",
+                m.payload.len()
+            );
+        }
+        assert!(
+            rs.conn().transport().reserved >= msgs.len() * 1024,
+            "room for every ack"
+        );
+        let k = k.borrow();
+        assert_eq!(k.commits, 1);
+        assert_eq!(k.sets["cgroups"].elems.len(), 20_000);
+        assert!(k.elem_msgs.iter().all(|t| *t == NFT_MSG_NEWSETELEM));
+    }
+
+    #[test]
+    fn kernel_release_strings() {
+        for (r, has) in [
+            ("6.3.0", true),
+            ("6.18.44-fc-v669", true),
+            ("6.1.0-18-amd64", false),
+            ("5.15.0", false),
+            ("7.0", true),
+            ("garbage", false),
+        ] {
+            assert_eq!(kernel_has_destroy(r), has, "{r}");
+        }
+    }
 }

@@ -35,8 +35,8 @@ pub const NLMSG_OVERRUN: u16 = 4;
 /// Types below this are netlink control messages.
 pub const NLMSG_MIN_TYPE: u16 = 0x10;
 
-const NLMSGERR_ATTR_MSG: u16 = 1;
-const NLMSGERR_ATTR_OFFS: u16 = 2;
+pub const NLMSGERR_ATTR_MSG: u16 = 1;
+pub const NLMSGERR_ATTR_OFFS: u16 = 2;
 
 pub const fn align4(n: usize) -> usize {
     (n + 3) & !3

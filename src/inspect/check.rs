@@ -10,7 +10,9 @@ use crate::cgroup;
 use crate::config::{CgroupRoot, Config, Verdict, match_form};
 use crate::daemon::Options;
 use crate::error::Error;
-use crate::nftables::{self, Element, MapRef};
+use crate::nftables::{self, MapRef};
+use crate::reconcile::Element;
+use crate::refusal;
 use crate::ruleset::MapRole;
 
 // ---------------------------------------------------------------------------
@@ -197,8 +199,8 @@ fn check_ruleset(
             c.add(
                 Mark::Fail,
                 format!(
-                    "table inet {} does not exist: load nft/cgtproxy.nft (nft -f /usr/share/cgtproxy/cgtproxy.nft)",
-                    cfg.table
+                    "{}: load nft/cgtproxy.nft (nft -f /usr/share/cgtproxy/cgtproxy.nft)",
+                    refusal::table_missing(&cfg.table)
                 ),
             );
             return (None, None, None);
@@ -224,10 +226,10 @@ fn check_ruleset(
         }
         Ok(Some(info)) => {
             counter = Some(info.counter);
-            els = live.rs.dump().ok().flatten();
-            let n = els
-                .as_ref()
-                .map_or("? elements".to_string(), |e| format!("{} elements", e.len()));
+            els = live.rs.dump().ok().flatten().map(|d| d.elements);
+            let n = els.as_ref().map_or("? elements".to_string(), |e| {
+                format!("{} elements", e.len())
+            });
             if info.counter {
                 c.add(
                     Mark::Ok,
@@ -246,8 +248,12 @@ fn check_ruleset(
         Ok(None) => c.add(
             Mark::Fail,
             format!(
-                "map '{}' does not exist in table inet {} — load nft/cgtproxy.nft, or fix \"map\" in {}",
-                cfg.map, cfg.table, cfg.source
+                "{} — load nft/cgtproxy.nft, or fix \"map\" in {}",
+                refusal::map_missing(&MapRef {
+                    table: cfg.table.clone(),
+                    map: cfg.map.clone(),
+                }),
+                cfg.source
             ),
         ),
         Err(e) => c.add(Mark::Fail, e.to_string()),
@@ -266,8 +272,12 @@ fn check_ruleset(
         Ok(None) => c.add(
             Mark::Fail,
             format!(
-                "map '{}' does not exist in table inet {} — load nft/cgtproxy.nft, or fix \"verdict-map\" in {}",
-                cfg.verdict_map, cfg.table, cfg.source
+                "{} — load nft/cgtproxy.nft, or fix \"verdict-map\" in {}",
+                refusal::map_missing(&MapRef {
+                    table: cfg.table.clone(),
+                    map: cfg.verdict_map.clone(),
+                }),
+                cfg.source
             ),
         ),
         Err(e) => c.add(Mark::Fail, e.to_string()),
@@ -278,9 +288,10 @@ fn check_ruleset(
             Ok(true) => present.push(chain),
             Ok(false) => c.add(
                 Mark::Fail,
-                format!(
-                    "chain '{chain}' named by rules[{rule}].target does not exist in table inet {}",
-                    cfg.table
+                refusal::chain_missing(
+                    chain,
+                    &format!("named by rules[{rule}].target"),
+                    &cfg.table,
                 ),
             ),
             Err(e) => c.add(Mark::Fail, e.to_string()),

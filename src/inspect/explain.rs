@@ -10,7 +10,7 @@ use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
 use crate::daemon::Options;
 use crate::error::Error;
-use crate::nftables::Element;
+use crate::reconcile::Element;
 
 // ---------------------------------------------------------------------------
 // explain

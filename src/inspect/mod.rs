@@ -13,12 +13,10 @@ use crate::cgroup;
 use crate::config::Config;
 use crate::daemon::Options;
 use crate::error::Error;
-use crate::netlink::NlError;
-use crate::nftables::{self, Element, NFTA_EXPR_NAME, NFTA_LIST_ELEM, Object as NftObject};
-use crate::ruleset::{Ruleset, nl_error};
-use crate::wire::{self, Msg, Writer};
-
-use rules::{NftRule, parse_rule};
+use crate::nftables::{self, Object as NftObject, Rule};
+use crate::reconcile::Element;
+use crate::refusal;
+use crate::ruleset::Ruleset;
 
 mod check;
 mod explain;
@@ -171,11 +169,6 @@ impl Hierarchy {
     }
 }
 
-const NFT_MSG_GETRULE: u8 = 7;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_SET_EXPR: u16 = 17;
-const NFTA_SET_EXPRESSIONS: u16 = 18;
-
 /// The table as the kernel has it, read through the daemon's own `Ruleset`.
 struct Live {
     rs: Ruleset,
@@ -204,8 +197,9 @@ impl Live {
         let (t, m) = (self.rs.map.table.clone(), map.to_string());
         let mut info = MapInfo::default();
         let found = self.rs.get(&NftObject::Set(&t, &m), |m| {
-            info.set = Some(nftables::parse_set(m)?);
-            info.counter = set_has_counter(m);
+            let set = nftables::parse_set(m)?;
+            info.counter = set.counter;
+            info.set = Some(set);
             Ok(())
         })?;
         Ok(found.then_some(info))
@@ -217,68 +211,17 @@ impl Live {
     }
 
     /// Every rule of the table, in chain order.
-    fn rules(&mut self) -> Result<Vec<NftRule>, Error> {
-        for _ in 0..10 {
-            let table = self.rs.map.table.clone();
-            let nl = self.rs.socket();
-            let seq = nl.seq();
-            let mut w = Writer::new();
-            // nft list table inet TABLE (its rules)
-            w.begin_msg(
-                nftables::msg_type(NFT_MSG_GETRULE),
-                wire::NLM_F_REQUEST | wire::NLM_F_DUMP,
-                seq,
-            );
-            w.put(&[nftables::FAMILY_INET, 0, 0, 0]); // nfgenmsg: family, v0, res_id 0
-            w.attr_str(NFTA_RULE_TABLE, &table);
-            w.end_msg();
-            let mut out = Vec::new();
-            let r = nl.request(&w.buf, seq, true, |m| {
-                let (t, _, rule) = parse_rule(m)?;
-                if t == table {
-                    out.push(rule);
-                }
-                Ok(())
-            });
-            match r {
-                Ok(()) => return Ok(out),
-                Err(NlError::Unknown("interrupted dump")) => continue,
-                Err(e) => return Err(nl_error("dump of the rules", e)),
-            }
-        }
-        Err(Error::Runtime(
-            "dump of the rules: interrupted ten times in a row".into(),
-        ))
+    fn rules(&mut self) -> Result<Vec<Rule>, Error> {
+        self.rs.rules()
     }
-}
 
-/// Whether a NEWSET carries a `counter` expression for its elements.
-fn set_has_counter(m: &Msg<'_>) -> bool {
-    fn named_counter(expr: &[u8]) -> bool {
-        wire::attrs(expr)
-            .flatten()
-            .any(|(ty, v)| ty == NFTA_EXPR_NAME && wire::string(v) == "counter")
-    }
-    let Some(body) = m.payload.get(4..) else {
-        return false;
-    };
-    wire::attrs(body).flatten().any(|(ty, v)| match ty {
-        NFTA_SET_EXPR => named_counter(v),
-        NFTA_SET_EXPRESSIONS => wire::attrs(v)
-            .flatten()
-            .any(|(t, e)| t == NFTA_LIST_ELEM && named_counter(e)),
-        _ => false,
-    })
-}
-
-impl Live {
     /// The map's elements, or why there are none to show.
-    fn elements(&mut self, cfg: &Config) -> Result<Vec<Element>, Error> {
+    fn elements(&mut self, _cfg: &Config) -> Result<Vec<Element>, Error> {
         match self.rs.dump()? {
-            Some(e) => Ok(e),
-            None => Err(Error::Runtime(format!(
-                "table inet {} or its map '{}' or '{}' does not exist — load nft/cgtproxy.nft first",
-                cfg.table, cfg.map, cfg.verdict_map
+            Some(d) => Ok(d.elements),
+            None => Err(Error::Runtime(refusal::table_or_maps_missing(
+                &self.rs.map,
+                &self.rs.verdicts,
             ))),
         }
     }

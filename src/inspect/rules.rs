@@ -1,139 +1,12 @@
+//! What the live ruleset's rules do with the maps: read, register by
+//! register, from a rule dump (`nftables::parse_rule`). Meaning only; the
+//! layout of rules and expressions is the codec's.
+
 use std::collections::{BTreeSet, HashMap};
 
-use super::NFTA_RULE_TABLE;
-use crate::nftables::{
-    NFT_GOTO, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME, NFTA_LIST_ELEM,
-    NFTA_VERDICT_CHAIN, NFTA_VERDICT_CODE,
-};
-use crate::wire::{self, Msg};
-
-// ---------------------------------------------------------------------------
-// The live ruleset: what its rules do with the map
-// ---------------------------------------------------------------------------
-
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_SOCKET_KEY: u16 = 1;
-const NFTA_SOCKET_DREG: u16 = 2;
-const NFTA_SOCKET_LEVEL: u16 = 3;
-const NFT_SOCKET_MARK: u32 = 1;
-const NFT_SOCKET_CGROUPV2: u32 = 3;
-const NFTA_LOOKUP_SET: u16 = 1;
-const NFTA_LOOKUP_SREG: u16 = 2;
-const NFTA_LOOKUP_DREG: u16 = 3;
-const NFTA_IMMEDIATE_DREG: u16 = 1;
-const NFTA_IMMEDIATE_DATA: u16 = 2;
-const NFTA_META_DREG: u16 = 1;
-const NFTA_META_KEY: u16 = 2;
-const NFTA_META_SREG: u16 = 3;
-const NFT_META_MARK: u32 = 3;
-const NFTA_CMP_SREG: u16 = 1;
-const NFTA_CMP_OP: u16 = 2;
-const NFTA_CMP_DATA: u16 = 3;
-const NFT_CMP_EQ: u32 = 0;
-const NFTA_TPROXY_REG_PORT: u16 = 3;
-const NF_ACCEPT: i32 = 1;
-const NFT_JUMP: i32 = -3;
-
-/// One expression of a rule: its name and its attributes (raw).
-#[derive(Debug, Clone)]
-struct Expr {
-    name: String,
-    attrs: Vec<(u16, Vec<u8>)>,
-}
-
-impl Expr {
-    fn attr(&self, ty: u16) -> Option<&[u8]> {
-        self.attrs
-            .iter()
-            .find(|(t, _)| *t == ty)
-            .map(|(_, v)| v.as_slice())
-    }
-    /// nf_tables' NLA_U32 attributes are big-endian.
-    fn u32(&self, ty: u16) -> Option<u32> {
-        self.attr(ty).and_then(|v| wire::be32(v).ok())
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct NftRule {
-    chain: String,
-    exprs: Vec<Expr>,
-}
-
-/// What `nft_data` holds: a value, or a verdict (code, chain).
-enum Data {
-    Value(Vec<u8>),
-    Verdict(i32, Option<String>),
-}
-
-fn parse_data(b: &[u8]) -> Option<Data> {
-    for a in wire::attrs(b) {
-        let (ty, v) = a.ok()?;
-        match ty {
-            NFTA_DATA_VALUE => return Some(Data::Value(v.to_vec())),
-            NFTA_DATA_VERDICT => {
-                let (mut code, mut chain) = (None, None);
-                for a in wire::attrs(v) {
-                    let (ty, v) = a.ok()?;
-                    match ty {
-                        NFTA_VERDICT_CODE => code = wire::be32(v).ok().map(|c| c as i32),
-                        NFTA_VERDICT_CHAIN => chain = Some(wire::string(v)),
-                        _ => {}
-                    }
-                }
-                return Some(Data::Verdict(code?, chain));
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-/// A NEWRULE message of a dump: its chain and expressions.
-pub(super) fn parse_rule(m: &Msg<'_>) -> Result<(String, String, NftRule), wire::Malformed> {
-    let body = m
-        .payload
-        .get(4..)
-        .ok_or(wire::Malformed("truncated nfgenmsg"))?;
-    let (mut table, mut chain, mut exprs) = (String::new(), String::new(), Vec::new());
-    for a in wire::attrs(body) {
-        let (ty, v) = a?;
-        match ty {
-            NFTA_RULE_TABLE => table = wire::string(v),
-            NFTA_RULE_CHAIN => chain = wire::string(v),
-            NFTA_RULE_EXPRESSIONS => {
-                for e in wire::attrs(v) {
-                    let (ty, e) = e?;
-                    if ty != NFTA_LIST_ELEM {
-                        continue;
-                    }
-                    let mut x = Expr {
-                        name: String::new(),
-                        attrs: Vec::new(),
-                    };
-                    for a in wire::attrs(e) {
-                        let (ty, v) = a?;
-                        match ty {
-                            NFTA_EXPR_NAME => x.name = wire::string(v),
-                            NFTA_EXPR_DATA => {
-                                for a in wire::attrs(v) {
-                                    let (ty, v) = a?;
-                                    x.attrs.push((ty, v.to_vec()));
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    exprs.push(x);
-                }
-            }
-            _ => {}
-        }
-    }
-    let c = chain.clone();
-    Ok((table, c, NftRule { chain, exprs }))
-}
+use crate::nftables::expr::*;
+use crate::nftables::{Data, Expr, NF_ACCEPT, NFT_GOTO, NFT_JUMP, NftVerdict, Rule};
+use crate::wire;
 
 /// What the live ruleset does with the map, read from its rules.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -203,7 +76,7 @@ fn reaching(seed: BTreeSet<String>, edges: &[(String, String)]) -> BTreeSet<Stri
 /// Reads what the rules do, register by register: which levels feed a
 /// lookup in `map`, whether the mark feeds one in `verdicts`, where TPROXY
 /// sends to, and which marks steer it.
-pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
+pub(super) fn analyse(rules: &[Rule], map: &str, verdicts: &str) -> Facts {
     #[derive(Clone)]
     enum Reg {
         Cgroup(u32),
@@ -228,19 +101,18 @@ pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
         let mut accept = false;
         for e in &r.exprs {
             match e.name.as_str() {
-                "socket" if e.u32(NFTA_SOCKET_KEY) == Some(NFT_SOCKET_CGROUPV2) => {
-                    if let (Some(d), Some(l)) = (e.u32(NFTA_SOCKET_DREG), e.u32(NFTA_SOCKET_LEVEL))
-                    {
+                "socket" if e.u32(SOCKET_KEY) == Some(SOCKET_CGROUPV2) => {
+                    if let (Some(d), Some(l)) = (e.u32(SOCKET_DREG), e.u32(SOCKET_LEVEL)) {
                         regs.insert(d, Reg::Cgroup(l));
                     }
                 }
-                "immediate" => match e.attr(NFTA_IMMEDIATE_DATA).and_then(parse_data) {
+                "immediate" => match e.data(IMMEDIATE_DATA) {
                     Some(Data::Value(v)) => {
-                        if let Some(d) = e.u32(NFTA_IMMEDIATE_DREG) {
-                            regs.insert(d, Reg::Value(v));
+                        if let Some(d) = e.u32(IMMEDIATE_DREG) {
+                            regs.insert(d, Reg::Value(v.to_vec()));
                         }
                     }
-                    Some(Data::Verdict(code, chain)) => {
+                    Some(Data::Verdict(NftVerdict { code, chain })) => {
                         accept = code == NF_ACCEPT;
                         if let (NFT_JUMP | NFT_GOTO, Some(c)) = (code, chain) {
                             edges.push((r.chain.clone(), c));
@@ -248,11 +120,10 @@ pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
                     }
                     None => {}
                 },
-                "meta" if e.u32(NFTA_META_KEY) == Some(NFT_META_MARK) => {
-                    if let Some(d) = e.u32(NFTA_META_DREG) {
+                "meta" if e.u32(META_KEY) == Some(META_MARK) => {
+                    if let Some(d) = e.u32(META_DREG) {
                         regs.insert(d, Reg::Mark);
-                    } else if let Some(Reg::Value(v)) =
-                        e.u32(NFTA_META_SREG).and_then(|s| regs.get(&s))
+                    } else if let Some(Reg::Value(v)) = e.u32(META_SREG).and_then(|s| regs.get(&s))
                         && let Ok(b) = <[u8; 4]>::try_from(v.as_slice())
                     {
                         // The mark is a host-order u32 in the register.
@@ -261,23 +132,23 @@ pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
                 }
                 "meta" => {
                     // Any other load overwrites its register.
-                    if let Some(d) = e.u32(NFTA_META_DREG) {
+                    if let Some(d) = e.u32(META_DREG) {
                         regs.remove(&d);
                     }
                 }
                 "cmp" => {
-                    if let (Some(Reg::Mark), Some(NFT_CMP_EQ), Some(Data::Value(v))) = (
-                        e.u32(NFTA_CMP_SREG).and_then(|s| regs.get(&s)),
-                        e.u32(NFTA_CMP_OP),
-                        e.attr(NFTA_CMP_DATA).and_then(parse_data),
-                    ) && let Ok(b) = <[u8; 4]>::try_from(v.as_slice())
+                    if let (Some(Reg::Mark), Some(CMP_EQ), Some(Data::Value(v))) = (
+                        e.u32(CMP_SREG).and_then(|s| regs.get(&s)),
+                        e.u32(CMP_OP),
+                        e.data(CMP_DATA),
+                    ) && let Ok(b) = <[u8; 4]>::try_from(v)
                     {
                         sum.mark_eq = Some(u32::from_ne_bytes(b));
                     }
                 }
                 "lookup" => {
-                    let set = e.attr(NFTA_LOOKUP_SET).map(wire::string);
-                    match e.u32(NFTA_LOOKUP_SREG).and_then(|s| regs.get(&s)) {
+                    let set = e.attr(LOOKUP_SET).map(wire::string);
+                    match e.u32(LOOKUP_SREG).and_then(|s| regs.get(&s)) {
                         Some(Reg::Cgroup(l)) if set.as_deref() == Some(map) => {
                             f.levels.insert(*l);
                             f.lookup_chains.insert(r.chain.clone());
@@ -286,14 +157,13 @@ pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
                         _ => {}
                     }
                     // A map lookup writes what it found over its register.
-                    if let Some(d) = e.u32(NFTA_LOOKUP_DREG) {
+                    if let Some(d) = e.u32(LOOKUP_DREG) {
                         regs.remove(&d);
                     }
                 }
                 "tproxy" => {
                     sum.tproxy = true;
-                    if let Some(Reg::Value(v)) =
-                        e.u32(NFTA_TPROXY_REG_PORT).and_then(|s| regs.get(&s))
+                    if let Some(Reg::Value(v)) = e.u32(TPROXY_REG_PORT).and_then(|s| regs.get(&s))
                         && let Ok(b) = <[u8; 2]>::try_from(v.as_slice())
                     {
                         f.tproxy_ports.insert(u16::from_be_bytes(b));
@@ -321,8 +191,8 @@ pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
     );
     f.tproxy_mark = rules.iter().zip(&summaries).find_map(|(r, (_, s))| {
         let goes = r.exprs.iter().any(|e| {
-            e.attr(NFTA_IMMEDIATE_DATA).and_then(parse_data).is_some_and(|d| {
-                matches!(d, Data::Verdict(NFT_JUMP | NFT_GOTO, Some(c)) if tproxy_chains.contains(&c))
+            e.data(IMMEDIATE_DATA).is_some_and(|d| {
+                matches!(d, Data::Verdict(NftVerdict { code: NFT_JUMP | NFT_GOTO, chain: Some(c) }) if tproxy_chains.contains(&c))
             })
         });
         s.mark_eq.filter(|_| s.tproxy || goes)
@@ -354,18 +224,19 @@ pub(super) fn analyse(rules: &[NftRule], map: &str, verdicts: &str) -> Facts {
 /// mark from it.
 fn restores_mark(exprs: &[Expr]) -> bool {
     let [sock, meta] = exprs else { return false };
-    let reg = sock.u32(NFTA_SOCKET_DREG);
+    let reg = sock.u32(SOCKET_DREG);
     sock.name == "socket"
-        && sock.u32(NFTA_SOCKET_KEY) == Some(NFT_SOCKET_MARK)
+        && sock.u32(SOCKET_KEY) == Some(SOCKET_MARK)
         && meta.name == "meta"
-        && meta.u32(NFTA_META_KEY) == Some(NFT_META_MARK)
+        && meta.u32(META_KEY) == Some(META_MARK)
         && reg.is_some()
-        && meta.u32(NFTA_META_SREG) == reg
+        && meta.u32(META_SREG) == reg
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nftables::data_attr;
     use crate::wire::Writer;
 
     fn expr(name: &str, attrs: &[(u16, Vec<u8>)]) -> Expr {
@@ -379,36 +250,36 @@ mod tests {
     }
     fn value(v: &[u8]) -> Vec<u8> {
         let mut w = Writer::new();
-        w.attr(NFTA_DATA_VALUE, v);
+        data_attr(&mut w, &Data::Value(v));
         w.buf
     }
     fn verdict(code: i32, chain: Option<&str>) -> Vec<u8> {
         let mut w = Writer::new();
-        let n = w.nest_begin(NFTA_DATA_VERDICT);
-        w.attr_be32(NFTA_VERDICT_CODE, code as u32);
-        if let Some(c) = chain {
-            w.attr_str(NFTA_VERDICT_CHAIN, c);
-        }
-        w.nest_end(n);
+        let v = NftVerdict {
+            code,
+            chain: chain.map(str::to_string),
+        };
+        data_attr(&mut w, &Data::Verdict(v));
         w.buf
     }
-    fn rule(chain: &str, exprs: Vec<Expr>) -> NftRule {
-        NftRule {
+    fn rule(chain: &str, exprs: Vec<Expr>) -> Rule {
+        Rule {
+            table: "cgtproxy".into(),
             chain: chain.into(),
             exprs,
         }
     }
 
     fn meta_mark_load() -> Expr {
-        expr("meta", &[(NFTA_META_DREG, be(1)), (NFTA_META_KEY, be(3))])
+        expr("meta", &[(META_DREG, be(1)), (META_KEY, be(3))])
     }
     fn mark_eq(m: u32) -> Expr {
         expr(
             "cmp",
             &[
-                (NFTA_CMP_SREG, be(1)),
-                (NFTA_CMP_OP, be(0)),
-                (NFTA_CMP_DATA, value(&m.to_ne_bytes())),
+                (CMP_SREG, be(1)),
+                (CMP_OP, be(0)),
+                (CMP_DATA, value(&m.to_ne_bytes())),
             ],
         )
     }
@@ -416,18 +287,15 @@ mod tests {
         expr(
             "immediate",
             &[
-                (NFTA_IMMEDIATE_DREG, be(0)),
-                (NFTA_IMMEDIATE_DATA, verdict(code, chain)),
+                (IMMEDIATE_DREG, be(0)),
+                (IMMEDIATE_DATA, verdict(code, chain)),
             ],
         )
     }
     fn load(reg: u32, v: &[u8]) -> Expr {
         expr(
             "immediate",
-            &[
-                (NFTA_IMMEDIATE_DREG, be(reg)),
-                (NFTA_IMMEDIATE_DATA, value(v)),
-            ],
+            &[(IMMEDIATE_DREG, be(reg)), (IMMEDIATE_DATA, value(v))],
         )
     }
     fn set_name(map: &str) -> Vec<u8> {
@@ -441,36 +309,30 @@ mod tests {
             expr(
                 "socket",
                 &[
-                    (NFTA_SOCKET_KEY, be(3)),
-                    (NFTA_SOCKET_DREG, be(1)),
-                    (NFTA_SOCKET_LEVEL, be(l)),
+                    (SOCKET_KEY, be(3)),
+                    (SOCKET_DREG, be(1)),
+                    (SOCKET_LEVEL, be(l)),
                 ],
             ),
             expr(
                 "lookup",
-                &[(NFTA_LOOKUP_SET, set_name(map)), (NFTA_LOOKUP_SREG, be(1))],
+                &[(LOOKUP_SET, set_name(map)), (LOOKUP_SREG, be(1))],
             ),
         ]
     }
     /// `meta mark set socket cgroupv2 level L map @MAP goto dispatch`
     fn level_number(l: u32, map: &str) -> Vec<Expr> {
         let mut v = level(l, map);
-        v[1].attrs.push((NFTA_LOOKUP_DREG, be(1)));
-        v.push(expr(
-            "meta",
-            &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(1))],
-        ));
+        v[1].attrs.push((LOOKUP_DREG, be(1)));
+        v.push(expr("meta", &[(META_KEY, be(3)), (META_SREG, be(1))]));
         v.push(goes(-4, Some("dispatch")));
         v
     }
     /// `meta mark set socket mark`
     fn restore() -> Vec<Expr> {
         vec![
-            expr(
-                "socket",
-                &[(NFTA_SOCKET_KEY, be(1)), (NFTA_SOCKET_DREG, be(1))],
-            ),
-            expr("meta", &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(1))]),
+            expr("socket", &[(SOCKET_KEY, be(1)), (SOCKET_DREG, be(1))]),
+            expr("meta", &[(META_KEY, be(3)), (META_SREG, be(1))]),
         ]
     }
     /// `meta mark vmap @MAP`
@@ -479,20 +341,20 @@ mod tests {
             meta_mark_load(),
             expr(
                 "lookup",
-                &[(NFTA_LOOKUP_SET, set_name(map)), (NFTA_LOOKUP_SREG, be(1))],
+                &[(LOOKUP_SET, set_name(map)), (LOOKUP_SREG, be(1))],
             ),
         ]
     }
     fn set_mark(m: u32) -> Vec<Expr> {
         vec![
             load(8, &m.to_ne_bytes()),
-            expr("meta", &[(NFTA_META_KEY, be(3)), (NFTA_META_SREG, be(8))]),
+            expr("meta", &[(META_KEY, be(3)), (META_SREG, be(8))]),
         ]
     }
     fn tproxy(port: u16) -> Vec<Expr> {
         vec![
             load(9, &port.to_be_bytes()),
-            expr("tproxy", &[(NFTA_TPROXY_REG_PORT, be(9))]),
+            expr("tproxy", &[(TPROXY_REG_PORT, be(9))]),
         ]
     }
 
