@@ -11,7 +11,7 @@ use crate::inspect;
 pub const USAGE: &str = "\
 usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
                       [--ready-fd N] [-v|-q]
-       cgtproxy check   [-c FILE] [--cgroup-root DIR]
+       cgtproxy check   [-c FILE] [--cgroup-root DIR] [--strict] [--config-only]
        cgtproxy status  [-c FILE] [--cgroup-root DIR] [--json]
        cgtproxy explain [-c FILE] [--cgroup-root DIR] PATH|PID...
        cgtproxy --help | --version
@@ -23,7 +23,8 @@ gets that rule's verdict (goto proxy, goto direct, drop, goto CHAIN).
 commands:
   run (default)        sync the maps in one transaction, then follow cgroupfs
   check                check the config, the live ruleset, the kernel and
-                       known traps; print a checklist
+                       known traps; print a checklist (exit 0 when all holds
+                       or only warnings were printed, 1 when a check failed)
   status               each element of the map: verdict, packets, bytes, cgroup
   explain PATH|PID...  for a cgroup (path as rules see it, or its directory)
                        or a process: id, levels, the matching rule, and the
@@ -40,6 +41,9 @@ options:
       --ready-fd N     (run) write a newline to fd N once the initial sync
                        committed
       --json           (status) one JSON object instead of a table
+      --strict         (check) warnings fail too (exit 1)
+      --config-only    (check) only load and check the config: no kernel,
+                       no cgroupfs (for package hooks and ExecStartPre)
   -v, --verbose        log more
   -q, --quiet          log only warnings and errors
   -h, --help           this text
@@ -47,8 +51,9 @@ options:
 
 signals: SIGHUP reloads the config; SIGTERM and SIGINT remove the daemon's
 elements and routes (unless keep-on-exit) and exit 0.
-exit status: 0 success, 1 runtime failure (check: a check failed or warned;
-explain: a cgroup or process not found), 2 usage or configuration error.
+exit status: 0 success, 1 runtime failure (check: a check failed, or with
+--strict warned; explain: a cgroup or process not found), 2 usage or
+configuration error.
 See cgtproxy(8) and cgtproxy.json(5).
 ";
 
@@ -69,6 +74,8 @@ struct Args {
     verbosity: u8,
     /// `status --json`
     json: bool,
+    /// `check --strict`, `check --config-only`
+    check: inspect::CheckMode,
     /// `explain` operands: cgroup paths or PIDs.
     targets: Vec<std::ffi::OsString>,
 }
@@ -80,6 +87,8 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     let mut verbosity = crate::log::INFO;
     let mut restricted: Vec<&'static str> = Vec::new();
     let mut json = false;
+    let mut check = inspect::CheckMode::default();
+    let mut check_only: Vec<&'static str> = Vec::new();
     let mut targets = Vec::new();
     while let Some(arg) = p.next()? {
         match arg {
@@ -120,6 +129,14 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                 opts.ready_fd = Some(n);
             }
             Long("json") => json = true,
+            Long("strict") => {
+                check_only.push("--strict");
+                check.strict = true;
+            }
+            Long("config-only") => {
+                check_only.push("--config-only");
+                check.config_only = true;
+            }
             Short('v') | Long("verbose") => verbosity = crate::log::DEBUG,
             Short('q') | Long("quiet") => verbosity = crate::log::QUIET,
             Short('h') | Long("help") => command = Some(Command::Help),
@@ -148,6 +165,11 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     {
         return Err(Error::Usage(format!("{o} only applies to `run`")));
     }
+    if let Some(o) = check_only.first()
+        && !matches!(command, Command::Check | Command::Help | Command::Version)
+    {
+        return Err(Error::Usage(format!("{o} only applies to `check`")));
+    }
     if json && !matches!(command, Command::Status | Command::Help | Command::Version) {
         return Err(Error::Usage("--json only applies to `status`".into()));
     }
@@ -161,6 +183,7 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
         opts,
         verbosity,
         json,
+        check,
         targets,
     })
 }
@@ -188,7 +211,7 @@ pub fn main() -> i32 {
             Ok(0)
         }
         Command::Run => daemon::run(args.opts).map(|()| 0),
-        Command::Check => inspect::check(&args.opts),
+        Command::Check => inspect::check(&args.opts, args.check),
         Command::Status => inspect::status(&args.opts, args.json),
         Command::Explain => inspect::explain(&args.opts, &args.targets),
     };
@@ -228,6 +251,9 @@ mod tests {
         assert_eq!(a.verbosity, crate::log::QUIET);
         let a = p(&["check", "-c", "y"]).unwrap();
         assert_eq!(a.command, Command::Check);
+        assert_eq!(a.check, inspect::CheckMode::default());
+        let a = p(&["--strict", "check", "--config-only"]).unwrap();
+        assert!(a.check.strict && a.check.config_only);
         assert_eq!(p(&[]).unwrap().command, Command::Run);
         assert_eq!(p(&["-V"]).unwrap().command, Command::Version);
         let a = p(&["status", "--json", "--cgroup-root", "/x"]).unwrap();
@@ -250,5 +276,10 @@ mod tests {
         assert!(matches!(p(&["status", "--dry-run"]), Err(Error::Usage(_))));
         assert!(matches!(p(&["run", "--json"]), Err(Error::Usage(_))));
         assert!(matches!(p(&["explain"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["run", "--strict"]), Err(Error::Usage(_))));
+        assert!(matches!(
+            p(&["status", "--config-only"]),
+            Err(Error::Usage(_))
+        ));
     }
 }

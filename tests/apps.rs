@@ -195,7 +195,13 @@ fn rule_forms_select_real_trees() {
         assert!(diff.is_empty(), "map differs:\n{diff}");
 
         // check: per rule, the live cgroups it decides; none is a warning.
-        let out = expect(cli(env, &config, &["check"]), 1, "check");
+        // Only warnings: check passes (contract §4); --strict fails.
+        let out = expect(cli(env, &config, &["check"]), 0, "check");
+        expect(
+            cli(env, &config, &["check", "--strict"]),
+            1,
+            "check --strict",
+        );
         for want in [
             "ok    rules[0] app \"org.telegram.desktop\" user 1000 -> goto proxy: 4 live cgroups",
             "ok    rules[1] app \"code-oss\" -> goto proxy: 2 live cgroups",

@@ -7,7 +7,6 @@
 mod common;
 
 use common::*;
-use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::net::TcpListener;
@@ -453,7 +452,14 @@ fn check_passes_then_catches_a_missing_chain() {
         nft_script(
             "flush chain inet cgtproxy mine\nadd rule inet cgtproxy mine counter\nadd rule inet cgtproxy mine meta mark set socket mark accept\n",
         );
-        let out = expect(cli(env, &config, &["check"]), 1, "check, no restore");
+        // A warning does not fail check (exit 0); --strict makes it fail.
+        let out = expect(cli(env, &config, &["check"]), 0, "check, no restore");
+        let strict = expect(
+            cli(env, &config, &["check", "--strict"]),
+            1,
+            "check --strict, no restore",
+        );
+        assert_eq!(strict, out);
         assert!(
             out.contains(
                 "WARN  chain 'mine' (rules[1].target) does not start with `meta mark set socket mark`"
@@ -478,7 +484,7 @@ fn check_passes_then_catches_a_missing_chain() {
 
         // A rule that names the internal helper chain.
         let reroute = env.write_config(&Config::new(&Rules::new(&[("/p", "reroute")])));
-        let out = expect(cli(env, &reroute, &["check"]), 1, "check, reroute");
+        let out = expect(cli(env, &reroute, &["check"]), 0, "check, reroute");
         assert!(
             out.contains("WARN  rules[0].target is \"reroute\""),
             "{out}"
@@ -488,7 +494,7 @@ fn check_passes_then_catches_a_missing_chain() {
             ("/p", "lookup"),
             ("/q", "output"),
         ])));
-        let out = expect(cli(env, &internal, &["check"]), 1, "check, internal chains");
+        let out = expect(cli(env, &internal, &["check"]), 0, "check, internal chains");
         for (i, c) in [(0, "lookup"), (1, "output")] {
             assert!(
                 out.contains(&format!(
@@ -535,7 +541,7 @@ fn check_catches_the_proxy_capturing_itself() {
         cfg.route = RouteCfg::Off;
         let config = env.write_config(&cfg);
         // Before the daemon ran: the rules would send it to proxy.
-        let out = expect(cli(env, &config, &["check"]), 1, "check, by rules");
+        let out = expect(cli(env, &config, &["check"]), 0, "check, by rules");
         let warn = line(&out, &format!("WARN  {who}"));
         assert!(
             warn.contains("rules[0] \"/proxy\" sends its ancestor /proxy to goto proxy"),
@@ -547,7 +553,7 @@ fn check_catches_the_proxy_capturing_itself() {
 
         // After it ran: the map does too.
         env.once(&cfg);
-        let out = expect(cli(env, &config, &["check"]), 1, "check, by the map");
+        let out = expect(cli(env, &config, &["check"]), 0, "check, by the map");
         let warn = line(&out, &format!("WARN  {who}"));
         let lvl = level(env, &env.cg.path("/proxy"));
         assert!(
@@ -579,16 +585,41 @@ fn check_warns_about_br_netfilter_and_cgroup_namespaces() {
         let _proxy = start_proxy();
         env.cg.mkdir(&["/p", "/ns"]);
         let config = env.write_config(&Config::new(&Rules::new(&[("/p", "proxy")])));
-        if bridge_nf(true) {
-            let out = expect(cli(env, &config, &["check"]), 1, "check, br_netfilter");
-            assert!(
-                out.contains("WARN  br_netfilter: net.bridge.bridge-nf-call-iptables and bridge-nf-call-ip6tables = 1"),
-                "{out}"
-            );
-            bridge_nf(false);
-        } else {
-            eprintln!("br_netfilter is not available here: that trap is not staged");
+        // br_netfilter loaded (its sysctls exist in every namespace) and
+        // on, in this namespace.
+        if !bridge_nf(true) {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("br_netfilter is not loaded (CI=true makes this a failure)");
+            }
+            eprintln!("SKIP br_netfilter is not loaded: that trap is not staged");
+            return;
         }
+        // Without the forward file bridged frames meet no cgtproxy rule:
+        // nothing said.
+        let out = expect(cli(env, &config, &["check"]), 0, "check, no forward file");
+        assert!(!out.contains("br_netfilter"), "{out}");
+        let forward = manifest().join("nft/cgtproxy-forward.nft");
+        run_ok("nft", &["-f", forward.to_str().unwrap()]);
+        let out = expect(cli(env, &config, &["check"]), 0, "check, br_netfilter");
+        assert!(
+            out.contains("WARN  br_netfilter: net.bridge.bridge-nf-call-iptables and bridge-nf-call-ip6tables = 1"),
+            "{out}"
+        );
+        expect(
+            cli(env, &config, &["check", "--strict"]),
+            1,
+            "check --strict, br_netfilter",
+        );
+        bridge_nf(false);
+        let out = expect(
+            cli(env, &config, &["check", "--strict"]),
+            0,
+            "check --strict, off",
+        );
+        assert!(
+            out.contains("ok    br_netfilter: loaded, bridge-nf-call-ip(6)tables off"),
+            "{out}"
+        );
         expect(cli(env, &config, &["check"]), 0, "check, all well");
 
         // From inside a cgroup namespace rooted at /ns.
@@ -608,7 +639,7 @@ fn check_warns_about_br_netfilter_and_cgroup_namespaces() {
                 .env("CG", env.cg.path("/ns")),
             LIMIT,
         );
-        let out = expect(f, 1, "check in a cgroup namespace");
+        let out = expect(f, 0, "check in a cgroup namespace");
         assert!(
             out.contains("WARN  running in a non-root cgroup namespace"),
             "{out}"
@@ -901,242 +932,5 @@ fn help_agrees_with_the_man_page() {
 // Service files
 // ---------------------------------------------------------------------------
 
-#[test]
-fn systemd_unit_verifies_and_is_hardened() {
-    let unit_path = manifest().join("init/systemd/cgtproxy.service");
-    let unit = fs::read_to_string(&unit_path).unwrap();
-    for want in [
-        "Type=notify",
-        "ExecStart=/usr/bin/cgtproxy run",
-        "ExecReload=kill -HUP $MAINPID",
-        "After=nftables.service",
-        "Wants=nftables.service",
-        "CapabilityBoundingSet=CAP_NET_ADMIN\n",
-        "AmbientCapabilities=CAP_NET_ADMIN\n",
-        "ProtectSystem=strict",
-        "ProtectHome=yes",
-        "PrivateTmp=yes",
-        "NoNewPrivileges=yes",
-        "RestrictAddressFamilies=AF_NETLINK AF_UNIX\n",
-        "RestartPreventExitStatus=2",
-    ] {
-        assert!(unit.contains(want), "{want:?} missing from the unit");
-    }
-    if !have(test_name!(), "systemd-analyze") {
-        return;
-    }
-    // verify wants ExecStart to exist: point it at the binary under test.
-    let dir = std::env::temp_dir().join(format!("cgtproxy-unit-{}", random_hex()));
-    fs::create_dir_all(&dir).unwrap();
-    let copy = dir.join("cgtproxy.service");
-    fs::write(&copy, unit.replace("/usr/bin/cgtproxy", BIN)).unwrap();
-    let f = run_cmd(
-        Command::new("systemd-analyze")
-            .args(["verify", "--man=no"])
-            .arg(&copy),
-        LIMIT,
-    );
-    let _ = fs::remove_dir_all(&dir);
-    assert!(
-        f.status.success() && f.stderr.trim().is_empty(),
-        "systemd-analyze verify: {}",
-        f.describe()
-    );
-}
-
-#[test]
-fn openrc_and_runit_scripts_parse() {
-    let files = [
-        "init/openrc/cgtproxy.initd",
-        "init/openrc/cgtproxy.confd",
-        "init/runit/cgtproxy/run",
-        "init/runit/cgtproxy/log/run",
-        "init/runit/cgtproxy/conf",
-    ];
-    for f in files {
-        let r = run_cmd(Command::new("sh").arg("-n").arg(manifest().join(f)), LIMIT);
-        assert!(r.status.success(), "sh -n {f}: {}", r.describe());
-    }
-    for f in [
-        "init/openrc/cgtproxy.initd",
-        "init/runit/cgtproxy/run",
-        "init/runit/cgtproxy/log/run",
-    ] {
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &fs::metadata(manifest().join(f)).unwrap().permissions(),
-        );
-        assert!(mode & 0o111 != 0, "{f} is not executable");
-    }
-    // OpenRC, without OpenRC: source the script with its helpers stubbed
-    // and ask it what it would do. supervise-daemon is a command (dash takes
-    // no `-` in function names), written by the shell itself: a file this
-    // multi-threaded process wrote could still be open in a child forked
-    // meanwhile, and fail to run (ETXTBSY).
-    let stubs = std::env::temp_dir().join(format!("cgtproxy-stubs-{}", random_hex()));
-    let f = run_cmd(
-        Command::new("sh")
-            .args([
-                "-c",
-                r#"
-mkdir -p "$STUBS" && printf '#!/bin/sh\necho "supervise-daemon $*"\n' > "$STUBS/supervise-daemon" &&
-    chmod +x "$STUBS/supervise-daemon" && PATH="$STUBS:$PATH" || exit 9
-need() { echo "need $*"; }; want() { echo "want $*"; }; after() { echo "after $*"; }
-use() { echo "use $*"; }; ebegin() { :; }; eend() { return "$1"; }
-. "$1"; . "$2"
-echo "supervisor=$supervisor"; echo "command=$command $command_args"
-echo "extra=$extra_started_commands"
-depend; reload
-"#,
-                "sh",
-            ])
-            .arg(manifest().join("init/openrc/cgtproxy.confd"))
-            .arg(manifest().join("init/openrc/cgtproxy.initd"))
-            .env("RC_SVCNAME", "cgtproxy")
-            .env("STUBS", &stubs),
-        LIMIT,
-    );
-    let _ = fs::remove_dir_all(&stubs);
-    let out = expect(f, 0, "openrc script");
-    for want in [
-        "supervisor=supervise-daemon",
-        "command=/usr/bin/cgtproxy run",
-        "extra=reload",
-        "want firewall",
-        "after firewall",
-        "supervise-daemon cgtproxy --signal HUP",
-    ] {
-        assert!(
-            out.lines().any(|l| l.trim_end() == want),
-            "{want:?} not in:\n{out}"
-        );
-    }
-}
-
-/// Runs a service's command line in the test's namespace until the map is
-/// filled, then stops it with SIGTERM: exit 0 and the map emptied.
-fn run_service(env: &Env, rules: &Rules, mut cmd: Command, what: &str) {
-    let log_path = env.tmp.join(format!("{what}.log"));
-    let log = fs::File::create(&log_path).unwrap();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let ok = wait_until(CONVERGE, Duration::from_millis(20), || {
-        try_dump_map("cgtproxy", "cgroups").is_ok_and(|m| m == env.cg.truth(rules))
-    });
-    let log = || fs::read_to_string(&log_path).unwrap_or_default();
-    if !ok {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{what}: the map did not fill\n{}", log());
-    }
-    // SAFETY: kill(2) of our own child (the script exec'd the daemon).
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = child.wait().unwrap();
-    assert!(st.success(), "{what}: {st:?}\n{}", log());
-    assert!(dump_map().is_empty(), "{what}: elements left after SIGTERM");
-}
-
-/// PATH with the binary under test first, as `cgtproxy`.
-fn path_with_bin() -> OsString {
-    let mut p = OsString::from(Path::new(BIN).parent().unwrap());
-    p.push(":");
-    p.push(std::env::var_os("PATH").unwrap_or_default());
-    p
-}
-
-#[test]
-fn runit_run_script_starts_the_daemon() {
-    sandbox(|env| {
-        // No ruleset loaded: the run script loads it.
-        env.cg.mkdir(&["/p"]);
-        let rules = Rules::new(&[("/p", "proxy")]);
-        let config = env.write_config(&Config::new(&rules));
-        let sv = env.tmp.join("sv/cgtproxy");
-        fs::create_dir_all(&sv).unwrap();
-        fs::copy(manifest().join("init/runit/cgtproxy/run"), sv.join("run")).unwrap();
-        let conf = fs::read_to_string(manifest().join("init/runit/cgtproxy/conf")).unwrap();
-        assert!(
-            conf.contains("\nOPTS=\"\"\n") && conf.contains("\nRULESET="),
-            "{conf}"
-        );
-        let conf = format!(
-            "{conf}\nOPTS=\"-c {} --cgroup-root {}\"\nRULESET={}\n",
-            config.display(),
-            env.cg.root.display(),
-            ruleset_path().display()
-        );
-        fs::write(sv.join("conf"), conf).unwrap();
-        let mut cmd = Command::new("sh");
-        cmd.arg("./run")
-            .current_dir(&sv)
-            .env("PATH", path_with_bin());
-        run_service(env, &rules, cmd, "runit run");
-        // The table stays (the script loaded it, like a firewall would).
-        assert!(try_dump_map("cgtproxy", "cgroups").is_ok());
-    });
-}
-
-#[test]
-fn openrc_command_line_starts_the_daemon() {
-    sandbox(|env| {
-        load_ruleset();
-        env.cg.mkdir(&["/p"]);
-        let rules = Rules::new(&[("/p", "proxy")]);
-        let config = env.write_config(&Config::new(&rules));
-        // /etc/conf.d/cgtproxy as a user would edit it.
-        let confd = fs::read_to_string(manifest().join("init/openrc/cgtproxy.confd")).unwrap();
-        assert!(confd.contains("\nCGTPROXY_OPTS=\"\"\n"), "{confd}");
-        let confd = confd.replace(
-            "\nCGTPROXY_OPTS=\"\"\n",
-            &format!(
-                "\nCGTPROXY_OPTS=\"-c {} --cgroup-root {}\"\n",
-                config.display(),
-                env.cg.root.display()
-            ),
-        );
-        let confd_path = env.write_file("cgtproxy.confd", &confd);
-        // What supervise-daemon would be told to run.
-        let f = run_cmd(
-            Command::new("sh")
-                .args([
-                    "-c",
-                    ". \"$1\"; . \"$2\"; echo \"$command $command_args\"",
-                    "sh",
-                ])
-                .arg(&confd_path)
-                .arg(manifest().join("init/openrc/cgtproxy.initd")),
-            LIMIT,
-        );
-        let line = expect(f, 0, "openrc command line");
-        let argv: Vec<String> = line
-            .split_whitespace()
-            .map(|w| w.replace("/usr/bin/cgtproxy", BIN))
-            .collect();
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]);
-        run_service(env, &rules, cmd, "openrc command");
-    });
-}
-
-#[test]
-fn install_paths_in_the_man_page_exist_here() {
-    // Every file the man page's FILES section says is shipped is in init/.
-    let page = fs::read_to_string(manifest().join("man/cgtproxy.8")).unwrap();
-    for (installed, shipped) in [
-        (
-            "/usr/lib/systemd/system/cgtproxy.service",
-            "init/systemd/cgtproxy.service",
-        ),
-        ("/etc/init.d/cgtproxy", "init/openrc/cgtproxy.initd"),
-        ("/etc/conf.d/cgtproxy", "init/openrc/cgtproxy.confd"),
-        ("/etc/sv/cgtproxy/run", "init/runit/cgtproxy/run"),
-        ("/etc/sv/cgtproxy/log/run", "init/runit/cgtproxy/log/run"),
-        ("/etc/sv/cgtproxy/conf", "init/runit/cgtproxy/conf"),
-    ] {
-        assert!(page.contains(installed), "{installed} not in cgtproxy(8)");
-        assert!(manifest().join(shipped).exists(), "{shipped} missing");
-    }
-}
+// The service files, their inits and the install step: tests/init.rs
+// (and tests/installed.rs under a real systemd).

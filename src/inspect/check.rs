@@ -25,7 +25,7 @@ const DEFAULT_TPROXY_PORT: u16 = 7893;
 /// The inode of the initial cgroup namespace (`PROC_CGROUP_INIT_INO`).
 const INIT_CGROUP_NS: u64 = 0xEFFF_FFFB;
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Mark {
     Ok,
     Skip,
@@ -60,9 +60,26 @@ impl Checklist {
     }
 }
 
-/// `cgtproxy check`. Returns the exit status: 0 all well, 1 a check failed
-/// or warned; a config that does not load is an error (exit 2).
-pub fn check(opts: &Options) -> Result<i32, Error> {
+/// How `check` runs: `--strict`, `--config-only`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Mode {
+    /// Warnings fail too (exit 1).
+    pub strict: bool,
+    /// Only the configuration: no netlink, no cgroupfs, no /proc or /sys,
+    /// so a package hook or `ExecStartPre` can run it anywhere.
+    pub config_only: bool,
+}
+
+/// Where the bridge sysctls of this network namespace live; the directory
+/// exists only while `br_netfilter` is loaded.
+const BRIDGE_SYSCTLS: &str = "/proc/sys/net/bridge";
+
+/// `cgtproxy check`. Returns the exit status, like `nft -c` or `nginx -t`
+/// so it can gate a start: 0 when all holds or only warnings were printed
+/// (two are normal on a healthy host: `br_netfilter` under Docker, nothing
+/// listening yet at boot), 1 when a check failed (or, with `--strict`, any
+/// warning); a config that does not load is an error (exit 2).
+pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
     let mut cfg = Config::load(opts.config.as_deref())?;
     if let Some(d) = &opts.cgroup_root {
         cfg.cgroup_root = CgroupRoot::Dir(d.clone());
@@ -99,6 +116,13 @@ pub fn check(opts: &Options) -> Result<i32, Error> {
             ),
             _ => {}
         }
+    }
+    if mode.config_only {
+        c.add(
+            Mark::Skip,
+            "the live ruleset, the kernel and cgroupfs (--config-only)",
+        );
+        return Ok(c.finish(mode));
     }
     let h = match cgroup::resolve_root(&cfg.cgroup_root) {
         Ok(root) => Some(Hierarchy::new(root)),
@@ -164,20 +188,46 @@ pub fn check(opts: &Options) -> Result<i32, Error> {
         check_depth(&mut c, &cfg, h, &cgroups, f);
     }
     check_namespace(&mut c);
-    check_br_netfilter(&mut c);
+    // Bridged frames only meet cgtproxy's rules through the forward file's
+    // prerouting chain; without it the module is someone else's business.
+    let forward = facts.is_some()
+        && Live::open(&cfg).is_ok_and(|mut l| l.chain(FORWARD_CHAIN).unwrap_or(false));
+    if forward {
+        check_br_netfilter(&mut c, Path::new(BRIDGE_SYSCTLS));
+    }
     if let Some(h) = &h {
         check_self_capture(&mut c, &cfg, h, facts.as_ref(), els.as_deref());
     }
-    let summary = match (c.failures, c.warnings) {
-        (0, 0) => "all checks passed".to_string(),
-        (f, w) => format!(
-            "{f} failure{}, {w} warning{}",
-            if f == 1 { "" } else { "s" },
-            if w == 1 { "" } else { "s" }
-        ),
-    };
-    println!("{}{summary}", c.lines);
-    Ok(if c.worst >= Mark::Warn { 1 } else { 0 })
+    Ok(c.finish(mode))
+}
+
+/// The chain `cgtproxy-forward.nft` adds (a prerouting hook for the
+/// interfaces in `proxy_ifaces`).
+const FORWARD_CHAIN: &str = "forward";
+
+impl Checklist {
+    /// Prints the list and its summary; returns the exit status.
+    fn finish(self, mode: Mode) -> i32 {
+        let summary = match (self.failures, self.warnings) {
+            (0, 0) => "all checks passed".to_string(),
+            (f, w) => format!(
+                "{f} failure{}, {w} warning{}",
+                if f == 1 { "" } else { "s" },
+                if w == 1 { "" } else { "s" }
+            ),
+        };
+        println!("{}{summary}", self.lines);
+        exit_status(self.worst, mode.strict)
+    }
+}
+
+/// A failure fails; a warning only with `--strict`.
+fn exit_status(worst: Mark, strict: bool) -> i32 {
+    match worst {
+        Mark::Fail => 1,
+        Mark::Warn if strict => 1,
+        _ => 0,
+    }
 }
 
 /// Table, map and chains; returns what the rules do, the elements, and
@@ -552,35 +602,35 @@ fn check_namespace(c: &mut Checklist) {
     }
 }
 
-fn check_br_netfilter(c: &mut Checklist) {
-    let sysctl = |f: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/bridge/{f}"))
-            .ok()
-            .map(|s| s.trim() == "1")
-    };
-    let loaded = Path::new("/sys/module/br_netfilter").exists()
-        || Path::new("/proc/sys/net/bridge").exists();
-    if !loaded {
-        c.add(Mark::Ok, "br_netfilter: not loaded");
-        return;
+/// The bridge sysctls that are on, read from `dir` (the namespace's
+/// `/proc/sys/net/bridge`); `None` when the directory does not exist, i.e.
+/// `br_netfilter` is not loaded.
+fn bridge_calls(dir: &Path) -> Option<Vec<&'static str>> {
+    if !dir.is_dir() {
+        return None;
     }
-    let on: Vec<&str> = ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"]
-        .into_iter()
-        .filter(|f| sysctl(f) == Some(true))
-        .collect();
-    if on.is_empty() {
-        c.add(
+    Some(
+        ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"]
+            .into_iter()
+            .filter(|f| std::fs::read_to_string(dir.join(f)).is_ok_and(|s| s.trim() == "1"))
+            .collect(),
+    )
+}
+
+fn check_br_netfilter(c: &mut Checklist, dir: &Path) {
+    match bridge_calls(dir) {
+        None => c.add(Mark::Ok, "br_netfilter: not loaded"),
+        Some(on) if on.is_empty() => c.add(
             Mark::Ok,
             "br_netfilter: loaded, bridge-nf-call-ip(6)tables off",
-        );
-    } else {
-        c.add(
+        ),
+        Some(on) => c.add(
             Mark::Warn,
             format!(
-                "br_netfilter: net.bridge.{} = 1: bridged frames (containers, VMs) pass the IP hooks and conntrack, where they can pick up cgtproxy's marks; cgtproxy never steers them by cgroup. Set to 0 unless something needs it",
+                "br_netfilter: net.bridge.{} = 1: bridged frames (containers, VMs) pass the IP hooks and conntrack, where the forward chain can take them for the proxy by interface; cgtproxy never steers them by cgroup. Set to 0 unless something needs it",
                 on.join(" and ")
             ),
-        );
+        ),
     }
 }
 
@@ -747,6 +797,77 @@ fn check_self_capture(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn checklist() -> Checklist {
+        Checklist {
+            lines: String::new(),
+            worst: Mark::Ok,
+            warnings: 0,
+            failures: 0,
+        }
+    }
+
+    #[test]
+    fn warnings_pass_unless_strict() {
+        for (worst, plain, strict) in [
+            (Mark::Ok, 0, 0),
+            (Mark::Skip, 0, 0),
+            (Mark::Warn, 0, 1),
+            (Mark::Fail, 1, 1),
+        ] {
+            assert_eq!(exit_status(worst, false), plain, "{worst:?}");
+            assert_eq!(exit_status(worst, true), strict, "{worst:?} --strict");
+        }
+    }
+
+    /// Both branches of the br_netfilter detection, from a directory that
+    /// stands in for /proc/sys/net/bridge.
+    #[test]
+    fn br_netfilter_detection() {
+        let dir = std::env::temp_dir().join(format!(
+            "cgtproxy-bridge-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut c = checklist();
+        check_br_netfilter(&mut c, &dir);
+        assert_eq!(c.lines, "ok    br_netfilter: not loaded\n");
+        assert_eq!(c.worst, Mark::Ok);
+
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bridge-nf-call-iptables"), "0\n").unwrap();
+        std::fs::write(dir.join("bridge-nf-call-ip6tables"), "0\n").unwrap();
+        let mut c = checklist();
+        check_br_netfilter(&mut c, &dir);
+        assert_eq!(
+            c.lines,
+            "ok    br_netfilter: loaded, bridge-nf-call-ip(6)tables off\n"
+        );
+
+        std::fs::write(dir.join("bridge-nf-call-ip6tables"), "1\n").unwrap();
+        let mut c = checklist();
+        check_br_netfilter(&mut c, &dir);
+        assert!(
+            c.lines
+                .starts_with("WARN  br_netfilter: net.bridge.bridge-nf-call-ip6tables = 1:"),
+            "{}",
+            c.lines
+        );
+        assert_eq!((c.worst, c.warnings), (Mark::Warn, 1));
+
+        std::fs::write(dir.join("bridge-nf-call-iptables"), "1\n").unwrap();
+        let mut c = checklist();
+        check_br_netfilter(&mut c, &dir);
+        assert!(
+            c.lines.starts_with(
+                "WARN  br_netfilter: net.bridge.bridge-nf-call-iptables and bridge-nf-call-ip6tables = 1:"
+            ),
+            "{}",
+            c.lines
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn proc_net_listeners() {

@@ -23,7 +23,7 @@ mod explain;
 mod rules;
 mod status;
 
-pub use check::check;
+pub use check::{Mode as CheckMode, check};
 pub use explain::explain;
 pub use status::status;
 
