@@ -90,13 +90,6 @@ fn nested_child_inherits_ancestor_verdict() {
 #[test]
 fn embedded_default_config() {
     sandbox(|env| {
-        if std::path::Path::new("/etc/cgtproxy/config.json").exists() {
-            eprintln!(
-                "SKIP {}: /etc/cgtproxy/config.json exists, so the embedded default does not apply",
-                env.name
-            );
-            return;
-        }
         load_ruleset();
         let remote = Remote::start();
         let proxy = start_proxy();
@@ -111,12 +104,25 @@ fn embedded_default_config() {
             "/cgtproxy-proxy-slice",
         ]);
         let root = env.cg.root.clone();
-        let mut d = Daemon::start(&[
-            "run".into(),
-            "--cgroup-root".into(),
-            root.into(),
-            "-v".into(),
-        ]);
+        // No config file: the daemon runs in a private mount namespace
+        // where an empty tmpfs hides /etc/cgtproxy, if the host has one.
+        let hide = "if [ -d /etc/cgtproxy ]; then mount -t tmpfs none /etc/cgtproxy || exit 97; fi
+            [ ! -e /etc/cgtproxy/config.json ] || exit 98
+            exec \"$@\"";
+        let mut d = Daemon::start_with(
+            &[
+                "run".into(),
+                "--cgroup-root".into(),
+                root.into(),
+                "-v".into(),
+            ],
+            &Launch {
+                wrap: ["unshare", "-m", "sh", "-c", hide, "sh"]
+                    .map(std::ffi::OsString::from)
+                    .to_vec(),
+                ..Launch::default()
+            },
+        );
         let rules = Rules::embedded_default();
         env.cg.mkdir(&["/late/cgtproxy-proxy.slice/app.scope"]);
         let map = env.wait_map(&rules);
@@ -468,14 +474,25 @@ fn sighup_reload_keeps_established_and_refuses_bad_config() {
         )
         .unwrap();
         d.signal(libc::SIGHUP);
-        env.cg.mkdir(&["/d/child"]);
-        std::thread::sleep(Duration::from_millis(200));
+        let refused = "reload refused, keeping the running configuration";
+        wait_log(|| d.log(), refused, 1, CONVERGE);
         assert!(
             d.running(),
             "a bad config on SIGHUP must not stop the daemon:\n{}",
             d.log()
         );
-        env.wait_map(&reloaded);
+        // The running rules still decide: /d made again (a new id) gets
+        // its element, which only `/d -> proxy` gives.
+        let old_d = env.cg.id("/d");
+        env.cg.rmdir("/d");
+        env.cg.mkdir(&["/d"]);
+        assert_ne!(env.cg.id("/d"), old_d);
+        let map = env.wait_map(&reloaded);
+        assert_eq!(
+            map.get(&env.cg.id("/d")).map(String::as_str),
+            Some("goto proxy")
+        );
+        assert_proxied(env, &proxy, &remote, "/d", Proto::Udp, Remote::v4());
         assert!(
             d.running(),
             "a bad config on SIGHUP must not stop the daemon:\n{}",
@@ -545,11 +562,25 @@ fn route_false_installs_no_routing() {
         let rules = rules();
         let mut cfg = Config::new(&rules);
         cfg.route = RouteCfg::Off;
-        let rules_before = (ip_rules("-4"), ip_rules("-6"));
+        // Every rule and every route of every table, both families.
+        let routing = || {
+            ["-4", "-6"].map(|fam| {
+                (
+                    ip_rules(fam),
+                    run_ok("ip", &[fam, "route", "show", "table", "all"]),
+                )
+            })
+        };
+        let before = routing();
+        assert!(
+            !before[0].1.is_empty() && !before[1].1.is_empty(),
+            "the listing shows the namespace's own routes: {before:?}"
+        );
         let d = env.start(&cfg);
         env.wait_map(&rules);
-        assert_eq!((ip_rules("-4"), ip_rules("-6")), rules_before);
+        assert_eq!(routing(), before, "route: false, running");
         assert_eq!(d.stop().code(), Some(0));
+        assert_eq!(routing(), before, "route: false, after SIGTERM");
     });
 }
 
@@ -845,17 +876,37 @@ fn many_cgroups_at_start_and_while_stopped() {
     sandbox(|env| {
         load_ruleset();
         let rules = rules();
-        // Past one 64 KiB netlink attribute's worth of elements at start.
-        let first: Vec<String> = (0..1500).map(|i| format!("/p/s{}/c{i}", i % 30)).collect();
+        // An element is at least 28 bytes on the wire (list element, key
+        // and data nests, an 8-byte id, a 4-byte number), so 2,551 of them
+        // are past the 64 KiB an attribute holds (65,535 / 28 = 2,340): the
+        // start must split the list and still commit it as one transaction.
+        const N: usize = 2520; // 84 in each of 30 groups
+        let first: Vec<String> = (0..N).map(|i| format!("/p/s{}/c{i}", i % 30)).collect();
         env.cg
             .mkdir(&first.iter().map(String::as_str).collect::<Vec<_>>());
+        let mon = Monitor::start();
         let d = env.start(&Config::new(&rules));
         let map = env.wait_map(&rules);
-        assert_eq!(map.len(), 1531);
+        assert_eq!(map.len(), N + 31);
+        assert!(map.len() * 28 > 65_535);
+        std::thread::sleep(Duration::from_millis(200));
+        mon.assert_complete();
+        let start = mon.by_pid(d.pid());
+        assert_eq!(
+            start.len(),
+            1,
+            "the start is one transaction: {}",
+            start.len()
+        );
+        assert_eq!(
+            start[0].adds(&dump_verdicts()),
+            map,
+            "the start adds the map"
+        );
         // A burst while the daemon is stopped: events queue up and arrive
         // at once.
         d.signal(libc::SIGSTOP);
-        let second: Vec<String> = (0..1500).map(|i| format!("/p/b{}/c{i}", i % 30)).collect();
+        let second: Vec<String> = (0..N).map(|i| format!("/p/b{}/c{i}", i % 30)).collect();
         env.cg
             .mkdir(&second.iter().map(String::as_str).collect::<Vec<_>>());
         for i in 0..15 {
@@ -863,7 +914,7 @@ fn many_cgroups_at_start_and_while_stopped() {
         }
         d.signal(libc::SIGCONT);
         let map = env.wait_map(&rules);
-        assert_eq!(map.len(), 1 + 1500 + 30 + 750 + 15);
+        assert_eq!(map.len(), 1 + N + 30 + N / 2 + 15);
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
         assert_eq!(dump_map(), MapDump::new());
@@ -885,10 +936,42 @@ fn once_fills_10000_elements_in_one_transaction() {
             }
         }
         let rules = Rules::new(&[("/p/.*", "proxy")]);
-        let done = env.once(&Config::new(&rules));
+        let mon = Monitor::start();
+        let path = env.write_config(&Config::new(&rules));
+        let mut args = env.run_args(&path);
+        args.push("--once".into());
+        let mut d = Daemon::spawn(&args, false);
+        let pid = d.pid() as u32;
+        let done = d
+            .wait(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("cgtproxy --once did not exit within 20 s\n{}", d.log()));
         assert_eq!(done.code(), Some(0), "{}", done.describe());
         env.assert_map(&rules);
         assert_eq!(dump_map().len(), 10_000);
+        // One transaction: one NEWGEN of the daemon's, carrying every
+        // element (a fallback to several after EMSGSIZE would show more).
+        let added = |t: &[Txn]| -> usize {
+            t.iter()
+                .filter(|t| t.pid == pid)
+                .map(|t| t.numbers().len())
+                .sum()
+        };
+        assert!(
+            mon.wait_for(CONVERGE, |t| added(t) >= 10_000),
+            "the monitor saw {} of the 10,000 additions",
+            added(&mon.txns())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        mon.assert_complete();
+        let mine = mon.by_pid(pid as i32);
+        let sizes: Vec<usize> = mine.iter().map(|t| t.elems.len()).collect();
+        assert_eq!(
+            mine.len(),
+            1,
+            "--once commits one transaction; it committed {} (elements each: {sizes:?})",
+            mine.len()
+        );
+        assert_eq!(mine[0].numbers().len(), 10_000);
     });
 }
 
@@ -915,27 +998,52 @@ fn plain_deletes_as_on_kernels_before_6_3() {
         nft_script("flush map inet cgtproxy cgroups\n");
         env.wait_map(&rules);
         // The map is flushed while the daemon is stopped, then /d goes: its
-        // plain delete fails with ENOENT and the batch, which also adds
-        // /p/e, is refused as a whole ("no such element ... reconciling").
-        // The daemon must converge anyway.
+        // plain delete fails with ENOENT (a DESTROYSETELEM would not) and
+        // the batch, which also adds /p/e, is refused as a whole. The
+        // daemon says so and converges anyway.
+        let d_id = env.cg.id("/d");
         d.signal(libc::SIGSTOP);
         nft_script("flush map inet cgtproxy cgroups\n");
         env.cg.rmdir("/d");
         env.cg.mkdir(&["/p/e"]);
         d.signal(libc::SIGCONT);
         env.wait_map(&rules);
-        // The same with `verdicts`: emptied by someone else while the
-        // daemon is stopped, then a reload drops the target `drop`, whose
-        // number the daemon believes present: its plain delete fails with
-        // ENOENT, and it must still converge, both maps right.
-        d.signal(libc::SIGSTOP);
-        nft_script("flush map inet cgtproxy verdicts\n");
+        let enoent = |what: &str, needle: &str| {
+            let log = wait_log(|| d.log(), needle, 1, CONVERGE);
+            let line = log.lines().find(|l| l.contains(needle)).unwrap();
+            assert!(
+                line.contains("reconciling the whole map"),
+                "{what}: the refusal is followed by a reconcile: {line}"
+            );
+        };
+        enoent(
+            "a plain delete of a missing cgroups element",
+            &format!("(id {d_id}): no such element in map cgroups"),
+        );
+        // The same with `verdicts`: a reload drops the target `drop`; its
+        // number is unbound by a plain delete. Someone else deletes that
+        // number between the daemon's dump and its commit (the daemon is
+        // held as it sends the batch): the delete fails with ENOENT, the
+        // batch is refused, and the daemon must still converge, both maps
+        // right.
+        env.cg.mkdir(&["/x"]);
+        env.wait_map(&rules);
+        let drop_n = number_of(&dump_verdicts(), "drop");
         let fewer = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct")]);
         std::fs::write(&cfg, Config::new(&fewer).to_json()).unwrap();
-        d.signal(libc::SIGHUP);
-        d.signal(libc::SIGCONT);
+        let held = Held::next_batch(d.pid(), CONVERGE, || d.signal(libc::SIGHUP))
+            .unwrap_or_else(|e| panic!("holding the reload's commit: {e}\n{}", d.log()));
+        nft_script(&format!(
+            "delete element inet cgtproxy verdicts {{ {drop_n} }}\n"
+        ));
+        held.release();
         env.wait_map(&fewer);
+        enoent(
+            "a plain delete of a missing verdicts number",
+            &format!("map verdicts has no number {drop_n}"),
+        );
         fewer.assert_verdicts_clean(&dump_verdicts(), "after the reload");
+        assert!(d.running(), "{}", d.log());
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
     });

@@ -26,6 +26,9 @@ pub struct Launch {
     /// groups and CAP_NET_ADMIN the only capability left (inheritable,
     /// ambient, bounding set). None: as the test (root).
     pub user: Option<(u32, u32)>,
+    /// A command line the daemon's (with `setpriv`, if any) is appended
+    /// to, which must exec it in the end: `unshare -m sh -c '...; exec "$@"' sh`.
+    pub wrap: Vec<OsString>,
 }
 
 /// A running `cgtproxy`; killed on drop.
@@ -83,28 +86,32 @@ impl Daemon {
             &Launch {
                 env,
                 ready,
-                user: None,
+                ..Launch::default()
             },
         )
     }
 
     /// Spawns `cgtproxy ARGS` as `how` says (not waiting for readiness).
     pub fn launch(args: &[OsString], how: &Launch) -> Daemon {
-        let mut cmd = match how.user {
-            None => Command::new(BIN),
-            Some((uid, gid)) => {
-                let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={uid}"))
-                    .arg(format!("--regid={gid}"))
-                    .arg("--clear-groups")
-                    .arg("--inh-caps=-all,+net_admin")
-                    .arg("--ambient-caps=-all,+net_admin")
-                    .arg("--bounding-set=-all,+net_admin")
-                    .arg("--")
-                    .arg(BIN);
-                c
-            }
-        };
+        let mut argv: Vec<OsString> = how.wrap.clone();
+        if let Some((uid, gid)) = how.user {
+            argv.extend(
+                [
+                    "setpriv".to_string(),
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".into(),
+                    "--inh-caps=-all,+net_admin".into(),
+                    "--ambient-caps=-all,+net_admin".into(),
+                    "--bounding-set=-all,+net_admin".into(),
+                    "--".into(),
+                ]
+                .map(OsString::from),
+            );
+        }
+        argv.push(BIN.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         cmd.envs(how.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.args(args)
             .stdin(Stdio::null())

@@ -33,6 +33,7 @@
 //! - `process.rs`: running commands with a time limit, waiting for a condition
 //! - `nft.rs`:     the ruleset and both maps, read and written by the real `nft`
 //! - `monitor.rs`: our own `nft monitor`: each transaction's events and committer
+//! - `ptrace.rs`:  holding the daemon at its next batch, to make a race certain
 //! - `routing.rs`: policy routing as `ip rule` / `ip route` show it
 //! - `config.rs`:  config files and the rules' verdicts, computed independently
 //! - `cgroups.rs`: the test's cgroup subtree by path, and its truth
@@ -71,6 +72,8 @@ pub mod prereq;
 #[allow(dead_code)]
 pub mod process;
 #[allow(dead_code)]
+pub mod ptrace;
+#[allow(dead_code)]
 pub mod routing;
 #[allow(dead_code)]
 pub mod servers;
@@ -84,7 +87,7 @@ pub mod traffic;
 #[allow(unused_imports)]
 pub use {
     cgroups::*, clients::*, config::*, daemon::*, env::*, fdtree::*, monitor::*, netns::*, nft::*,
-    prereq::*, process::*, routing::*, servers::*, sockets::*, traffic::*,
+    prereq::*, process::*, ptrace::*, routing::*, servers::*, sockets::*, traffic::*,
 };
 
 use std::net::{Ipv4Addr, Ipv6Addr};
