@@ -818,7 +818,7 @@ pub fn rule_msg(seq: u32, rule: &Rule) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn map() -> MapRef {
@@ -994,12 +994,20 @@ mod tests {
                 counter: Some((3, 1500))
             }]
         );
-        // Every truncation and every single-byte corruption parses or fails, never panics.
-        for cut in 0..bytes.len() {
-            if let Some(Ok(m)) = wire::messages(&bytes[..cut]).next() {
-                let _ = parse_elements(&m);
+        // Every truncation (the length field rewritten to the cut, so the
+        // parser itself meets it) fails or yields no element: only a cut
+        // before the element list parses. Header and nfgenmsg, table
+        // "cgtproxy", set "cgroups"; trailing bytes shorter than an
+        // attribute header are padding.
+        let list_at = 20 + 16 + 12 + 3;
+        for cut in wire::NLMSG_HDRLEN..bytes.len() {
+            let t = wire::truncated(&bytes, cut);
+            let m = wire::messages(&t).next().unwrap().unwrap();
+            if let Ok((_, _, e)) = parse_elements(&m) {
+                assert!(cut <= list_at && e.is_empty(), "cut {cut}: {e:?}");
             }
         }
+        // And every single-byte corruption parses or fails, never panics.
         for i in 0..bytes.len() {
             for flip in [0x01u8, 0x80, 0xff] {
                 let mut b = bytes.clone();
@@ -1012,5 +1020,145 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What the kernel (6.18, nft 1.0.6) answered to `nft list table inet
+    /// cgtproxy` for the shipped ruleset with two elements in each map:
+    /// every datagram, concatenated (fixtures/capture.sh).
+    pub(crate) const KERNEL_DUMP: &[u8] = include_bytes!("nftables/fixtures/kernel-dump.bin");
+
+    #[test]
+    fn parses_a_kernel_dump() {
+        let (mut sets, mut elems, mut rules) = (Vec::new(), Vec::new(), Vec::new());
+        for m in wire::messages(KERNEL_DUMP) {
+            let m = m.unwrap();
+            if m.ty >> 8 != NFNL_SUBSYS_NFTABLES {
+                continue;
+            }
+            match (m.ty & 0xff) as u8 {
+                NFT_MSG_NEWSET => sets.push((parse_names(&m).unwrap().1, parse_set(&m).unwrap())),
+                // The maps; the bypass sets' elements have no data.
+                NFT_MSG_NEWSETELEM => {
+                    let (_, s) = parse_names(&m).unwrap();
+                    if s == "cgroups" || s == "verdicts" {
+                        elems.push(parse_elements(&m).unwrap());
+                    }
+                }
+                NFT_MSG_NEWRULE => rules.push(parse_rule(&m).unwrap()),
+                _ => {}
+            }
+        }
+        let set = |n: &str| sets.iter().find(|(s, _)| s == n).map(|(_, i)| i.clone());
+        let cgroups = set("cgroups").unwrap();
+        assert!(cgroups.is_number_map() && cgroups.counter, "{cgroups:?}");
+        let verdicts = set("verdicts").unwrap();
+        assert!(
+            verdicts.is_verdict_map() && !verdicts.counter,
+            "{verdicts:?}"
+        );
+        let of = |n: &str| -> Vec<Entry> {
+            elems
+                .iter()
+                .filter(|(t, s, _)| t == "cgtproxy" && s == n)
+                .flat_map(|(_, _, e)| e.clone())
+                .collect()
+        };
+        let goto = |c: &str| NftVerdict {
+            code: NFT_GOTO,
+            chain: Some(c.into()),
+        };
+        let drop = NftVerdict {
+            code: NF_DROP,
+            chain: None,
+        };
+        let mut v: Vec<(u64, ElemData)> = of("verdicts")
+            .into_iter()
+            .map(|e| (e.key, e.data))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        assert_eq!(
+            v,
+            vec![
+                (1, ElemData::Verdict(goto("proxy"))),
+                (2, ElemData::Verdict(drop))
+            ]
+        );
+        let mut c: Vec<(ElemData, Option<(u64, u64)>)> = of("cgroups")
+            .into_iter()
+            .map(|e| {
+                assert!(e.key > 1, "a cgroup id: {}", e.key);
+                (e.data, e.counter)
+            })
+            .collect();
+        c.sort_by_key(|(d, _)| format!("{d:?}"));
+        assert_eq!(
+            c,
+            vec![
+                (ElemData::Mark(1), Some((0, 0))),
+                (ElemData::Mark(2), Some((0, 0)))
+            ]
+        );
+        // The rules: one per level in `lookup`, and others elsewhere.
+        assert!(rules.iter().all(|r| r.table == "cgtproxy"));
+        let lookups = rules.iter().filter(|r| r.chain == "lookup").count();
+        assert!(lookups >= 16, "{lookups} rules in lookup");
+    }
+
+    /// Every message the kernel sent, cut at every length (the length field
+    /// rewritten to the cut): each parser sees each truncation, none panics,
+    /// a truncated element or rule message never yields more than the whole
+    /// one, and each kind has cuts that are refused.
+    #[test]
+    fn every_truncation_of_kernel_replies_fails_cleanly() {
+        let mut whole = Vec::new();
+        let mut rest = KERNEL_DUMP;
+        while rest.len() >= wire::NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes(rest[..4].try_into().unwrap()) as usize;
+            whole.push(&rest[..len]);
+            rest = &rest[wire::align4(len)..];
+        }
+        assert!(whole.len() > 40, "{} messages", whole.len());
+        let (mut cuts, mut refused) = (0, [0usize; 3]);
+        for msg in whole {
+            let m = wire::messages(msg).next().unwrap().unwrap();
+            let full = (
+                parse_elements(&m).map(|e| e.2.len()).unwrap_or(0),
+                parse_rule(&m).map(|r| r.exprs.len()).unwrap_or(0),
+            );
+            let kind = (m.ty & 0xff) as u8;
+            for cut in wire::NLMSG_HDRLEN..msg.len() {
+                let t = wire::truncated(msg, cut);
+                let m = wire::messages(&t).next().unwrap().unwrap();
+                cuts += 1;
+                let els = parse_elements(&m);
+                let rule = parse_rule(&m);
+                let set = parse_set(&m);
+                let _ = (parse_names(&m), parse_newgen_pid(&m), wire::parse_error(&m));
+                if let Ok(r) = &rule {
+                    for e in &r.exprs {
+                        for (ty, _) in &e.attrs {
+                            let _ = (e.u32(*ty), e.data(*ty));
+                        }
+                    }
+                }
+                match kind {
+                    NFT_MSG_NEWSETELEM => match els {
+                        Ok(e) => assert!(e.2.len() <= full.0),
+                        Err(_) => refused[0] += 1,
+                    },
+                    NFT_MSG_NEWRULE => match rule {
+                        Ok(r) => assert!(r.exprs.len() <= full.1),
+                        Err(_) => refused[1] += 1,
+                    },
+                    NFT_MSG_NEWSET => refused[2] += usize::from(set.is_err()),
+                    _ => {}
+                }
+            }
+        }
+        assert!(cuts > 10_000, "{cuts} cuts");
+        assert!(
+            refused.iter().all(|n| *n > 20),
+            "refused per kind: {refused:?}"
+        );
     }
 }

@@ -328,6 +328,15 @@ pub fn parse_error(m: &Msg<'_>) -> Result<ErrorMsg, Malformed> {
     Ok(e)
 }
 
+/// `msg` (one message) cut to `cut` bytes with its length field saying
+/// so: framing accepts it, and the parsers meet the truncation.
+#[cfg(test)]
+pub(crate) fn truncated(msg: &[u8], cut: usize) -> Vec<u8> {
+    let mut t = msg[..cut].to_vec();
+    t[0..4].copy_from_slice(&(cut as u32).to_ne_bytes());
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,28 +374,50 @@ mod tests {
         assert!(matches!(w.finish(), Err(TooLong(_))));
     }
 
+    /// Every cut of an error message with extended-ack TLVs, its length
+    /// field rewritten to the cut so framing accepts it and the parser
+    /// itself meets the truncation; then garbage with a usable length.
     #[test]
     fn readers_never_panic_on_any_prefix_or_garbage() {
         let mut w = Writer::new();
-        w.begin_msg(2, NLM_F_ACK_TLVS, 5);
+        w.begin_msg(NLMSG_ERROR, NLM_F_CAPPED | NLM_F_ACK_TLVS, 5);
         w.put(&(-2i32).to_ne_bytes());
         w.put(&[0u8; 16]);
         w.attr_str(NLMSGERR_ATTR_MSG, "nope");
         w.attr_u32(NLMSGERR_ATTR_OFFS, 20);
         w.end_msg();
         let b = w.finish().unwrap();
-        for cut in 0..=b.len() {
-            for m in messages(&b[..cut]).flatten() {
-                let _ = parse_error(&m);
+        let whole = parse_error(&messages(&b).next().unwrap().unwrap()).unwrap();
+        assert_eq!(
+            (whole.errno, whole.ext_msg.as_deref(), whole.offset),
+            (2, Some("nope"), Some(20))
+        );
+        let (mut parsed, mut refused) = (0, 0);
+        for cut in NLMSG_HDRLEN..b.len() {
+            let t = truncated(&b, cut);
+            let m = messages(&t).next().unwrap().expect("framing takes the cut");
+            assert_eq!(m.payload.len(), cut - NLMSG_HDRLEN);
+            parsed += 1;
+            match parse_error(&m) {
+                // Only a cut at an attribute boundary still parses, and
+                // then it has lost what was cut.
+                Ok(e) => assert!(e.offset.is_none(), "cut {cut}: {e:?}"),
+                Err(_) => refused += 1,
             }
-            for a in attrs(&b[..cut]).flatten() {
+            for a in attrs(m.payload).flatten() {
                 let _ = (be32(a.1), be64(a.1), string(a.1));
             }
         }
-        // Deterministic pseudo-random garbage.
+        assert_eq!(parsed, b.len() - NLMSG_HDRLEN);
+        // Cuts inside errno and the echoed header (16), inside the message
+        // TLV (5) and inside the offset TLV (4).
+        assert!(refused >= 16 + 5 + 4, "{refused} of {parsed} cuts refused");
+        // Deterministic pseudo-random garbage, each vector given a length
+        // field that fits it and flags that make the parser read TLVs.
         let mut x: u32 = 0x1234_5678;
-        for _ in 0..2000 {
-            let v: Vec<u8> = (0..64)
+        let mut reached = 0;
+        for i in 0..2000 {
+            let mut v: Vec<u8> = (0..64)
                 .map(|_| {
                     x ^= x << 13;
                     x ^= x >> 17;
@@ -394,11 +425,15 @@ mod tests {
                     (x & 0xff) as u8
                 })
                 .collect();
-            for m in messages(&v).flatten() {
-                let _ = parse_error(&m);
-                for _ in attrs(m.payload) {}
-            }
+            let len = 16 + (i % 49);
+            v[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+            v[6..8].copy_from_slice(&(NLM_F_ACK_TLVS | (i as u16 & NLM_F_CAPPED)).to_ne_bytes());
+            let m = messages(&v).next().unwrap().expect("a fitting length");
+            reached += 1;
+            let _ = parse_error(&m);
+            for _ in attrs(m.payload) {}
         }
+        assert_eq!(reached, 2000);
     }
 
     /// fuzz/artifacts/netlink_reply/crash-6b57ff51…: an error code of i32::MIN.
