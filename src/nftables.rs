@@ -1006,6 +1006,17 @@ pub(crate) mod tests {
             if let Ok((_, _, e)) = parse_elements(&m) {
                 assert!(cut <= list_at && e.is_empty(), "cut {cut}: {e:?}");
             }
+            // With the enclosing attributes cut too, the element parser
+            // itself meets the cut: no element comes out before its key and
+            // data are whole (byte 84), and none with a cut key or data.
+            let t = wire::truncated_nested(&bytes, cut, 4);
+            let m = wire::messages(&t).next().unwrap().unwrap();
+            if let Ok((_, _, e)) = parse_elements(&m) {
+                assert!(e.is_empty() || cut >= 84, "cut {cut}: {e:?}");
+                for x in e {
+                    assert_eq!((x.key, &x.data), (4242, &ElemData::Mark(2)), "cut {cut}");
+                }
+            }
         }
         // And every single-byte corruption parses or fails, never panics.
         for i in 0..bytes.len() {
@@ -1126,8 +1137,13 @@ pub(crate) mod tests {
                 parse_rule(&m).map(|r| r.exprs.len()).unwrap_or(0),
             );
             let kind = (m.ty & 0xff) as u8;
-            for cut in wire::NLMSG_HDRLEN..msg.len() {
-                let t = wire::truncated(msg, cut);
+            for cut in (wire::NLMSG_HDRLEN..msg.len()).flat_map(|c| [(c, false), (c, true)]) {
+                let (cut, nested) = cut;
+                let t = if nested {
+                    wire::truncated_nested(msg, cut, 4)
+                } else {
+                    wire::truncated(msg, cut)
+                };
                 let m = wire::messages(&t).next().unwrap().unwrap();
                 cuts += 1;
                 let els = parse_elements(&m);
@@ -1155,7 +1171,7 @@ pub(crate) mod tests {
                 }
             }
         }
-        assert!(cuts > 10_000, "{cuts} cuts");
+        assert!(cuts > 20_000, "{cuts} cuts");
         assert!(
             refused.iter().all(|n| *n > 20),
             "refused per kind: {refused:?}"

@@ -337,6 +337,34 @@ pub(crate) fn truncated(msg: &[u8], cut: usize) -> Vec<u8> {
     t
 }
 
+/// As [`truncated`], and every attribute the cut falls in, at every depth
+/// of nesting after a fixed header of `fixed` bytes, gets its length field
+/// rewritten to end at the cut too: the innermost parser meets it.
+#[cfg(test)]
+pub(crate) fn truncated_nested(msg: &[u8], cut: usize, fixed: usize) -> Vec<u8> {
+    let mut t = truncated(msg, cut);
+    let mut at = NLMSG_HDRLEN + fixed;
+    let mut end = cut;
+    while at + NLA_HDRLEN <= end {
+        let len = u16::from_ne_bytes([t[at], t[at + 1]]) as usize;
+        let ty = u16::from_ne_bytes([t[at + 2], t[at + 3]]);
+        if len < NLA_HDRLEN {
+            break;
+        }
+        if at + len <= end {
+            at += align4(len);
+            continue;
+        }
+        t[at..at + 2].copy_from_slice(&((end - at) as u16).to_ne_bytes());
+        if ty & NLA_F_NESTED == 0 {
+            break;
+        }
+        end = cut;
+        at += NLA_HDRLEN;
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
