@@ -496,12 +496,10 @@ pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Malformed> {
             NFTA_SET_DATA_TYPE => s.verdict_data = wire::be32(v)? == NFT_DATA_VERDICT,
             NFTA_SET_DATA_LEN => s.data_len = wire::be32(v)?,
             NFTA_SET_EXPR => s.counter |= named_counter(v)?,
-            NFTA_SET_EXPRESSIONS => {
-                for e in wire::attrs(v) {
-                    let (ty, e) = e?;
-                    s.counter |= ty == NFTA_LIST_ELEM && named_counter(e)?;
-                }
-            }
+            NFTA_SET_EXPRESSIONS => each_listed(v, |e| {
+                s.counter |= named_counter(e)?;
+                Ok(())
+            })?,
             _ => {}
         }
     }
@@ -541,6 +539,21 @@ fn body<'a>(m: &Msg<'a>) -> Result<&'a [u8], Malformed> {
     m.payload.get(4..).ok_or(Malformed("truncated nfgenmsg"))
 }
 
+/// The `NFTA_LIST_ELEM` entries of a list attribute (elements,
+/// expressions), each given to `f`.
+fn each_listed(
+    list: &[u8],
+    mut f: impl FnMut(&[u8]) -> Result<(), Malformed>,
+) -> Result<(), Malformed> {
+    for a in wire::attrs(list) {
+        let (ty, v) = a?;
+        if ty == NFTA_LIST_ELEM {
+            f(v)?;
+        }
+    }
+    Ok(())
+}
+
 /// A NEWSETELEM message (a dump part, or an event): its table, set and elements.
 pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Entry>), Malformed> {
     let (mut table, mut set, mut out) = (String::new(), String::new(), Vec::new());
@@ -549,14 +562,10 @@ pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Entry>), Malfo
         match ty {
             NFTA_SET_ELEM_LIST_TABLE => table = wire::string(v),
             NFTA_SET_ELEM_LIST_SET => set = wire::string(v),
-            NFTA_SET_ELEM_LIST_ELEMENTS => {
-                for e in wire::attrs(v) {
-                    let (ty, e) = e?;
-                    if ty == NFTA_LIST_ELEM {
-                        out.push(parse_element(e)?);
-                    }
-                }
-            }
+            NFTA_SET_ELEM_LIST_ELEMENTS => each_listed(v, |e| {
+                out.push(parse_element(e)?);
+                Ok(())
+            })?,
             _ => {}
         }
     }
@@ -585,12 +594,10 @@ fn parse_element(e: &[u8]) -> Result<Entry, Malformed> {
             NFTA_SET_ELEM_DATA => data = Some(parse_elem_data(v)?),
             // One expression comes bare, several as a list (nft_set_elem_expr_dump).
             NFTA_SET_ELEM_EXPR => counter = counter.or(parse_counter(v)?),
-            NFTA_SET_ELEM_EXPRESSIONS => {
-                for x in wire::attrs(v) {
-                    let (_, x) = x?;
-                    counter = counter.or(parse_counter(x)?);
-                }
-            }
+            NFTA_SET_ELEM_EXPRESSIONS => each_listed(v, |x| {
+                counter = counter.or(parse_counter(x)?);
+                Ok(())
+            })?,
             _ => {}
         }
     }
@@ -753,14 +760,10 @@ pub fn parse_rule(m: &Msg<'_>) -> Result<Rule, Malformed> {
         match ty {
             NFTA_RULE_TABLE => table = wire::string(v),
             NFTA_RULE_CHAIN => chain = wire::string(v),
-            NFTA_RULE_EXPRESSIONS => {
-                for e in wire::attrs(v) {
-                    let (ty, e) = e?;
-                    if ty == NFTA_LIST_ELEM {
-                        exprs.push(parse_expr(e)?);
-                    }
-                }
-            }
+            NFTA_RULE_EXPRESSIONS => each_listed(v, |e| {
+                exprs.push(parse_expr(e)?);
+                Ok(())
+            })?,
             _ => {}
         }
     }
@@ -960,30 +963,14 @@ pub(crate) mod tests {
     #[test]
     fn parses_dumped_element_with_counter() {
         // As the kernel dumps it: key, data, and one bare counter expression.
-        let mut w = Writer::new();
-        w.begin_msg(msg_type(NFT_MSG_NEWSETELEM), wire::NLM_F_MULTI, 5);
-        nfgenmsg(&mut w, FAMILY_INET, 0);
-        w.attr_str(NFTA_SET_ELEM_LIST_TABLE, "cgtproxy");
-        w.attr_str(NFTA_SET_ELEM_LIST_SET, "cgroups");
-        let l = w.nest_begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-        let e = w.nest_begin(NFTA_LIST_ELEM);
-        let k = w.nest_begin(NFTA_SET_ELEM_KEY);
-        w.attr(NFTA_DATA_VALUE, &4242u64.to_ne_bytes());
-        w.nest_end(k);
-        let d = w.nest_begin(NFTA_SET_ELEM_DATA);
-        w.attr(NFTA_DATA_VALUE, &2u32.to_ne_bytes());
-        w.nest_end(d);
-        let x = w.nest_begin(NFTA_SET_ELEM_EXPR);
-        w.attr_str(NFTA_EXPR_NAME, "counter");
-        let cd = w.nest_begin(NFTA_EXPR_DATA);
-        w.attr(NFTA_COUNTER_BYTES, &1500u64.to_be_bytes());
-        w.attr(NFTA_COUNTER_PACKETS, &3u64.to_be_bytes());
-        w.nest_end(cd);
-        w.nest_end(x);
-        w.nest_end(e);
-        w.nest_end(l);
-        w.end_msg();
-        let bytes = w.finish().unwrap();
+        let bytes = fake::elements_msg(
+            5,
+            0,
+            ("cgtproxy", "cgroups"),
+            4242,
+            &ElemData::Mark(2),
+            Some((3, 1500)),
+        );
         let m = wire::messages(&bytes).next().unwrap().unwrap();
         let (_, _, els) = parse_elements(&m).unwrap();
         assert_eq!(

@@ -276,10 +276,11 @@ pub fn incremental<'a>(cfg: &'a Config, changes: &[Change]) -> Ops<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn cfg() -> Config {
+    /// `/p` and below proxied, `/x` dropped.
+    pub(crate) fn cfg() -> Config {
         Config::parse(
             "t",
             r#"{"rules":[{"match":"/p(/.*)?","target":"proxy"},{"match":"/x","target":"drop"}]}"#,

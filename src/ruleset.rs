@@ -423,11 +423,10 @@ mod tests {
     use crate::wire;
 
     fn cfg() -> Config {
-        Config::parse(
-            "test.json",
-            r#"{"rules":[{"match":"/p(/.*)?","target":"proxy"},{"match":"/x","target":"drop"}]}"#,
-        )
-        .unwrap()
+        Config {
+            source: "test.json".into(),
+            ..reconcile::tests::cfg()
+        }
     }
 
     fn session(k: &Rc<RefCell<FakeNft>>, destroy: bool) -> Ruleset<Fake> {

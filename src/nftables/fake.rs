@@ -108,8 +108,11 @@ impl FakeNft {
                     0
                 };
                 // One element per message, as a dump of a big map comes in parts.
-                for (k, d) in &self.sets[&names.1].elems {
-                    out.push(elements_msg(m.seq, intr, &names.0, &names.1, *k, d));
+                let set = &self.sets[&names.1];
+                let counter = set.info.as_ref().is_some_and(|i| i.counter);
+                for (k, d) in &set.elems {
+                    let c = counter.then_some((0, 0));
+                    out.push(elements_msg(m.seq, intr, (&names.0, &names.1), *k, d, c));
                 }
                 out.push(done(m.seq));
             }
@@ -275,8 +278,17 @@ fn set_msg(seq: u32, table: &str, set: &str, i: &SetInfo) -> Vec<u8> {
     w.buf
 }
 
-/// One dumped element: key, data, and a zero counter for `cgroups`.
-fn elements_msg(seq: u32, flags: u16, table: &str, set: &str, key: u64, d: &ElemData) -> Vec<u8> {
+/// One dumped element as the kernel sends it: key (8 bytes for a `mark`
+/// datum's map, 4 for a verdict map's), data, and a bare counter
+/// expression when given (packets, bytes).
+pub fn elements_msg(
+    seq: u32,
+    flags: u16,
+    (table, set): (&str, &str),
+    key: u64,
+    d: &ElemData,
+    counter: Option<(u64, u64)>,
+) -> Vec<u8> {
     let mut w = Writer::new();
     w.begin_msg(msg_type(NFT_MSG_NEWSETELEM), wire::NLM_F_MULTI | flags, seq);
     nfgenmsg(&mut w, FAMILY_INET, 0);
@@ -289,21 +301,21 @@ fn elements_msg(seq: u32, flags: u16, table: &str, set: &str, key: u64, d: &Elem
         ElemData::Mark(_) => w.attr(NFTA_DATA_VALUE, &key.to_ne_bytes()),
         ElemData::Verdict(_) => w.attr(NFTA_DATA_VALUE, &(key as u32).to_ne_bytes()),
     }
-    w.nest_end(k);
+    w.nest_end(k); // NFTA_SET_ELEM_KEY
     let dn = w.nest_begin(NFTA_SET_ELEM_DATA);
     match d {
         ElemData::Mark(n) => w.attr(NFTA_DATA_VALUE, &n.to_ne_bytes()),
         ElemData::Verdict(v) => verdict_attr(&mut w, v),
     }
-    w.nest_end(dn);
-    if let ElemData::Mark(_) = d {
+    w.nest_end(dn); // NFTA_SET_ELEM_DATA
+    if let Some((packets, bytes)) = counter {
         let x = w.nest_begin(NFTA_SET_ELEM_EXPR);
         w.attr_str(NFTA_EXPR_NAME, "counter");
         let cd = w.nest_begin(NFTA_EXPR_DATA);
-        w.attr(NFTA_COUNTER_BYTES, &0u64.to_be_bytes());
-        w.attr(NFTA_COUNTER_PACKETS, &0u64.to_be_bytes());
-        w.nest_end(cd);
-        w.nest_end(x);
+        w.attr(NFTA_COUNTER_BYTES, &bytes.to_be_bytes());
+        w.attr(NFTA_COUNTER_PACKETS, &packets.to_be_bytes());
+        w.nest_end(cd); // NFTA_EXPR_DATA
+        w.nest_end(x); // NFTA_SET_ELEM_EXPR
     }
     w.nest_end(e);
     w.nest_end(l);
