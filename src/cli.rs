@@ -12,9 +12,11 @@ pub const USAGE: &str = "\
 usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
                       [--ready-fd N] [-v|-q]
        cgtproxy check   [-c FILE] [--cgroup-root DIR] [--strict] [--config-only]
-       cgtproxy status  [-c FILE] [--cgroup-root DIR] [--json]
-       cgtproxy explain [-c FILE] [--cgroup-root DIR] PATH|PID...
-       cgtproxy --help | --version
+       cgtproxy status  [-c FILE] [--cgroup-root DIR] [-j|--json]
+       cgtproxy apps    [-c FILE] [--cgroup-root DIR] [-j|--json] [--watch]
+       cgtproxy explain [-c FILE] [--cgroup-root DIR] PATH|PID|APP|UNIT...
+       cgtproxy exec    [-c FILE] [--cgroup-root DIR] [--verdict V] -- CMD...
+       cgtproxy help [COMMAND] | --help | --version
 
 Keeps the nftables maps `cgroups` and `verdicts` (table inet cgtproxy, loaded
 from cgtproxy.nft) in step with cgroupfs: each cgroup whose path matches a rule
@@ -26,9 +28,16 @@ commands:
                        known traps; print a checklist (exit 0 when all holds
                        or only warnings were printed, 1 when a check failed)
   status               each element of the map: verdict, packets, bytes, cgroup
-  explain PATH|PID...  for a cgroup (path as rules see it, or its directory)
-                       or a process: id, levels, the matching rule, and the
-                       verdict the kernel holds for it now
+  apps                 every app, service and container with processes: its
+                       name, a process, the verdict the kernel applies, what
+                       decides it, the element's packets and bytes
+  explain PATH|PID|APP|UNIT...
+                       for a cgroup (path as rules see it, or its directory),
+                       a process, an app ID or a unit name: id, levels, the
+                       matching rule, and the verdict the kernel holds now
+  exec -- CMD...       run CMD under a verdict (default proxy), in a fresh
+                       cgroup the embedded default rules list
+  help [COMMAND]       this text, or one command's
 
 options:
   -c, --config FILE    config file (default /etc/cgtproxy/config.json; when it
@@ -40,7 +49,10 @@ options:
                        change nothing
       --ready-fd N     (run) write a newline to fd N once the initial sync
                        committed
-      --json           (status) one JSON object instead of a table
+  -j, --json           (status, apps) one JSON object instead of a table
+      --watch          (apps) refresh every second, with rates, until
+                       SIGINT or SIGTERM
+      --verdict V      (exec) proxy (default), direct, drop or a chain name
       --strict         (check) warnings fail too (exit 1)
       --config-only    (check) only load and check the config: no kernel,
                        no cgroupfs (for package hooks and ExecStartPre)
@@ -53,18 +65,116 @@ signals: SIGHUP reloads the config; SIGTERM and SIGINT remove the daemon's
 elements and routes (unless keep-on-exit) and exit 0.
 exit status: 0 success, 1 runtime failure (check: a check failed, or with
 --strict warned; explain: a cgroup or process not found), 2 usage or
-configuration error.
+configuration error; exec: the command's own status (127: not found, 126:
+not executable).
 See cgtproxy(8) and cgtproxy.json(5).
 ";
 
-#[derive(Debug, PartialEq, Eq)]
+/// One command's help: `cgtproxy help COMMAND`, `cgtproxy COMMAND --help`.
+fn command_help(c: &Command) -> &'static str {
+    match c {
+        Command::Run => {
+            "\
+usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
+                      [--ready-fd N] [-v|-q]
+
+Syncs the maps in one transaction, then follows cgroupfs until SIGTERM or
+SIGINT; SIGHUP reloads the config.
+  --once         sync once and exit (elements and routes stay)
+  --dry-run      print the element changes a sync would make; change nothing
+  --ready-fd N   write a newline to fd N once the initial sync committed
+  -v             log every cgroup event, listed or not
+See cgtproxy(8).
+"
+        }
+        Command::Check => {
+            "\
+usage: cgtproxy check [-c FILE] [--cgroup-root DIR] [--strict] [--config-only]
+
+Checks the config, the live ruleset, the kernel and known traps, and prints
+a checklist, with how many live cgroups each rule decides.
+  --strict       warnings fail too
+  --config-only  only load and check the config: no kernel, no cgroupfs
+Exit status: 0 all well or only warnings, 1 a check failed (or, with
+--strict, warned), 2 a bad config.
+"
+        }
+        Command::Status => {
+            "\
+usage: cgtproxy status [-c FILE] [--cgroup-root DIR] [-j|--json]
+
+Each element of the map: verdict, packets, bytes, cgroup.
+"
+        }
+        Command::Apps => {
+            "\
+usage: cgtproxy apps [-c FILE] [--cgroup-root DIR] [-j|--json] [--watch]
+
+Every app instance, service and container that has processes now: its name
+(what an \"app\", \"unit\" or \"container\" rule takes), a process, the
+verdict the kernel applies (its own element, or an ancestor's), the rule
+or ancestor that decides it, and that element's packets and bytes.
+  -j, --json   one JSON object instead of a table
+  --watch      refresh every second with rates (per second), until SIGINT
+               or SIGTERM; redraws in place on a terminal
+"
+        }
+        Command::Explain => {
+            "\
+usage: cgtproxy explain [-c FILE] [--cgroup-root DIR] PATH|PID|APP|UNIT...
+
+For each cgroup path (as rules see it, or its directory), process ID, app
+ID (org.telegram.desktop) or unit name (mihomo.service, foo@.service): its
+id and level, the rule that matches, every lookup the ruleset makes, and
+the verdict the kernel holds for it now. An app or unit names every
+cgroup of it that exists.
+Exit status: 1 when one was not found.
+"
+        }
+        Command::Exec => {
+            "\
+usage: cgtproxy exec [-c FILE] [--cgroup-root DIR] [--verdict V] -- CMD...
+
+Runs CMD under verdict V (proxy by default; direct, drop, or the name of a
+chain), moving no other process. Under a systemd user session it runs
+  systemd-run --user --scope --slice=cgtproxy-V.slice -- CMD
+(systemd creates the scope; the daemon's embedded default rules list the
+slice). Without one it creates a fresh cgroup cgtproxy-V.slice/exec-PID
+where the caller may (a delegated subtree it owns, or anywhere as root),
+moves itself in, waits until the daemon's element for the slice is in the
+map, and executes CMD, so the verdict applies from the first socket.
+CGTPROXY_EXEC=cgroupfs skips systemd; CGTPROXY_EXEC=systemd requires it.
+Exit status: CMD's; 1 when it cannot (no delegation, no daemon, no
+element), 2 for a bad verdict or command line.
+"
+        }
+        Command::Help | Command::Version => USAGE,
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, Clone)]
 enum Command {
     Run,
     Check,
     Status,
+    Apps,
     Explain,
+    Exec,
     Help,
     Version,
+}
+
+fn command_named(name: &str) -> Option<Command> {
+    Some(match name {
+        "run" => Command::Run,
+        "check" => Command::Check,
+        "status" => Command::Status,
+        "apps" => Command::Apps,
+        "explain" => Command::Explain,
+        "exec" => Command::Exec,
+        "help" => Command::Help,
+        _ => return None,
+    })
 }
 
 #[derive(Debug)]
@@ -72,11 +182,16 @@ struct Args {
     command: Command,
     opts: Options,
     verbosity: u8,
-    /// `status --json`
+    /// `status --json`, `apps --json`
     json: bool,
     /// `check --strict`, `check --config-only`
     check: inspect::CheckMode,
-    /// `explain` operands: cgroup paths or PIDs.
+    /// `apps --watch`
+    watch: bool,
+    /// `exec --verdict`
+    verdict: Option<String>,
+    /// `explain` operands (cgroup paths, PIDs, app IDs, unit names), the
+    /// `exec` command line, or the command `help` is asked about.
     targets: Vec<std::ffi::OsString>,
 }
 
@@ -89,12 +204,15 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     let mut json = false;
     let mut check = inspect::CheckMode::default();
     let mut check_only: Vec<&'static str> = Vec::new();
+    let mut watch = false;
+    let mut verdict = None;
+    let mut help = false;
+    let mut version = false;
     let mut targets = Vec::new();
     while let Some(arg) = p.next()? {
         match arg {
             Short('c') | Long("config") => opts.config = Some(PathBuf::from(p.value()?)),
             Long("cgroup-root") => {
-                restricted.push("--cgroup-root");
                 let d = PathBuf::from(p.value()?);
                 if !d.is_absolute() {
                     return Err(Error::Usage(format!(
@@ -128,7 +246,8 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                 }
                 opts.ready_fd = Some(n);
             }
-            Long("json") => json = true,
+            Short('j') | Long("json") => json = true,
+            Long("watch") => watch = true,
             Long("strict") => {
                 check_only.push("--strict");
                 check.strict = true;
@@ -137,45 +256,95 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                 check_only.push("--config-only");
                 check.config_only = true;
             }
+            Long("verdict") => {
+                let v = p.value()?;
+                verdict = Some(v.into_string().map_err(|v| {
+                    Error::Usage(format!("--verdict {}: not a verdict", v.to_string_lossy()))
+                })?);
+            }
             Short('v') | Long("verbose") => verbosity = crate::log::DEBUG,
             Short('q') | Long("quiet") => verbosity = crate::log::QUIET,
-            Short('h') | Long("help") => command = Some(Command::Help),
-            Short('V') | Long("version") => command = Some(Command::Version),
+            Short('h') | Long("help") => help = true,
+            Short('V') | Long("version") => version = true,
             Value(v) if command.is_none() => {
-                command = Some(match v.to_str() {
-                    Some("run") => Command::Run,
-                    Some("check") => Command::Check,
-                    Some("status") => Command::Status,
-                    Some("explain") => Command::Explain,
-                    _ => {
-                        return Err(Error::Usage(format!(
-                            "unknown command {:?} (try --help)",
-                            v.to_string_lossy()
-                        )));
-                    }
-                });
+                command = Some(v.to_str().and_then(command_named).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "unknown command {:?} (try --help)",
+                        v.to_string_lossy()
+                    ))
+                })?);
+                if command == Some(Command::Exec) {
+                    // Everything after `exec`'s own options is the command:
+                    // `exec -- CMD ARGS...` (or `exec CMD ARGS...`).
+                    exec_args(&mut p, &mut opts, &mut verdict, &mut help, &mut targets)?;
+                }
             }
             Value(v) if command == Some(Command::Explain) => targets.push(v),
+            Value(v) if command == Some(Command::Help) && targets.is_empty() => targets.push(v),
             _ => return Err(arg.unexpected().into()),
         }
     }
+    if version && command.is_none() && !help {
+        command = Some(Command::Version);
+    }
+    if help {
+        // `COMMAND --help` is that command's help; `--help` alone the whole.
+        targets = match &command {
+            None | Some(Command::Help | Command::Version) => Vec::new(),
+            Some(c) => vec![format!("{c:?}").to_lowercase().into()],
+        };
+        command = Some(Command::Help);
+    }
     let command = command.unwrap_or(Command::Run);
-    if matches!(command, Command::Check | Command::Status | Command::Explain)
-        && let Some(o) = restricted.iter().find(|o| **o != "--cgroup-root")
+    if command == Command::Help {
+        if let Some(t) = targets.first()
+            && t.to_str().and_then(command_named).is_none()
+        {
+            return Err(Error::Usage(format!(
+                "help: unknown command {:?} (commands: run, check, status, apps, explain, exec, help)",
+                t.to_string_lossy()
+            )));
+        }
+        return Ok(Args {
+            command,
+            opts,
+            verbosity,
+            json,
+            check,
+            watch,
+            verdict,
+            targets,
+        });
+    }
+    if command != Command::Run
+        && let Some(o) = restricted.first()
     {
         return Err(Error::Usage(format!("{o} only applies to `run`")));
     }
     if let Some(o) = check_only.first()
-        && !matches!(command, Command::Check | Command::Help | Command::Version)
+        && !matches!(command, Command::Check | Command::Version)
     {
         return Err(Error::Usage(format!("{o} only applies to `check`")));
     }
-    if json && !matches!(command, Command::Status | Command::Help | Command::Version) {
-        return Err(Error::Usage("--json only applies to `status`".into()));
+    if json && !matches!(command, Command::Status | Command::Apps | Command::Version) {
+        return Err(Error::Usage(
+            "--json only applies to `status` and `apps`".into(),
+        ));
+    }
+    if watch && command != Command::Apps {
+        return Err(Error::Usage("--watch only applies to `apps`".into()));
+    }
+    if verdict.is_some() && command != Command::Exec {
+        return Err(Error::Usage("--verdict only applies to `exec`".into()));
     }
     if command == Command::Explain && targets.is_empty() {
         return Err(Error::Usage(
-            "explain needs a cgroup PATH or a PID (try --help)".into(),
+            "explain needs a cgroup PATH, a PID, an app ID or a unit name (try --help)".into(),
+        ));
+    }
+    if command == Command::Exec && targets.is_empty() {
+        return Err(Error::Usage(
+            "exec needs a command: cgtproxy exec [--verdict V] -- CMD... (try exec --help)".into(),
         ));
     }
     Ok(Args {
@@ -184,8 +353,59 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
         verbosity,
         json,
         check,
+        watch,
+        verdict,
         targets,
     })
+}
+
+/// `exec`'s own options, then the command line (raw, never parsed as ours).
+fn exec_args(
+    p: &mut lexopt::Parser,
+    opts: &mut Options,
+    verdict: &mut Option<String>,
+    help: &mut bool,
+    targets: &mut Vec<std::ffi::OsString>,
+) -> Result<(), Error> {
+    loop {
+        // The first word that is not one of exec's options starts CMD.
+        if let Some(first) = p
+            .try_raw_args()
+            .and_then(|r| r.peek().map(|a| a.to_owned()))
+            && !first.to_string_lossy().starts_with('-')
+        {
+            targets.extend(p.raw_args()?);
+            return Ok(());
+        }
+        let Some(arg) = p.next()? else { return Ok(()) };
+        match arg {
+            Short('c') | Long("config") => opts.config = Some(PathBuf::from(p.value()?)),
+            Long("cgroup-root") => {
+                let d = PathBuf::from(p.value()?);
+                if !d.is_absolute() {
+                    return Err(Error::Usage(format!(
+                        "--cgroup-root {}: must be an absolute path",
+                        d.display()
+                    )));
+                }
+                opts.cgroup_root = Some(d);
+            }
+            Long("verdict") => {
+                let v = p.value()?;
+                *verdict = Some(v.into_string().map_err(|v| {
+                    Error::Usage(format!("--verdict {}: not a verdict", v.to_string_lossy()))
+                })?);
+            }
+            Short('h') | Long("help") => *help = true,
+            Value(v) => {
+                // After `--`: the command and its arguments, whatever they are.
+                targets.push(v);
+                targets.extend(p.raw_args()?);
+                return Ok(());
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
 }
 
 /// Runs the command line; returns the exit status.
@@ -203,7 +423,15 @@ pub fn main() -> i32 {
     crate::log::set_level(args.verbosity);
     let result = match args.command {
         Command::Help => {
-            print!("{USAGE}");
+            match args
+                .targets
+                .first()
+                .and_then(|t| t.to_str())
+                .and_then(command_named)
+            {
+                Some(c) => print!("{}", command_help(&c)),
+                None => print!("{USAGE}"),
+            }
             Ok(0)
         }
         Command::Version => {
@@ -213,7 +441,9 @@ pub fn main() -> i32 {
         Command::Run => daemon::run(args.opts).map(|()| 0),
         Command::Check => inspect::check(&args.opts, args.check),
         Command::Status => inspect::status(&args.opts, args.json),
+        Command::Apps => inspect::apps(&args.opts, args.json, args.watch),
         Command::Explain => inspect::explain(&args.opts, &args.targets),
+        Command::Exec => crate::exec::exec(&args.opts, args.verdict.as_deref(), &args.targets),
     };
     match result {
         Ok(code) => code,
@@ -281,5 +511,44 @@ mod tests {
             p(&["status", "--config-only"]),
             Err(Error::Usage(_))
         ));
+        assert!(matches!(p(&["status", "--watch"]), Err(Error::Usage(_))));
+        assert!(matches!(
+            p(&["apps", "--verdict", "x"]),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(p(&["exec"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["exec", "--bogus", "x"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["help", "frob"]), Err(Error::Usage(_))));
+    }
+
+    #[test]
+    fn help_per_command_and_exec_lines() {
+        let h = |args: &[&str]| {
+            let a = p(args).unwrap();
+            assert_eq!(a.command, Command::Help, "{args:?}");
+            a.targets.first().map(|t| t.to_string_lossy().into_owned())
+        };
+        assert_eq!(h(&["--help"]), None);
+        assert_eq!(h(&["help"]), None);
+        assert_eq!(h(&["help", "apps"]), Some("apps".into()));
+        assert_eq!(h(&["apps", "--help"]), Some("apps".into()));
+        assert_eq!(h(&["-h", "explain"]), Some("explain".into()));
+        assert_eq!(h(&["run", "-h"]), Some("run".into()));
+        assert_eq!(h(&["exec", "--help"]), Some("exec".into()));
+        assert!(command_help(&Command::Apps).starts_with("usage: cgtproxy apps"));
+        assert!(command_help(&Command::Exec).starts_with("usage: cgtproxy exec"));
+        let a = p(&["apps", "-j", "--watch"]).unwrap();
+        assert_eq!((a.command, a.json, a.watch), (Command::Apps, true, true));
+        // exec: its own options, then the command line untouched
+        let a = p(&["exec", "--verdict", "drop", "--", "sh", "-c", "x", "--help"]).unwrap();
+        assert_eq!(a.command, Command::Exec);
+        assert_eq!(a.verdict.as_deref(), Some("drop"));
+        assert_eq!(a.targets, ["sh", "-c", "x", "--help"]);
+        let a = p(&["exec", "curl", "-v", "-c", "jar"]).unwrap();
+        assert_eq!(a.targets, ["curl", "-v", "-c", "jar"]);
+        assert_eq!(a.opts.config, None);
+        let a = p(&["exec", "-c", "f.json", "--", "-dash"]).unwrap();
+        assert_eq!(a.targets, ["-dash"]);
+        assert_eq!(a.opts.config, Some(PathBuf::from("f.json")));
     }
 }

@@ -53,4 +53,5 @@ pub mod daemon;
 pub mod signals;
 
 pub mod error;
+pub mod exec;
 pub mod inspect;

@@ -65,9 +65,9 @@ impl Form {
     pub fn pattern(&self) -> Result<String, String> {
         match self {
             Form::Match(p) => Ok(p.clone()),
-            Form::App { id, user } => app_pattern(id, *user),
-            Form::Unit { name, user } => unit_pattern(name, *user),
-            Form::Container(id) => container_pattern(id),
+            Form::App { id, user } => app_pattern(id, *user, BELOW),
+            Form::Unit { name, user } => unit_pattern(name, *user, BELOW),
+            Form::Container(id) => container_pattern(id, BELOW),
         }
     }
 
@@ -161,7 +161,7 @@ const MAX_NAME: usize = 255;
 
 /// XDG application IDs (reverse DNS, `org.telegram.desktop`) and desktop
 /// file names without `.desktop`; snap names and `snap.<snap>.<app>`.
-fn app_pattern(id: &str, user: Option<u32>) -> Result<String, String> {
+fn app_pattern(id: &str, user: Option<u32>, tail: &str) -> Result<String, String> {
     if id.is_empty() || id.len() > MAX_NAME {
         return Err(format!("{id:?}: an app ID has 1 to {MAX_NAME} bytes"));
     }
@@ -212,14 +212,14 @@ fn app_pattern(id: &str, user: Option<u32>) -> Result<String, String> {
             lit(&name)
         ));
     }
-    Ok(format!("{}(?:{}){BELOW}", prefix(user), alts.join("|")))
+    Ok(format!("{}(?:{}){tail}", prefix(user), alts.join("|")))
 }
 
 const UNIT_TYPES: &[&str] = &["service", "scope", "slice", "socket", "mount", "swap"];
 
 /// A unit name as systemd shows it (`foo.service`, `foo@bar.service`,
 /// `foo@.service` for every instance, `a-b.slice`).
-fn unit_pattern(name: &str, user: Option<u32>) -> Result<String, String> {
+fn unit_pattern(name: &str, user: Option<u32>, tail: &str) -> Result<String, String> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(format!("{name:?}: a unit name has 1 to {MAX_NAME} bytes"));
     }
@@ -252,12 +252,12 @@ fn unit_pattern(name: &str, user: Option<u32>) -> Result<String, String> {
         Some((t, "")) => format!("{}@[^/]+\\.{ty}", lit(t)),
         _ => lit(name),
     };
-    Ok(format!("{}{unit}{BELOW}", prefix(user)))
+    Ok(format!("{}{unit}{tail}", prefix(user)))
 }
 
 /// A container ID or its prefix (at least the 12 hex digits `docker ps`
 /// and `podman ps` show).
-fn container_pattern(id: &str) -> Result<String, String> {
+fn container_pattern(id: &str, tail: &str) -> Result<String, String> {
     let id = id.to_ascii_lowercase();
     if !(12..=64).contains(&id.len()) || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!(
@@ -266,8 +266,23 @@ fn container_pattern(id: &str) -> Result<String, String> {
     }
     let full = format!("{}[0-9a-f]{{{}}}", lit(&id), 64 - id.len());
     Ok(format!(
-        "(?:/[^/]+)*/(?:(?:docker|libpod|cri-containerd|crio)-{full}\\.scope|docker/{full}){BELOW}"
+        "(?:/[^/]+)*/(?:(?:docker|libpod|cri-containerd|crio)-{full}\\.scope|docker/{full}){tail}"
     ))
+}
+
+/// Regexes matching the cgroups `name` is the name of (an app ID's
+/// instances, a unit, a container), without what is below them: how
+/// `explain` finds them. Empty when `name` is none of these.
+pub fn instance_forms(name: &str) -> Vec<Regex> {
+    [
+        app_pattern(name, None, ""),
+        unit_pattern(name, None, ""),
+        container_pattern(name, ""),
+    ]
+    .into_iter()
+    .filter_map(Result::ok)
+    .filter_map(|p| Regex::new(&format!("(?s)^(?:{p})$")).ok())
+    .collect()
 }
 
 /// A cgroup's name as a user knows it: the app, unit or container it is.

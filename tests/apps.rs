@@ -272,3 +272,626 @@ fn an_app_rule_proxies_its_traffic() {
         daemon.stop();
     });
 }
+
+/// A `sleep` moved into a cgroup before it runs; killed on drop.
+struct Sleeper(std::process::Child);
+
+impl Sleeper {
+    fn start(dir: &Path) -> Sleeper {
+        let child = Command::new("sh")
+            .args(["-c", "echo $$ > \"$CG/cgroup.procs\" && exec sleep 1000"])
+            .env("CG", dir)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn sleeper");
+        let pid = child.id().to_string();
+        let procs = dir.join("cgroup.procs");
+        assert!(
+            wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+                std::fs::read_to_string(&procs).is_ok_and(|p| p.lines().any(|l| l == pid))
+                    && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "sleep")
+            }),
+            "sleeper did not get into {}",
+            dir.display()
+        );
+        Sleeper(child)
+    }
+
+    fn pid(&self) -> u64 {
+        u64::from(self.0.id())
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One app of `apps --json`.
+#[derive(Debug, Clone)]
+struct AppRow {
+    o: BTreeMap<String, miniserde::json::Value>,
+}
+
+const APP_KEYS: [&str; 18] = [
+    "bytes",
+    "cgroup",
+    "chain",
+    "decided_by",
+    "id",
+    "inherited",
+    "kind",
+    "launcher",
+    "name",
+    "packets",
+    "pids",
+    "processes",
+    "process",
+    "rule",
+    "select",
+    "user",
+    "verdict",
+    "",
+];
+
+impl AppRow {
+    fn s(&self, k: &str) -> Option<String> {
+        use miniserde::json::Value;
+        match self.o.get(k) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Null) => None,
+            other => panic!("{k}: not a string or null: {other:?}"),
+        }
+    }
+    fn n(&self, k: &str) -> Option<u64> {
+        use miniserde::json::{Number, Value};
+        match self.o.get(k) {
+            Some(Value::Number(Number::U64(n))) => Some(*n),
+            Some(Value::Null) => None,
+            other => panic!("{k}: not a number or null: {other:?}"),
+        }
+    }
+    fn b(&self, k: &str) -> Option<bool> {
+        use miniserde::json::Value;
+        match self.o.get(k) {
+            Some(Value::Bool(b)) => Some(*b),
+            Some(Value::Null) => None,
+            other => panic!("{k}: not a bool or null: {other:?}"),
+        }
+    }
+    fn pids(&self) -> Vec<u64> {
+        use miniserde::json::{Number, Value};
+        match self.o.get("pids") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::Number(Number::U64(n)) => *n,
+                    _ => panic!("pid {v:?}"),
+                })
+                .collect(),
+            other => panic!("pids: {other:?}"),
+        }
+    }
+    fn select(&self) -> String {
+        miniserde::json::to_string(self.o.get("select").expect("select"))
+    }
+}
+
+/// Parses one `apps --json` line; checks the keys.
+fn parse_apps(line: &str, rates: bool) -> Vec<AppRow> {
+    use miniserde::json::Value;
+    let v: Value = miniserde::json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+    let Value::Object(top) = v else {
+        panic!("not an object: {line}")
+    };
+    assert_eq!(
+        top.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["apps", "error", "map", "table"],
+        "{line}"
+    );
+    let Some(Value::Array(apps)) = top.get("apps") else {
+        panic!("apps: {line}")
+    };
+    let mut keys: Vec<&str> = APP_KEYS.iter().copied().filter(|k| !k.is_empty()).collect();
+    if rates {
+        keys.extend(["bytes_per_s", "packets_per_s"]);
+    }
+    keys.sort();
+    apps.iter()
+        .map(|a| {
+            let Value::Object(o) = a else {
+                panic!("app not an object: {line}")
+            };
+            let mut have: Vec<&str> = o.keys().map(String::as_str).collect();
+            have.sort();
+            assert_eq!(have, keys, "{line}");
+            AppRow {
+                o: o.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            }
+        })
+        .collect()
+}
+
+fn app_at<'a>(rows: &'a [AppRow], cgroup: &str) -> &'a AppRow {
+    rows.iter()
+        .find(|r| r.s("cgroup").as_deref() == Some(cgroup))
+        .unwrap_or_else(|| panic!("no app row for {cgroup} in {rows:?}"))
+}
+
+const TG: &str = "/user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-org.telegram.desktop-777.scope";
+const RUN: &str = "/user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/cgtproxy-proxy.slice/run-p41-i42.scope";
+const SLICE: &str =
+    "/user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/cgtproxy-proxy.slice";
+
+fn apps_config(env: &Env) -> std::path::PathBuf {
+    env.write_file(
+        "apps.json",
+        &format!(
+            r#"{{"route": false, "rules": [
+  {{"app": "org.telegram.desktop", "target": "proxy"}},
+  {{"unit": "mihomo.service", "target": "direct"}},
+  {{"container": "{}", "target": "drop"}},
+  {{"match": ".*/cgtproxy-proxy\\.slice", "target": "proxy"}}
+]}}"#,
+            &DOCKER[..12]
+        ),
+    )
+}
+
+#[test]
+fn apps_lists_what_runs_with_verdicts_and_traffic() {
+    e2e("apps_lists_what_runs_with_verdicts_and_traffic", |env| {
+        load_ruleset();
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let _proxy = start_proxy();
+        let _remote = Remote::start();
+        let docker = format!("/system.slice/docker-{DOCKER}.scope");
+        env.cg.mkdir(&[
+            TG,
+            RUN,
+            "/system.slice/mihomo.service",
+            &docker,
+            "/plain",
+            "/empty.scope",
+        ]);
+        let config = apps_config(env);
+        let mut daemon = Daemon::start(&env.run_args(&config));
+        let sl = [
+            Sleeper::start(&env.cg.path(TG)),
+            Sleeper::start(&env.cg.path(RUN)),
+            Sleeper::start(&env.cg.path("/system.slice/mihomo.service")),
+            Sleeper::start(&env.cg.path(&docker)),
+            Sleeper::start(&env.cg.path("/plain")),
+        ];
+        let tg_id = env.cg.id(TG);
+        assert!(wait_until(CONVERGE, Duration::from_millis(20), || {
+            dump_map().contains_key(&tg_id)
+        }));
+        // Traffic from the Telegram scope and from the scope that inherits.
+        for (cg, proto, dst) in [
+            (TG, Proto::Tcp, Remote::v4()),
+            (TG, Proto::Udp, Remote::v6()),
+            (RUN, Proto::Tcp, Remote::v6()),
+        ] {
+            let tag = env.token("apps");
+            assert_eq!(
+                exchange(&env.cg.path(cg), proto, dst, &tag),
+                Ok(format!("proxy:{tag}"))
+            );
+        }
+        let out = expect(cli(env, &config, &["apps", "--json"]), 0, "apps --json");
+        let rows = parse_apps(out.trim_end(), false);
+        assert_eq!(rows.len(), 5, "only the cgroups with processes: {out}");
+
+        let tg = app_at(&rows, TG);
+        assert_eq!(tg.s("kind").as_deref(), Some("app"));
+        assert_eq!(tg.s("name").as_deref(), Some("org.telegram.desktop"));
+        assert_eq!(tg.s("launcher").as_deref(), Some("flatpak"));
+        assert_eq!(tg.n("user"), Some(1000));
+        assert_eq!(tg.select(), r#"{"app":"org.telegram.desktop","user":1000}"#);
+        assert_eq!(
+            (tg.s("verdict").as_deref(), tg.s("chain").as_deref()),
+            (Some("goto"), Some("proxy"))
+        );
+        assert_eq!(tg.s("decided_by").as_deref(), Some(TG));
+        assert_eq!(tg.b("inherited"), Some(false));
+        assert_eq!(tg.n("rule"), Some(0));
+        assert_eq!(tg.n("id"), Some(tg_id));
+        assert_eq!(tg.pids(), [sl[0].pid()]);
+        assert_eq!(tg.s("process").as_deref(), Some("sleep"));
+        assert!(tg.n("packets").unwrap() >= 2, "{out}");
+        assert!(tg.n("bytes").unwrap() > 0, "{out}");
+
+        let run = app_at(&rows, RUN);
+        assert_eq!(run.s("kind").as_deref(), Some("unit"));
+        assert_eq!(run.s("name").as_deref(), Some("run-p41-i42.scope"));
+        assert_eq!(run.s("decided_by").as_deref(), Some(SLICE));
+        assert_eq!(run.b("inherited"), Some(true));
+        assert_eq!(run.n("rule"), Some(3));
+        assert_eq!(run.s("chain").as_deref(), Some("proxy"));
+        assert!(run.n("packets").unwrap() >= 1, "{out}");
+
+        let m = app_at(&rows, "/system.slice/mihomo.service");
+        assert_eq!(
+            (m.s("kind").as_deref(), m.s("chain").as_deref()),
+            (Some("unit"), Some("direct"))
+        );
+        assert_eq!(m.n("user"), None);
+        let d = app_at(&rows, &docker);
+        assert_eq!(d.s("kind").as_deref(), Some("container"));
+        assert_eq!(d.s("name").as_deref(), Some(DOCKER));
+        assert_eq!(d.s("launcher").as_deref(), Some("docker"));
+        assert_eq!(d.s("verdict").as_deref(), Some("drop"));
+        let p = app_at(&rows, "/plain");
+        assert_eq!(p.s("kind").as_deref(), Some("cgroup"));
+        assert_eq!(
+            (p.s("verdict"), p.s("decided_by"), p.n("rule")),
+            (None, None, None)
+        );
+        assert_eq!(p.n("packets"), None);
+
+        // The table says the same, one line per row.
+        let table = expect(cli(env, &config, &["apps"]), 0, "apps");
+        let head: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            head,
+            ["VERDICT", "BY", "PACKETS", "BYTES", "PROCESS", "NAME"]
+        );
+        let line = |suffix: &str| {
+            table
+                .lines()
+                .find(|l| l.ends_with(suffix))
+                .unwrap_or_else(|| panic!("no line ending {suffix:?}:\n{table}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        let l = line("app org.telegram.desktop (flatpak) user 1000");
+        assert_eq!(&l[..3], ["goto", "proxy", "rules[0]"], "{table}");
+        assert_eq!(l[3], tg.n("packets").unwrap().to_string());
+        assert_eq!(&l[5..7], [sl[0].pid().to_string().as_str(), "sleep"]);
+        let l = line("unit run-p41-i42.scope user 1000");
+        assert_eq!(
+            &l[..5],
+            ["goto", "proxy", "rules[3]", "on", SLICE],
+            "{table}"
+        );
+        let l = line("cgroup /plain");
+        assert_eq!(&l[..4], ["none", "-", "-", "-"], "{table}");
+
+        // explain takes the app ID and the unit name.
+        let out = expect(
+            cli(env, &config, &["explain", "org.telegram.desktop"]),
+            0,
+            "explain app",
+        );
+        assert!(
+            out.starts_with("org.telegram.desktop: cgroup 1 of 1\n"),
+            "{out}"
+        );
+        assert!(out.contains(&format!("cgroup     {TG}\n")), "{out}");
+        assert!(
+            out.contains("verdict    goto proxy, from its own element"),
+            "{out}"
+        );
+        assert!(
+            out.contains("rules[0] app \"org.telegram.desktop\" -> goto proxy"),
+            "{out}"
+        );
+        let out = expect(
+            cli(env, &config, &["explain", "run-p41-i42.scope"]),
+            0,
+            "explain unit",
+        );
+        assert!(
+            out.contains(&format!(
+                "verdict    goto proxy, inherited from the element of {SLICE}"
+            )),
+            "{out}"
+        );
+        let f = cli(env, &config, &["explain", "org.example.Nothing"]);
+        let out = expect(f, 1, "explain unknown app");
+        assert!(
+            out.contains("org.example.Nothing: no cgroup below"),
+            "{out}"
+        );
+        assert!(daemon.running());
+        drop(sl);
+        daemon.stop();
+    });
+}
+
+#[test]
+fn apps_watch_shows_rates_and_stops_on_sigterm() {
+    e2e("apps_watch_shows_rates_and_stops_on_sigterm", |env| {
+        use std::io::BufRead;
+        load_ruleset();
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let _proxy = start_proxy();
+        let _remote = Remote::start();
+        env.cg.mkdir(&[TG]);
+        let config = apps_config(env);
+        let daemon = Daemon::start(&env.run_args(&config));
+        let _s = Sleeper::start(&env.cg.path(TG));
+        let tg_id = env.cg.id(TG);
+        assert!(wait_until(CONVERGE, Duration::from_millis(20), || {
+            dump_map().contains_key(&tg_id)
+        }));
+        let mut child = Command::new(BIN)
+            .args(["apps", "--watch", "-j", "-c"])
+            .arg(&config)
+            .arg("--cgroup-root")
+            .arg(&env.cg.root)
+            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn apps --watch");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let next = || {
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("a frame every second")
+        };
+        let first = parse_apps(&next(), true);
+        assert_eq!(app_at(&first, TG).n("bytes_per_s"), Some(0));
+        // Traffic while it watches: a later frame shows a rate.
+        let mut seen = false;
+        for _ in 0..6 {
+            let tag = env.token("watch");
+            assert_eq!(
+                exchange(&env.cg.path(TG), Proto::Tcp, Remote::v4(), &tag),
+                Ok(format!("proxy:{tag}"))
+            );
+            let rows = parse_apps(&next(), true);
+            if app_at(&rows, TG).n("bytes_per_s").unwrap() > 0 {
+                seen = true;
+                break;
+            }
+        }
+        assert!(seen, "no frame showed a rate");
+        // SIGTERM ends it with status 0, promptly.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let mut status = None;
+        wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        let Some(status) = status else {
+            let _ = child.kill();
+            panic!("apps --watch did not stop on SIGTERM");
+        };
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        let _ = reader.join();
+        daemon.stop();
+    });
+}
+
+// ---------------------------------------------------------------------------
+// exec
+// ---------------------------------------------------------------------------
+
+/// The client `exec` runs: its first socket, at once; prints the reply
+/// and the cgroup it ran in.
+const FIRST_SOCKET: &str = r#"exec 3<>"/dev/tcp/$HOST/$PORT" || exit 11
+printf '%s\n' "$MSG" >&3
+R=$(timeout 3 head -n 1 <&3) || exit 13
+printf '%s\n' "$R"
+grep '^0::' /proc/self/cgroup
+"#;
+
+fn slices_config(env: &Env) -> std::path::PathBuf {
+    // The embedded default's rules, plus route off (the test adds its own).
+    env.write_file(
+        "slices.json",
+        r#"{"route": false, "rules": [
+  {"match": ".*/cgtproxy-proxy\\.slice", "target": "proxy"},
+  {"match": ".*/cgtproxy-drop\\.slice", "target": "drop"},
+  {"match": ".*/cgtproxy-direct\\.slice", "target": "direct"}
+]}"#,
+    )
+}
+
+/// `cgtproxy exec ARGS` started from cgroup `from`, as `uid` when given.
+fn exec_from(
+    env: &Env,
+    from: &str,
+    uid: Option<u32>,
+    config: &Path,
+    args: &[&str],
+    msg: &str,
+) -> Finished {
+    let mut cmd = Command::new("sh");
+    let mut script = String::from("echo $$ > \"$CG/cgroup.procs\" || exit 10\nexec ");
+    if let Some(u) = uid {
+        script.push_str(&format!("setpriv --reuid {u} --regid {u} --clear-groups "));
+    }
+    script.push_str("\"$@\"");
+    cmd.arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg(BIN)
+        .arg("exec")
+        .arg("-c")
+        .arg(config)
+        .arg("--cgroup-root")
+        .arg(&env.cg.root)
+        .args(args)
+        .args(["--", "timeout", "4", "bash", "-c", FIRST_SOCKET])
+        .env("CG", env.cg.path(from))
+        .env("CGTPROXY_EXEC", "cgroupfs")
+        .env("HOST", REMOTE_V4.to_string())
+        .env("PORT", REMOTE_PORT.to_string())
+        .env("MSG", msg);
+    run_cmd(&mut cmd, LIMIT)
+}
+
+#[test]
+fn exec_as_root_applies_the_verdict_from_the_first_packet() {
+    e2e(
+        "exec_as_root_applies_the_verdict_from_the_first_packet",
+        |env| {
+            load_ruleset();
+            add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+            let proxy = start_proxy();
+            let remote = Remote::start();
+            env.cg.mkdir(&["/session"]);
+            let config = slices_config(env);
+
+            // No daemon: exec refuses to run the command without the element.
+            let marker = env.tmp.join("ran");
+            let f = run_cmd(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg("echo $$ > \"$CG/cgroup.procs\" && exec \"$@\"")
+                    .arg("sh")
+                    .arg(BIN)
+                    .args(["exec", "-c"])
+                    .arg(&config)
+                    .arg("--cgroup-root")
+                    .arg(&env.cg.root)
+                    .args(["--", "touch"])
+                    .arg(&marker)
+                    .env("CG", env.cg.path("/session"))
+                    .env("CGTPROXY_EXEC", "cgroupfs"),
+                LIMIT,
+            );
+            assert_eq!(f.code(), Some(1), "{}", f.describe());
+            assert!(
+                f.stderr.contains("is `cgtproxy run` running"),
+                "{}",
+                f.describe()
+            );
+            assert!(!marker.exists(), "the command ran without its verdict");
+
+            let mut daemon = Daemon::start(&env.run_args(&config));
+            for (verdict, want) in [("proxy", "proxy"), ("direct", "remote"), ("drop", "")] {
+                let msg = env.token(verdict);
+                let f = exec_from(
+                    env,
+                    "/session",
+                    None,
+                    &config,
+                    &["--verdict", verdict],
+                    &msg,
+                );
+                if want.is_empty() {
+                    assert_ne!(f.code(), Some(0), "drop: {}", f.describe());
+                    assert!(proxy.got(&msg).is_empty() && remote.server.got(&msg).is_empty());
+                } else {
+                    assert_eq!(f.code(), Some(0), "{verdict}: {}", f.describe());
+                    let mut lines = f.stdout.lines();
+                    assert_eq!(
+                        lines.next(),
+                        Some(format!("{want}:{msg}").as_str()),
+                        "{verdict}: {}",
+                        f.describe()
+                    );
+                    let cg = lines.next().unwrap_or_default();
+                    let slice = format!("/session/cgtproxy-{verdict}.slice/exec-");
+                    assert!(
+                        cg.contains(&slice),
+                        "{verdict}: ran in {cg}, not in {slice}PID"
+                    );
+                }
+            }
+            // The slice got its element; the exec cgroups inherit it.
+            let map = dump_map();
+            assert_eq!(
+                map.get(&env.cg.id("/session/cgtproxy-proxy.slice"))
+                    .map(String::as_str),
+                Some("goto proxy")
+            );
+            // A verdict no rule lists, and one that is no word: exit 2.
+            let f = exec_from(env, "/session", None, &config, &["--verdict", "mine"], "x");
+            assert_eq!(f.code(), Some(2), "{}", f.describe());
+            assert!(f.stderr.contains("cgtproxy-mine.slice"), "{}", f.describe());
+            let f = exec_from(env, "/session", None, &config, &["--verdict", "a/b"], "x");
+            assert_eq!(f.code(), Some(2), "{}", f.describe());
+            assert!(daemon.running());
+            daemon.stop();
+        },
+    );
+}
+
+#[test]
+fn exec_in_a_delegated_subtree_as_an_unprivileged_user() {
+    e2e(
+        "exec_in_a_delegated_subtree_as_an_unprivileged_user",
+        |env| {
+            load_ruleset();
+            add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+            let proxy = start_proxy();
+            let remote = Remote::start();
+            const NOBODY: u32 = 65534;
+            env.cg.mkdir(&["/delegated", "/not-mine"]);
+            // Delegation as systemd does it (Delegate=yes): the directory and
+            // its cgroup.procs, cgroup.threads, cgroup.subtree_control.
+            let d = env.cg.path("/delegated");
+            for p in [
+                d.clone(),
+                d.join("cgroup.procs"),
+                d.join("cgroup.threads"),
+                d.join("cgroup.subtree_control"),
+            ] {
+                std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+            }
+            let config = slices_config(env);
+            std::fs::set_permissions(
+                &env.tmp,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .unwrap();
+            let mut daemon = Daemon::start(&env.run_args(&config));
+            let msg = env.token("nobody");
+            let f = exec_from(env, "/delegated", Some(NOBODY), &config, &[], &msg);
+            assert_eq!(f.code(), Some(0), "{}", f.describe());
+            let mut lines = f.stdout.lines();
+            assert_eq!(
+                lines.next(),
+                Some(format!("proxy:{msg}").as_str()),
+                "{}",
+                f.describe()
+            );
+            assert!(remote.server.got(&msg).is_empty());
+            assert_eq!(proxy.got(&msg).len(), 1);
+            assert!(
+                lines
+                    .next()
+                    .unwrap_or_default()
+                    .contains("/delegated/cgtproxy-proxy.slice/exec-"),
+                "{}",
+                f.describe()
+            );
+            // It could not read the map, and said so.
+            assert!(
+                f.stderr.contains("without CAP_NET_ADMIN"),
+                "{}",
+                f.describe()
+            );
+            let owner = std::fs::metadata(env.cg.path("/delegated/cgtproxy-proxy.slice")).unwrap();
+            assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), NOBODY);
+
+            // Without delegation: a clear refusal, nothing created.
+            let f = exec_from(env, "/not-mine", Some(NOBODY), &config, &[], "x");
+            assert_eq!(f.code(), Some(1), "{}", f.describe());
+            assert!(
+                f.stderr.contains("may not create a cgroup"),
+                "{}",
+                f.describe()
+            );
+            assert!(!env.cg.path("/not-mine/cgtproxy-proxy.slice").exists());
+            assert!(daemon.running());
+            daemon.stop();
+        },
+    );
+}

@@ -5,6 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::rules::{Facts, analyse};
+use super::table;
 use super::{Hierarchy, Live, load};
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
@@ -20,7 +21,7 @@ use crate::reconcile::Element;
 pub(super) struct Step {
     pub(super) dir: PathBuf,
     pub(super) level: Option<usize>,
-    id: Option<u64>,
+    pub(super) id: Option<u64>,
     /// The rule matching this cgroup's own path (`None` above the root or
     /// when none matches).
     pub(super) rule: Option<usize>,
@@ -58,11 +59,11 @@ pub(super) fn deciding<'s, 'e>(
     })
 }
 
-/// `cgtproxy explain PATH|PID...`. Returns the exit status.
+/// `cgtproxy explain PATH|PID|APP|UNIT...`. Returns the exit status.
 pub fn explain(opts: &Options, targets: &[OsString]) -> Result<i32, Error> {
     if targets.is_empty() {
         return Err(Error::Usage(
-            "explain needs a cgroup PATH or a PID (try --help)".into(),
+            "explain needs a cgroup PATH, a PID, an app ID or a unit name (try --help)".into(),
         ));
     }
     let (cfg, h) = load(opts)?;
@@ -125,9 +126,57 @@ fn explain_one(
         if (p.starts_with(&h.root) || under_mount) && p.is_dir() {
             p.to_path_buf()
         } else {
-            cgroup::fs_path(&h.root, bytes)
+            let dir = cgroup::fs_path(&h.root, bytes);
+            // Not a path below the root: an app ID, unit or container.
+            if !bytes.contains(&b'/')
+                && !dir.join("cgroup.procs").exists()
+                && let Some(name) = target.to_str()
+            {
+                return explain_named(cfg, h, name, map, map_error, facts);
+            }
+            dir
         }
     };
+    explain_dir(cfg, h, &dir, s, map, map_error, facts)
+}
+
+/// Every cgroup an app ID, unit name or container ID names, explained.
+fn explain_named(
+    cfg: &Config,
+    h: &Hierarchy,
+    name: &str,
+    map: &HashMap<u64, &Element>,
+    map_error: Option<&str>,
+    facts: &Facts,
+) -> Result<String, String> {
+    let dirs = super::apps::find_named(h, name);
+    if dirs.is_empty() {
+        return Err(format!(
+            "no cgroup below {} is named so now: not a cgroup path, nor a running app ID, unit or container (`cgtproxy apps` lists what runs)",
+            h.root.display()
+        ));
+    }
+    let mut out = String::new();
+    for (i, d) in dirs.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let head = format!("{name}: cgroup {} of {}\n", i + 1, dirs.len());
+        out.push_str(&explain_dir(cfg, h, d, head, map, map_error, facts)?);
+    }
+    Ok(out)
+}
+
+fn explain_dir(
+    cfg: &Config,
+    h: &Hierarchy,
+    dir: &Path,
+    mut s: String,
+    map: &HashMap<u64, &Element>,
+    map_error: Option<&str>,
+    facts: &Facts,
+) -> Result<String, String> {
+    let dir = dir.to_path_buf();
     if !dir.join("cgroup.procs").exists() {
         return Err(format!("no such cgroup ({} does not exist)", dir.display()));
     }
@@ -175,7 +224,7 @@ fn explain_one(
     } else {
         None
     };
-    let rows: Vec<[String; 5]> = steps
+    let rows: Vec<Vec<String>> = steps
         .iter()
         .filter(|st| st.level != Some(0))
         .map(|st| {
@@ -194,26 +243,16 @@ fn explain_one(
                 (true, Some(i)) => format!("rules[{i}]"),
                 _ => "-".to_string(),
             };
-            [lvl(st.level), id(st.id), rule, el, name]
+            vec![lvl(st.level), id(st.id), rule, el, name]
         })
         .collect();
-    let head = ["LEVEL", "ID", "RULE", "ELEMENT", "CGROUP"];
-    let w = |i: usize| {
-        rows.iter()
-            .map(|r| r[i].chars().count())
-            .chain([head[i].len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
     let _ = writeln!(s, "lookups    deepest first, as the ruleset does them:");
-    for r in std::iter::once(&head.map(String::from)).chain(&rows) {
-        let _ = writeln!(
-            s,
-            "  {:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {}",
-            r[0], r[1], r[2], r[3], r[4]
-        );
-    }
+    s.push_str(&table::render(
+        "  ",
+        &["LEVEL", "ID", "RULE", "ELEMENT", "CGROUP"],
+        &[],
+        &rows,
+    ));
     if rows.is_empty() {
         let _ = writeln!(s, "  (none: the root cgroup is never looked up)");
     }

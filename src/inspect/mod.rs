@@ -18,11 +18,14 @@ use crate::reconcile::Element;
 use crate::refusal;
 use crate::ruleset::Ruleset;
 
+mod apps;
 mod check;
 mod explain;
 mod rules;
 mod status;
+mod table;
 
+pub use apps::apps;
 pub use check::{Mode as CheckMode, check};
 pub use explain::explain;
 pub use status::status;

@@ -1,6 +1,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
+use super::table::{self, Align};
 use super::{Live, load};
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
@@ -57,10 +58,10 @@ fn status_table(rows: &[Row]) -> String {
         Some((p, b)) => (if bytes { b } else { p }).to_string(),
         None => "-".into(),
     };
-    let cells: Vec<[String; 4]> = rows
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.verdict.to_string(),
                 num(r.counter, false),
                 num(r.counter, true),
@@ -71,31 +72,17 @@ fn status_table(rows: &[Row]) -> String {
             ]
         })
         .collect();
-    let head = ["VERDICT", "PACKETS", "BYTES", "CGROUP"];
-    let w = |i: usize| {
-        cells
-            .iter()
-            .map(|c| c[i].chars().count())
-            .chain([head[i].len()])
-            .max()
-            .unwrap_or(0)
-    };
-    let (w0, w1, w2) = (w(0), w(1), w(2));
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<w0$}  {:>w1$}  {:>w2$}  {}",
-        head[0], head[1], head[2], head[3]
-    );
-    for c in &cells {
-        let _ = writeln!(s, "{:<w0$}  {:>w1$}  {:>w2$}  {}", c[0], c[1], c[2], c[3]);
-    }
-    s
+    table::render(
+        "",
+        &["VERDICT", "PACKETS", "BYTES", "CGROUP"],
+        &[Align::Left, Align::Right, Align::Right],
+        &cells,
+    )
 }
 
 /// A JSON string literal. Written by hand: the output is small and fixed,
 /// and a serializer would cost more binary than this.
-fn json_str(s: &str) -> String {
+pub(super) fn json_str(s: &str) -> String {
     let mut o = String::with_capacity(s.len() + 2);
     o.push('"');
     for c in s.chars() {
