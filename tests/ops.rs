@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::net::TcpListener;
@@ -846,23 +847,110 @@ fn section<'a>(page: &'a str, name: &str) -> &'a str {
 }
 
 /// Every `-x`/`--long` option and every command of `--help` in `text`.
-fn options_and_commands(help: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for w in help.split(|c: char| c.is_whitespace() || "[]|,".contains(c)) {
-        let w = w.trim_end_matches(['.', ')']);
-        if (w.starts_with("--") && w.len() > 3) || (w.len() == 2 && w.starts_with('-') && w != "--")
+/// The block of `--help` that follows the line `name:` (up to a blank
+/// line).
+fn help_block<'a>(help: &'a str, name: &str) -> &'a str {
+    let start = help
+        .find(&format!("\n{name}:\n"))
+        .unwrap_or_else(|| panic!("no `{name}:` block in --help:\n{help}"))
+        + name.len()
+        + 3;
+    let rest = &help[start..];
+    &rest[..rest.find("\n\n").unwrap_or(rest.len())]
+}
+
+/// The entries of a list: (head, text) for each line indented by exactly
+/// `indent` spaces (or up to 4 more for an option: `      --once`), the
+/// head being what comes before the first run of two spaces, the text the
+/// rest of the entry (its continuation lines too).
+fn entries(block: &str, indent: usize) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in block.lines() {
+        let lead = line.len() - line.trim_start().len();
+        let body = line.trim();
+        let starts = lead == indent || (body.starts_with('-') && lead <= indent + 4);
+        if starts && !body.is_empty() {
+            let (head, text) = body.split_once("  ").unwrap_or((body, ""));
+            out.push((head.trim().to_string(), text.trim().to_string()));
+        } else if lead > indent
+            && let Some(last) = out.last_mut()
         {
-            out.push(w.to_string());
+            last.1.push(' ');
+            last.1.push_str(body);
         }
     }
-    for c in ["run", "check", "status", "explain"] {
-        out.push(c.to_string());
-    }
-    out.sort();
-    out.dedup();
     out
 }
 
+/// The options an entry's head names ("-c, --config FILE" → -c, --config).
+fn option_names(head: &str) -> Vec<String> {
+    head.split([' ', ','])
+        .filter(|w| w.starts_with('-') && w.len() >= 2 && *w != "--")
+        .map(String::from)
+        .collect()
+}
+
+/// Option → the command it belongs to ("(run) sync once" → run; "" for
+/// all commands), from the entries of an options list.
+fn option_scopes(
+    list: &[(String, String)],
+    commands: &BTreeSet<String>,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (head, text) in list {
+        let scope = text
+            .trim_start()
+            .strip_prefix('(')
+            .and_then(|t| t.split_once(')'))
+            .map(|(c, _)| c.to_string())
+            .filter(|c| commands.contains(c))
+            .unwrap_or_default();
+        for o in option_names(head) {
+            out.insert(o, scope.clone());
+        }
+    }
+    out
+}
+
+/// The keys a config error names as expected: "(expected a, b or c, with
+/// d; e with f)" → {a, b, c, d, e, f}.
+fn expected_keys(error: &str) -> BTreeSet<String> {
+    let list = error
+        .split_once("(expected ")
+        .and_then(|(_, r)| r.rsplit_once(')'))
+        .map(|(l, _)| l)
+        .unwrap_or_else(|| panic!("no \"(expected ...)\" in {error:?}"));
+    list.split(|c: char| !(c.is_ascii_lowercase() || c == '-'))
+        .filter(|w| !w.is_empty() && !["or", "with"].contains(w))
+        .map(String::from)
+        .collect()
+}
+
+/// What the binary says the keys are at one level of the config: the
+/// "unknown key" refusal of `config` (a JSON text with a key `bogus`).
+fn daemon_keys(dir: &Path, config: &str) -> BTreeSet<String> {
+    let path = dir.join("keys.json");
+    fs::write(&path, config).unwrap();
+    let f = run_cmd(
+        Command::new(BIN)
+            .args(["check", "--config-only", "-c"])
+            .arg(&path),
+        LIMIT,
+    );
+    assert_eq!(f.code(), Some(2), "{config}: {}", f.describe());
+    assert!(f.stderr.contains("bogus: unknown key"), "{}", f.describe());
+    expected_keys(&f.stderr)
+}
+
+/// What it proves: `--help` and cgtproxy(8) name the same commands, the
+/// same options (each for the same command), the same usage, signals and
+/// exit statuses; cgtproxy.json(5) documents exactly the config keys the
+/// binary accepts, at the top, in `route` and in a rule. Every side is
+/// read from its source: the help text and the binary's own refusals of an
+/// unknown key on one side, the rendered pages on the other. How it can
+/// fail: an option, command, key (`verdict-map` too) or exit status added
+/// to or dropped from one side only; an option documented for another
+/// command.
 #[test]
 fn help_agrees_with_the_man_page() {
     if !have(test_name!(), "mandoc") {
@@ -870,62 +958,128 @@ fn help_agrees_with_the_man_page() {
     }
     let help = expect(run_cmd(Command::new(BIN).arg("--help"), LIMIT), 0, "--help");
     let page = render("man/cgtproxy.8");
-    let synopsis = page
-        .split("DESCRIPTION")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
-    let usage = help
-        .split("\n\n")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
-    let in_help = options_and_commands(&help);
-    let in_page = options_and_commands(&format!(
-        "{}\n{}",
-        section(&page, "SYNOPSIS"),
-        section(&page, "OPTIONS")
-    ));
-    for o in &in_help {
-        assert!(in_page.contains(o), "{o} is in --help, not in cgtproxy(8)");
-    }
-    for o in in_page.iter().filter(|o| o.starts_with('-')) {
-        assert!(in_help.contains(o), "{o} is in cgtproxy(8), not in --help");
-    }
+
+    // Commands: the `commands:` block against the COMMANDS entries.
+    let first_word = |h: &str| h.split_whitespace().next().unwrap_or_default().to_string();
+    let help_commands: BTreeSet<String> = entries(help_block(&help, "commands"), 2)
+        .iter()
+        .map(|(h, _)| first_word(h))
+        .collect();
+    let page_commands: BTreeSet<String> = entries(section(&page, "COMMANDS"), 5)
+        .iter()
+        .map(|(h, _)| first_word(h))
+        .filter(|w| w.chars().all(|c| c.is_ascii_lowercase()))
+        .collect();
+    assert!(
+        help_commands.len() >= 4,
+        "commands in --help: {help_commands:?}"
+    );
+    assert_eq!(help_commands, page_commands, "--help commands vs COMMANDS");
+
+    // Options, each with the command it is for.
+    let help_options = option_scopes(&entries(help_block(&help, "options"), 2), &help_commands);
+    let page_options = option_scopes(&entries(section(&page, "OPTIONS"), 5), &page_commands);
+    assert!(help_options.contains_key("--ready-fd"), "{help_options:?}");
+    assert_eq!(
+        help_options, page_options,
+        "--help options vs OPTIONS (option → command)"
+    );
+
     // The usage lines and the synopsis name the same things in the same order.
+    let synopsis = section(&page, "SYNOPSIS");
+    let usage = help.split("\n\n").next().unwrap();
     let words = |s: &str| -> Vec<String> {
         s.split(|c: char| c.is_whitespace() || "[]|".contains(c))
-            .filter(|w| !w.is_empty() && *w != "usage:" && *w != "cgtproxy" && !w.contains('('))
-            .filter(|w| w.starts_with('-') || ["run", "check", "status", "explain"].contains(w))
+            .filter(|w| w.starts_with('-') || help_commands.contains(*w))
             .map(String::from)
             .collect()
     };
-    assert_eq!(words(&usage), words(&synopsis), "--help usage vs SYNOPSIS");
-    // The status JSON keys are documented.
+    assert!(words(usage).len() > 10, "usage: {usage}");
+    assert_eq!(words(usage), words(synopsis), "--help usage vs SYNOPSIS");
+
+    // Signals and exit statuses.
+    let sigs = |s: &str| -> BTreeSet<String> {
+        s.split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| w.len() > 3 && w.starts_with("SIG"))
+            .map(String::from)
+            .collect()
+    };
+    let help_sigs = sigs(help.split_once("signals:").expect("signals: in --help").1);
+    assert!(help_sigs.len() >= 3, "{help_sigs:?}");
+    let page_sigs = sigs(section(&page, "SIGNALS"));
+    assert!(
+        help_sigs.is_subset(&page_sigs),
+        "--help signals {help_sigs:?}, SIGNALS {page_sigs:?}"
+    );
+    let help_exits: BTreeSet<String> = help
+        .split_once("exit status:")
+        .expect("exit status: in --help")
+        .1
+        .split(',')
+        .filter_map(|p| p.split_whitespace().next())
+        .filter(|w| w.chars().all(|c| c.is_ascii_digit()))
+        .map(String::from)
+        .collect();
+    let page_exits: BTreeSet<String> = entries(section(&page, "EXIT STATUS"), 5)
+        .iter()
+        .map(|(h, _)| first_word(h))
+        .filter(|w| w.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert!(help_exits.len() >= 3, "{help_exits:?}");
+    assert_eq!(help_exits, page_exits, "--help exit status vs EXIT STATUS");
+
+    // The status JSON keys, readiness.
     for k in TOP_KEYS.iter().chain(&ELEMENT_KEYS) {
         assert!(page.contains(k), "status --json key {k} not in cgtproxy(8)");
     }
-    // The exit statuses, the signals and the config keys.
-    for w in ["SIGHUP", "SIGTERM", "SIGINT", "NOTIFY_SOCKET", "READY=1"] {
+    for w in ["NOTIFY_SOCKET", "READY=1"] {
         assert!(page.contains(w), "{w} not in cgtproxy(8)");
     }
+
+    // Config keys: the binary's, from its refusals, against KEYS.
+    let dir = std::env::temp_dir().join(format!("cgtproxy-keys-{}", random_hex()));
+    fs::create_dir(&dir).unwrap();
+    let top = daemon_keys(&dir, r#"{"rules": [], "bogus": 1}"#);
+    let route = daemon_keys(&dir, r#"{"route": {"bogus": 1}, "rules": []}"#);
+    let rule = daemon_keys(
+        &dir,
+        r#"{"rules": [{"match": "/a", "target": "proxy", "bogus": 1}]}"#,
+    );
+    fs::remove_dir_all(&dir).unwrap();
+    assert!(top.contains("verdict-map"), "{top:?}");
     let five = render("man/cgtproxy.json.5");
-    for k in [
-        "cgroup-root",
-        "table",
-        "map",
-        "route",
-        "keep-on-exit",
-        "rules",
-        "match",
-        "target",
-    ] {
-        assert!(five.contains(k), "config key {k} not in cgtproxy.json(5)");
-    }
+    let keys = entries(section(&five, "KEYS"), 5);
+    let page_top: BTreeSet<String> = keys.iter().map(|(h, _)| first_word(h)).collect();
+    assert_eq!(
+        page_top, top,
+        "cgtproxy.json(5) KEYS vs the keys cgtproxy accepts"
+    );
+    let text_of = |key: &str| -> String {
+        keys.iter()
+            .find(|(h, _)| first_word(h) == key)
+            .map(|(_, t)| t.clone())
+            .unwrap_or_default()
+    };
+    // The keys of `route` are those its entry writes as JSON: "mark": ...
+    let route_text = text_of("route");
+    let pieces: Vec<&str> = route_text.split('"').collect();
+    let page_route: BTreeSet<String> = (1..pieces.len())
+        .step_by(2)
+        .filter(|&i| pieces.get(i + 1).is_some_and(|p| p.starts_with(':')))
+        .map(|i| pieces[i].to_string())
+        .collect();
+    assert_eq!(page_route, route, "the keys of route in cgtproxy.json(5)");
+    // A rule's keys are the list below `rules` (13 columns in).
+    let rules_block = section(&five, "KEYS")
+        .split_once("\n     rules ")
+        .expect("rules in KEYS")
+        .1;
+    let page_rule: BTreeSet<String> = entries(rules_block, 13)
+        .iter()
+        .map(|(h, _)| h.clone())
+        .filter(|h| !h.contains(' '))
+        .collect();
+    assert_eq!(page_rule, rule, "the keys of a rule in cgtproxy.json(5)");
 }
 
 // ---------------------------------------------------------------------------
