@@ -225,6 +225,30 @@ impl Config {
         self.rules.get(i).is_some_and(|r| r.regex.is_match(path))
     }
 
+    /// For a cgroup no rule lists, what it gets instead (for `-v`): the
+    /// verdict of its nearest listed ancestor through the ruleset's level
+    /// lookups, or none. `None` when a rule lists it.
+    pub fn unlisted(&self, path: &str) -> Option<String> {
+        if self.matching_rule(path).is_some() {
+            return None;
+        }
+        let mut p = path;
+        while let Some(i) = p.rfind('/') {
+            p = &p[..i];
+            let anc = if p.is_empty() { "/" } else { p };
+            if let Some((i, r)) = self.matching_rule(anc) {
+                return Some(format!(
+                    "no rule, inherits {} from {anc} (rules[{i}])",
+                    r.target
+                ));
+            }
+            if p.is_empty() {
+                break;
+            }
+        }
+        Some("no rule, no listed ancestor: no element (the ruleset's fall-through, direct)".into())
+    }
+
     pub fn verdict(&self, path: &str) -> Option<&Verdict> {
         self.matching_rule(path).map(|(_, r)| &r.target)
     }
@@ -885,6 +909,26 @@ mod tests {
             msg(r#"{"rules":[{"container":"web","target":"proxy"}]}"#).starts_with(
                 "c.json: rules[0].container: \"web\": a container ID is 12 to 64 hex digits"
             )
+        );
+    }
+
+    #[test]
+    fn unlisted_cgroups_say_what_they_inherit() {
+        let c = Config::parse("d", EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c.unlisted("/u/cgtproxy-proxy.slice"), None);
+        assert_eq!(
+            c.unlisted("/u/cgtproxy-proxy.slice/run-1.scope/x"),
+            Some("no rule, inherits goto proxy from /u/cgtproxy-proxy.slice (rules[0])".into())
+        );
+        assert!(
+            c.unlisted("/a/b")
+                .unwrap()
+                .starts_with("no rule, no listed ancestor")
+        );
+        let c = Config::parse("d", r#"{"rules":[{"match":"/","target":"drop"}]}"#).unwrap();
+        assert_eq!(
+            c.unlisted("/a"),
+            Some("no rule, inherits drop from / (rules[0])".into())
         );
     }
 

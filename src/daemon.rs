@@ -257,6 +257,19 @@ impl Daemon {
         if changes.is_empty() {
             return;
         }
+        // -v: every event, also those that change no element (listed ones
+        // are logged with their element below).
+        if crate::log::enabled(crate::log::DEBUG) {
+            for c in changes {
+                let (verb, path) = match c {
+                    Change::Added { path, .. } => ("mkdir", path),
+                    Change::Removed { path, .. } => ("rmdir", path),
+                };
+                if let Some(why) = self.cfg.unlisted(&crate::config::match_form(path)) {
+                    crate::debug!("{verb} {}: {why}", cgroup::display(path));
+                }
+            }
+        }
         if self.resync {
             return; // a full sync is due anyway, and will include these
         }

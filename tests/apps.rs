@@ -895,3 +895,38 @@ fn exec_in_a_delegated_subtree_as_an_unprivileged_user() {
         },
     );
 }
+
+#[test]
+fn verbose_logs_unlisted_and_inheriting_cgroups() {
+    e2e("verbose_logs_unlisted_and_inheriting_cgroups", |env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let config = env.write_file(
+            "v.json",
+            r#"{"route": false, "rules": [{"match": "/p", "target": "proxy"}]}"#,
+        );
+        let mut args = env.run_args(&config);
+        args.push("-v".into());
+        let mut daemon = Daemon::start(&args);
+        env.cg.mkdir(&["/p/child", "/other"]);
+        let want = [
+            "mkdir /p/child: no rule, inherits goto proxy from /p (rules[0])",
+            "mkdir /other: no rule, no listed ancestor",
+        ];
+        let ok = wait_until(CONVERGE, Duration::from_millis(20), || {
+            let log = daemon.log();
+            want.iter().all(|w| log.contains(w))
+        });
+        assert!(ok, "missing {want:?} in:\n{}", daemon.log());
+        env.cg.rmdir("/other");
+        assert!(
+            wait_until(CONVERGE, Duration::from_millis(20), || daemon
+                .log()
+                .contains("rmdir /other: no rule")),
+            "{}",
+            daemon.log()
+        );
+        assert!(daemon.running());
+        daemon.stop();
+    });
+}
