@@ -930,3 +930,68 @@ fn verbose_logs_unlisted_and_inheriting_cgroups() {
         daemon.stop();
     });
 }
+
+#[test]
+fn check_warns_about_a_one_family_listener_without_capabilities() {
+    if !need(
+        "check_warns_about_a_one_family_listener_without_capabilities",
+        "socat",
+        "-V",
+    ) {
+        return;
+    }
+    e2e(
+        "check_warns_about_a_one_family_listener_without_capabilities",
+        |env| {
+            load_ruleset();
+            env.cg.mkdir(&["/p"]);
+            let config = env.write_file(
+                "c.json",
+                r#"{"route": false, "rules": [{"match": "/p", "target": "proxy"}]}"#,
+            );
+            // A proxy as an unprivileged user, on IPv4 TCP only.
+            let mut socat = Command::new("setpriv")
+                .args([
+                    "--reuid",
+                    "65534",
+                    "--regid",
+                    "65534",
+                    "--clear-groups",
+                    "socat",
+                    "-u",
+                ])
+                .arg(format!("TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr"))
+                .arg("OPEN:/dev/null")
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn socat");
+            let listening = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+                std::fs::read_to_string("/proc/thread-self/net/tcp").is_ok_and(|t| {
+                    t.contains(&format!("0100007F:{PROXY_PORT:04X} 00000000:0000 0A"))
+                })
+            });
+            assert!(listening, "socat did not listen");
+            let out = expect(cli(env, &config, &["check"]), 0, "check");
+            let pid = socat.id();
+            for want in [
+            "WARN  nothing on port 7893 takes TCP IPv6 (::1), UDP IPv4 (127.0.0.1), UDP IPv6 (::1)".to_string(),
+            format!("WARN  the proxy (pid {pid} socat, port 7893) has neither CAP_NET_ADMIN nor CAP_NET_RAW"),
+        ] {
+            assert!(out.contains(&want), "missing {want:?} in:\n{out}");
+        }
+            let _ = socat.kill();
+            let _ = socat.wait();
+            // The harness's proxy: root, TCP and UDP on 127.0.0.1 and ::1.
+            let _proxy = start_proxy();
+            let out = expect(cli(env, &config, &["check"]), 0, "check");
+            assert!(
+                out.contains("ok    the listener on port 7893 takes TCP and UDP, IPv4 and IPv6"),
+                "{out}"
+            );
+            assert!(
+                out.contains("has CAP_NET_ADMIN or CAP_NET_RAW for IP_TRANSPARENT"),
+                "{out}"
+            );
+        },
+    );
+}

@@ -198,6 +198,8 @@ pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
     if let Some(h) = &h {
         check_self_capture(&mut c, &cfg, h, facts.as_ref(), els.as_deref());
     }
+    check_listener_families(&mut c, facts.as_ref());
+    check_listener_caps(&mut c, facts.as_ref());
     Ok(c.finish(mode))
 }
 
@@ -696,6 +698,128 @@ fn holders(inodes: &BTreeSet<u64>) -> BTreeMap<u32, String> {
     out
 }
 
+/// The TPROXY port of the live ruleset, or the shipped default.
+fn tproxy_port(facts: Option<&Facts>) -> u16 {
+    facts
+        .and_then(|f| f.tproxy_ports.iter().next().copied())
+        .unwrap_or(DEFAULT_TPROXY_PORT)
+}
+
+/// Local addresses of `/proc/net/{tcp,udp}{,6}` entries on `port` that
+/// listen (TCP) or are bound (UDP): (hex address, inode).
+fn bound_on(text: &str, port: u16, tcp: bool) -> Vec<(String, u64)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (addr, p) = f.get(1)?.rsplit_once(':')?;
+            let p = u16::from_str_radix(p, 16).ok()?;
+            let listening = !tcp || *f.get(3)? == "0A";
+            let inode: u64 = f.get(9)?.parse().ok()?;
+            (p == port && listening && inode != 0).then(|| (addr.to_string(), inode))
+        })
+        .collect()
+}
+
+/// Which of the four (protocol, family) pairs the ruleset sends to the
+/// listener (TCP and UDP to 127.0.0.1 and ::1) something takes: a socket
+/// on the loopback address or the wildcard; for IPv4 also an IPv6
+/// wildcard socket when `bindv6only` is 0 (dual-stack, as most proxies
+/// open `::`; whether one set IPV6_V6ONLY cannot be seen from /proc).
+fn families_taken(net: &dyn Fn(&str) -> String, port: u16, dual_default: bool) -> [[bool; 2]; 2] {
+    const V4: [&str; 2] = ["0100007F", "00000000"];
+    const V6_LO: &str = "00000000000000000000000001000000";
+    const V6_ANY: &str = "00000000000000000000000000000000";
+    let mut out = [[false; 2]; 2];
+    for (i, (v4, v6, tcp)) in [("tcp", "tcp6", true), ("udp", "udp6", false)]
+        .into_iter()
+        .enumerate()
+    {
+        let four = bound_on(&net(v4), port, tcp);
+        let six = bound_on(&net(v6), port, tcp);
+        out[i][0] = four.iter().any(|(a, _)| V4.contains(&a.as_str()))
+            || (dual_default && six.iter().any(|(a, _)| a == V6_ANY));
+        out[i][1] = six.iter().any(|(a, _)| a == V6_LO || a == V6_ANY);
+    }
+    out
+}
+
+/// The ruleset sends TCP and UDP of both families to the listener and drops
+/// what it cannot take there: a listener on one family (or protocol) only
+/// means apps lose the other, silently. Warn, naming what is missing.
+fn check_listener_families(c: &mut Checklist, facts: Option<&Facts>) {
+    let port = tproxy_port(facts);
+    let net = |f: &str| std::fs::read_to_string(format!("/proc/net/{f}")).unwrap_or_default();
+    if listeners(port).is_empty() {
+        return; // check_self_capture says nothing listens
+    }
+    let dual =
+        std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "0");
+    let t = families_taken(&net, port, dual);
+    let mut missing = Vec::new();
+    for (i, proto) in ["TCP", "UDP"].iter().enumerate() {
+        for (j, fam) in [("IPv4", "127.0.0.1"), ("IPv6", "::1")].iter().enumerate() {
+            if !t[i][j] {
+                missing.push(format!("{proto} {} ({})", fam.0, fam.1));
+            }
+        }
+    }
+    if missing.is_empty() {
+        c.add(
+            Mark::Ok,
+            format!("the listener on port {port} takes TCP and UDP, IPv4 and IPv6"),
+        );
+    } else {
+        c.add(
+            Mark::Warn,
+            format!(
+                "nothing on port {port} takes {}: the ruleset drops what the listener cannot take, so proxied apps lose it; let the proxy listen on 127.0.0.1 and ::1 (or ::), TCP and UDP",
+                missing.join(", ")
+            ),
+        );
+    }
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+
+/// `CapEff` of a `/proc/PID/status`.
+fn cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// TPROXY hands packets only to sockets with IP_TRANSPARENT, which takes
+/// CAP_NET_ADMIN (or CAP_NET_RAW) to set; a proxy without it usually goes
+/// on without the option and every proxied packet is black-holed. The
+/// capabilities now are a proxy for what it had when it set the option.
+fn check_listener_caps(c: &mut Checklist, facts: Option<&Facts>) {
+    let port = tproxy_port(facts);
+    for (pid, comm) in holders(&listeners(port)) {
+        let Some(eff) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .as_deref()
+            .and_then(cap_eff)
+        else {
+            continue; // gone meanwhile
+        };
+        let has = |cap: u32| eff & (1u64 << cap) != 0;
+        if has(CAP_NET_ADMIN) || has(CAP_NET_RAW) {
+            c.add(
+                Mark::Ok,
+                format!("the proxy (pid {pid} {comm}, port {port}) has CAP_NET_ADMIN or CAP_NET_RAW for IP_TRANSPARENT"),
+            );
+        } else {
+            c.add(
+                Mark::Warn,
+                format!(
+                    "the proxy (pid {pid} {comm}, port {port}) has neither CAP_NET_ADMIN nor CAP_NET_RAW (CapEff {eff:x}): without IP_TRANSPARENT, which needs one, TPROXY finds no socket and proxied traffic vanishes; give it AmbientCapabilities=CAP_NET_ADMIN (systemd) or setcap cap_net_admin+ep"
+                ),
+            );
+        }
+    }
+}
+
 /// The proxy's own process must not be sent to a chain that captures:
 /// find who listens on the TPROXY port and resolve its cgroup's verdict,
 /// both as the kernel holds it now and as the rules would make it.
@@ -867,6 +991,68 @@ mod tests {
             c.lines
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn listener_families_and_caps() {
+        let head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let tcp4 = format!(
+            "{head}   0: 0100007F:1ED5 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 11 1\n"
+        );
+        let udp4 = format!(
+            "{head}   0: 0100007F:1ED5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 12 2\n"
+        );
+        let tcp6_any = format!(
+            "{head}   0: 00000000000000000000000000000000:1ED5 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 13 1\n"
+        );
+        let tcp6_lo = format!(
+            "{head}   0: 00000000000000000000000001000000:1ED5 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 14 1\n"
+        );
+        let files = |t4: &str, t6: &str, u4: &str, u6: &str| {
+            let (t4, t6, u4, u6) = (
+                t4.to_string(),
+                t6.to_string(),
+                u4.to_string(),
+                u6.to_string(),
+            );
+            move |f: &str| match f {
+                "tcp" => t4.clone(),
+                "tcp6" => t6.clone(),
+                "udp" => u4.clone(),
+                _ => u6.clone(),
+            }
+        };
+        // v4 only, TCP and UDP
+        let n = files(&tcp4, head, &udp4, head);
+        assert_eq!(
+            families_taken(&n, 7893, true),
+            [[true, false], [true, false]]
+        );
+        // TCP on :: (dual-stack by default), no UDP
+        let n = files(head, &tcp6_any, head, head);
+        assert_eq!(
+            families_taken(&n, 7893, true),
+            [[true, true], [false, false]]
+        );
+        assert_eq!(
+            families_taken(&n, 7893, false),
+            [[false, true], [false, false]]
+        );
+        // ::1 alone does not take IPv4; another port takes nothing
+        let n = files(head, &tcp6_lo, head, head);
+        assert_eq!(
+            families_taken(&n, 7893, true),
+            [[false, true], [false, false]]
+        );
+        assert_eq!(
+            families_taken(&n, 80, true),
+            [[false, false], [false, false]]
+        );
+        assert_eq!(
+            cap_eff("Name:\tx\nCapEff:\t0000000000001000\n"),
+            Some(1 << CAP_NET_ADMIN)
+        );
+        assert_eq!(cap_eff("CapEff:\tzz\n"), None);
     }
 
     #[test]
