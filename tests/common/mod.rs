@@ -44,6 +44,7 @@
 //! - `servers.rs`: the TPROXY listener, the remote server, the marked server
 //! - `clients.rs`: clients that join a cgroup before they open their socket
 //! - `traffic.rs`: where traffic from a cgroup arrived: proxied, direct, dropped
+//! - `userns.rs`:  a user namespace of its own, for limits set low (inotify)
 //!
 //! Each test binary uses only some of the harness, so each module allows
 //! dead code (a check across all binaries found no helper unused by all
@@ -81,13 +82,15 @@ pub mod servers;
 pub mod sockets;
 #[allow(dead_code)]
 pub mod traffic;
+#[allow(dead_code)]
+pub mod userns;
 
 // Re-exported flat: every helper is `common::name`, whatever file it is in;
 // each test binary uses only some of them.
 #[allow(unused_imports)]
 pub use {
     cgroups::*, clients::*, config::*, daemon::*, env::*, fdtree::*, monitor::*, netns::*, nft::*,
-    prereq::*, process::*, ptrace::*, routing::*, servers::*, sockets::*, traffic::*,
+    prereq::*, process::*, ptrace::*, routing::*, servers::*, sockets::*, traffic::*, userns::*,
 };
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -21,6 +21,22 @@ pub fn unshare_net() {
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         panic!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error());
     }
+    net_setup();
+}
+
+/// Moves the calling thread into the network namespace at `path`
+/// (`/proc/PID/ns/net`), with `lo` up.
+pub fn join_net(path: &str) {
+    let f = fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: setns on an fd we hold open; it changes only this thread.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        panic!("setns({path}): {}", io::Error::last_os_error());
+    }
+    net_setup();
+}
+
+/// What a fresh network namespace needs before a test uses it.
+fn net_setup() {
     run_ok("ip", &["link", "set", "lo", "up"]);
     // Addresses the tests add are usable at once.
     for conf in ["all", "default"] {

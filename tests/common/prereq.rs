@@ -79,16 +79,22 @@ fn prerequisites() -> Result<PathBuf, String> {
         .clone()
 }
 
+/// Skips `test` for `why` (printed), or, with `CI=true`, fails it: every
+/// skip goes through here, so none passes under CI.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: cannot run here (CI=true makes this a failure): {why}");
+    }
+    eprintln!("SKIP {test}: {why}");
+}
+
 /// Checks the prerequisites: `Some(cgroup2 mount)` to go on, `None` to skip
 /// (with a printed reason). With `CI=true` a missing prerequisite panics.
 pub fn gate(test: &str) -> Option<PathBuf> {
     match prerequisites() {
         Ok(mount) => Some(mount),
         Err(why) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{test}: missing prerequisite (CI=true makes this a failure): {why}");
-            }
-            eprintln!("SKIP {test}: {why}");
+            skip(test, &format!("missing prerequisite: {why}"));
             None
         }
     }
@@ -105,10 +111,7 @@ pub fn need(test: &str, tool: &str, arg: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{test}: `{tool}` is missing (CI=true makes this a failure)");
-        }
-        eprintln!("SKIP {test}: `{tool}` is missing");
+        skip(test, &format!("`{tool}` is missing"));
     }
     ok
 }
@@ -122,10 +125,7 @@ pub fn have(test: &str, tool: &str) -> bool {
         })
     });
     if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{test}: `{tool}` is missing (CI=true makes this a failure)");
-        }
-        eprintln!("SKIP {test}: `{tool}` is missing");
+        skip(test, &format!("`{tool}` is missing"));
     }
     ok
 }
