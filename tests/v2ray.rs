@@ -2,9 +2,9 @@
 //! `followRedirect` and `sockopt.tproxy`, one inbound per family, freedom
 //! outbound with `sockopt.mark`) behind the shipped ruleset and the real
 //! daemon; an app's TCP and UDP, IPv4 and IPv6, go through v2ray to a
-//! server in another namespace. v2ray itself runs in a cgroup the rules
-//! send to `proxy`: only its outbound mark keeps its own connections from
-//! looping back into it.
+//! server in another namespace. v2ray runs, as the recipe says, in a
+//! cgroup a `direct` rule lists (first), with its outbound mark set; the
+//! control shows what happens when it runs among the proxied apps.
 
 mod common;
 
@@ -103,11 +103,13 @@ fn v2ray_recipe_carries_tcp_and_udp_both_families() {
     e2e("v2ray_recipe_carries_tcp_and_udp_both_families", |env| {
         load_ruleset();
         let remote = Remote::start();
-        // Everything is proxied, v2ray's own cgroup included.
-        env.cg.mkdir(&["/apps/client", "/apps/v2ray"]);
+        // The apps are proxied; v2ray's own cgroup is listed direct.
+        env.cg.mkdir(&["/apps/client", "/services/v2ray"]);
         let cfg = env.write_file(
             "cgtproxy.json",
-            r#"{"rules": [{"match": "/apps", "target": "proxy"}]}"#,
+            r#"{"rules": [
+                {"match": "/services/v2ray", "target": "direct"},
+                {"match": "/apps", "target": "proxy"}]}"#,
         );
         let mut daemon = Daemon::start(&env.run_args(&cfg));
         let apps = env.cg.id("/apps");
@@ -116,7 +118,7 @@ fn v2ray_recipe_carries_tcp_and_udp_both_families() {
         }));
         let log = env.tmp.join("access.log");
         let conf = env.write_file("v2ray.json", &v2ray_config(&log));
-        let v2ray = V2ray::start(&env.cg.path("/apps/v2ray"), &conf);
+        let v2ray = V2ray::start(&env.cg.path("/services/v2ray"), &conf);
 
         for (proto, dst) in [
             (Proto::Tcp, Remote::v4()),
@@ -173,17 +175,17 @@ fn v2ray_recipe_carries_tcp_and_udp_both_families() {
 }
 
 #[test]
-fn without_its_outbound_mark_v2ray_captures_itself() {
-    // The control for the exemption: the same recipe without
-    // `sockopt.mark` loops into itself, and nothing reaches the server.
+fn v2ray_among_the_proxied_apps_never_reaches_out() {
+    // The control: v2ray in the proxied cgroup, without its mark, captures
+    // its own connections; nothing reaches the server (and check says why).
     if !need(
-        "without_its_outbound_mark_v2ray_captures_itself",
+        "v2ray_among_the_proxied_apps_never_reaches_out",
         "v2ray",
         "-version",
     ) {
         return;
     }
-    e2e("without_its_outbound_mark_v2ray_captures_itself", |env| {
+    e2e("v2ray_among_the_proxied_apps_never_reaches_out", |env| {
         load_ruleset();
         let remote = Remote::start();
         env.cg.mkdir(&["/apps/client", "/apps/v2ray"]);
@@ -206,11 +208,26 @@ fn without_its_outbound_mark_v2ray_captures_itself() {
             Proto::Tcp,
             Remote::v4(),
             &tag,
-            Duration::from_secs(4),
+            Duration::from_secs(2),
         );
         assert!(
             remote.server.got(&tag).is_empty(),
-            "reached the server without the mark: {r:?}"
+            "reached the server from a proxied cgroup: {r:?}"
+        );
+        let f = run_cmd(
+            Command::new(BIN)
+                .arg("check")
+                .arg("-c")
+                .arg(&cfg)
+                .arg("--cgroup-root")
+                .arg(&env.cg.root),
+            Duration::from_secs(20),
+        );
+        assert!(
+            f.stdout
+                .contains("v2ray, listening on port 7893) runs in cgroup /apps/v2ray"),
+            "{}",
+            f.describe()
         );
         assert!(daemon.running());
         daemon.stop();
