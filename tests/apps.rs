@@ -995,3 +995,50 @@ fn check_warns_about_a_one_family_listener_without_capabilities() {
         },
     );
 }
+
+#[test]
+fn apps_watch_redraws_with_ansi_on_a_terminal_only() {
+    if !need(
+        "apps_watch_redraws_with_ansi_on_a_terminal_only",
+        "script",
+        "--version",
+    ) {
+        return;
+    }
+    e2e("apps_watch_redraws_with_ansi_on_a_terminal_only", |env| {
+        load_ruleset();
+        env.cg.mkdir(&[TG]);
+        let config = apps_config(env);
+        let _s = Sleeper::start(&env.cg.path(TG));
+        let watch = format!(
+            "timeout -s TERM 2.5 {BIN} apps --watch -c {} --cgroup-root {}",
+            config.display(),
+            env.cg.root.display()
+        );
+        // In a pipe: plain frames, no escape sequences.
+        let f = run_cmd(Command::new("sh").args(["-c", &watch]), LIMIT);
+        assert_eq!(f.code(), Some(124), "{}", f.describe());
+        assert!(!f.stdout.contains('\x1b'), "ANSI in a pipe:\n{}", f.stdout);
+        assert!(f.stdout.starts_with("--- 0s\nVERDICT"), "{}", f.stdout);
+        assert!(
+            f.stdout.matches("\n--- ").count() >= 1,
+            "one frame only:\n{}",
+            f.stdout
+        );
+        // On a terminal (script(1) gives it one): cleared once, then each
+        // frame drawn from the top, lines cleared to their end.
+        let f = run_cmd(
+            Command::new("script").args(["-qec", &watch, "/dev/null"]),
+            LIMIT,
+        );
+        let out = &f.stdout;
+        assert_eq!(out.matches("\x1b[H\x1b[2J").count(), 1, "{out:?}");
+        assert!(out.matches("\x1b[H").count() >= 2, "{out:?}");
+        assert!(out.contains("\x1b[K") && out.contains("\x1b[J"), "{out:?}");
+        assert!(!out.contains("--- 0s"), "{out:?}");
+        assert!(
+            out.contains("app org.telegram.desktop (flatpak) user 1000"),
+            "{out:?}"
+        );
+    });
+}
