@@ -4,9 +4,10 @@ use std::path::PathBuf;
 
 use lexopt::prelude::*;
 
-use crate::daemon::{self, Options};
+use crate::daemon;
 use crate::error::Error;
 use crate::inspect;
+use crate::options::Options;
 
 pub const USAGE: &str = "\
 usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
@@ -16,6 +17,7 @@ usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
        cgtproxy apps    [-c FILE] [--cgroup-root DIR] [-j|--json] [--watch]
        cgtproxy explain [-c FILE] [--cgroup-root DIR] PATH|PID|APP|UNIT...
        cgtproxy exec    [-c FILE] [--cgroup-root DIR] [--verdict V] -- CMD...
+       cgtproxy down    [-c FILE]
        cgtproxy help [COMMAND] | --help | --version
 
 Keeps the nftables maps `cgroups` and `verdicts` (table inet cgtproxy, loaded
@@ -37,6 +39,8 @@ commands:
                        matching rule, and the verdict the kernel holds now
   exec -- CMD...       run CMD under a verdict (default proxy), in a fresh
                        cgroup the embedded default rules list
+  down                 turn cgtproxy off: empty both maps and remove the
+                       policy routing (refused while a daemon runs)
   help [COMMAND]       this text, or one command's
 
 options:
@@ -61,8 +65,11 @@ options:
   -h, --help           this text
   -V, --version        the version
 
-signals: SIGHUP reloads the config; SIGTERM and SIGINT remove the daemon's
-elements and routes (unless keep-on-exit) and exit 0.
+One daemon per table and map: a second `run` (or `--once`, or `down`) says
+\"already running (pid N)\" and exits 1, touching nothing.
+signals: SIGHUP reloads the config; SIGTERM and SIGINT exit 0 and change no
+verdict: elements and routes stay (a restart opens no window; `down` is the
+way off). While running, policy routing someone removes is put back.
 exit status: 0 success, 1 runtime failure (check: a check failed, or with
 --strict warned; explain: a cgroup or process not found), 2 usage or
 configuration error; exec: the command's own status (127: not found, 126:
@@ -79,7 +86,10 @@ usage: cgtproxy [run] [-c FILE] [--cgroup-root DIR] [--once] [--dry-run]
                       [--ready-fd N] [-v|-q]
 
 Syncs the maps in one transaction, then follows cgroupfs until SIGTERM or
-SIGINT; SIGHUP reloads the config.
+SIGINT, which change no verdict (elements and routes stay); SIGHUP reloads
+the config. Keeps the policy routing in place (puts back what someone
+removes). A second run for the same table and map exits 1: \"already
+running (pid N)\".
   --once         sync once and exit (elements and routes stay)
   --dry-run      print the element changes a sync would make; change nothing
   --ready-fd N   write a newline to fd N once the initial sync committed
@@ -148,6 +158,17 @@ Exit status: CMD's; 1 when it cannot (no delegation, no daemon, no
 element), 2 for a bad verdict or command line.
 "
         }
+        Command::Down => {
+            "\
+usage: cgtproxy down [-c FILE]
+
+Turns cgtproxy off: empties both maps and removes the policy rule and route
+the config names (IPv4 and IPv6). Stopping the daemon changes nothing, so
+this is the way off (or unloading the table). Refused while a daemon runs
+for the same table and map: \"already running (pid N) ...: stop it first\".
+Exit status: 0 done, 1 refused or failed, 2 a bad config.
+"
+        }
         Command::Help | Command::Version => USAGE,
     }
 }
@@ -160,6 +181,7 @@ enum Command {
     Apps,
     Explain,
     Exec,
+    Down,
     Help,
     Version,
 }
@@ -172,6 +194,7 @@ fn command_named(name: &str) -> Option<Command> {
         "apps" => Command::Apps,
         "explain" => Command::Explain,
         "exec" => Command::Exec,
+        "down" => Command::Down,
         "help" => Command::Help,
         _ => return None,
     })
@@ -301,7 +324,7 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
             && t.to_str().and_then(command_named).is_none()
         {
             return Err(Error::Usage(format!(
-                "help: unknown command {:?} (commands: run, check, status, apps, explain, exec, help)",
+                "help: unknown command {:?} (commands: run, check, status, apps, explain, exec, down, help)",
                 t.to_string_lossy()
             )));
         }
@@ -333,6 +356,11 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     }
     if watch && command != Command::Apps {
         return Err(Error::Usage("--watch only applies to `apps`".into()));
+    }
+    if command == Command::Down && opts.cgroup_root.is_some() {
+        return Err(Error::Usage(
+            "--cgroup-root does not apply to `down`".into(),
+        ));
     }
     if verdict.is_some() && command != Command::Exec {
         return Err(Error::Usage("--verdict only applies to `exec`".into()));
@@ -444,6 +472,7 @@ pub fn main() -> i32 {
         Command::Apps => inspect::apps(&args.opts, args.json, args.watch),
         Command::Explain => inspect::explain(&args.opts, &args.targets),
         Command::Exec => crate::exec::exec(&args.opts, args.verdict.as_deref(), &args.targets),
+        Command::Down => crate::down::down(&args.opts),
     };
     match result {
         Ok(code) => code,
@@ -519,6 +548,13 @@ mod tests {
         assert!(matches!(p(&["exec"]), Err(Error::Usage(_))));
         assert!(matches!(p(&["exec", "--bogus", "x"]), Err(Error::Usage(_))));
         assert!(matches!(p(&["help", "frob"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["down", "--once"]), Err(Error::Usage(_))));
+        assert!(matches!(p(&["down", "x"]), Err(Error::Usage(_))));
+        assert!(matches!(
+            p(&["down", "--cgroup-root", "/x"]),
+            Err(Error::Usage(_))
+        ));
+        assert_eq!(p(&["down", "-c", "f"]).unwrap().command, Command::Down);
     }
 
     #[test]

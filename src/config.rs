@@ -61,15 +61,23 @@ pub enum CgroupRoot {
     Dir(PathBuf),
 }
 
+/// `route`: what the daemon's policy routing should be. The mark, when not
+/// given, is the live ruleset's (the daemon reads it at start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
-    pub mark: u32,
+    pub mark: Option<u32>,
     pub table: u32,
+    pub priority: u32,
 }
 
+/// The shipped ruleset's mark (CGTPROXY_MARK), for when the live one sets
+/// none that `inspect` recognises.
+pub const DEFAULT_MARK: u32 = 9011;
+
 pub const DEFAULT_ROUTE: Route = Route {
-    mark: 9011,
+    mark: None,
     table: 9011,
+    priority: crate::route::DEFAULT_PRIORITY,
 };
 
 #[derive(Debug, Clone)]
@@ -91,7 +99,9 @@ pub struct Config {
     pub map: String,
     pub verdict_map: String,
     pub route: Option<Route>,
-    pub keep_on_exit: bool,
+    /// Obsolete since stopping never removes anything: accepted, and the
+    /// daemon warns that it means nothing now.
+    pub keep_on_exit: Option<bool>,
     pub rules: Vec<Rule>,
 }
 
@@ -149,7 +159,7 @@ impl Config {
             map: "cgroups".into(),
             verdict_map: "verdicts".into(),
             route: Some(DEFAULT_ROUTE),
-            keep_on_exit: false,
+            keep_on_exit: None,
             rules: Vec::new(),
         };
         let mut have_rules = false;
@@ -172,7 +182,7 @@ impl Config {
                 "map" => cfg.map = name(v).map_err(|w| err(key, w))?,
                 "verdict-map" => cfg.verdict_map = name(v).map_err(|w| err(key, w))?,
                 "keep-on-exit" => match v {
-                    Value::Bool(b) => cfg.keep_on_exit = *b,
+                    Value::Bool(b) => cfg.keep_on_exit = Some(*b),
                     _ => return Err(err(key, format!("expected true or false, got {}", kind(v)))),
                 },
                 "route" => {
@@ -328,9 +338,24 @@ fn route(v: &Value) -> Result<Option<Route>, (String, String)> {
         let place = format!(".{key}");
         match key.as_str() {
             "mark" => {
-                r.mark = u32_value(v).map_err(|w| (place.clone(), w))?;
-                if r.mark == 0 {
+                let m = u32_value(v).map_err(|w| (place.clone(), w))?;
+                if m == 0 {
                     return Err((place, "the mark must not be 0".into()));
+                }
+                r.mark = Some(m);
+            }
+            "priority" => {
+                r.priority = u32_value(v).map_err(|w| (place.clone(), w))?;
+                // 0 is the kernel's `lookup local`; from 32766 on, the main
+                // table would be looked up first.
+                if r.priority == 0 || r.priority > 32765 {
+                    return Err((
+                        place,
+                        format!(
+                            "rule priority {} is out of range: pick one from 1 to 32765 (ahead of the main table)",
+                            r.priority
+                        ),
+                    ));
                 }
             }
             "table" => {
@@ -343,7 +368,12 @@ fn route(v: &Value) -> Result<Option<Route>, (String, String)> {
                     ));
                 }
             }
-            _ => return Err((place, "unknown key (expected mark or table)".into())),
+            _ => {
+                return Err((
+                    place,
+                    "unknown key (expected mark, table or priority)".into(),
+                ));
+            }
         }
     }
     Ok(Some(r))
@@ -735,7 +765,7 @@ mod tests {
         let c = Config::parse(
             "c",
             r#"{ "cgroup-root": "auto", "table": "t", "map": "m", "verdict-map": "v", "keep-on-exit": true,
-                 "route": { "mark": 1, "table": 100 },
+                 "route": { "mark": 1, "table": 100, "priority": 7 },
                  "rules": [ { "match": "/a", "target": "direct" }, { "match": "/.*", "target": "drop" } ] }"#,
         )
         .unwrap();
@@ -746,13 +776,14 @@ mod tests {
                 c.verdict_map.as_str(),
                 c.keep_on_exit
             ),
-            ("t", "m", "v", true)
+            ("t", "m", "v", Some(true))
         );
         assert_eq!(
             c.route,
             Some(Route {
-                mark: 1,
-                table: 100
+                mark: Some(1),
+                table: 100,
+                priority: 7,
             })
         );
         assert_eq!(c.verdict("/a"), Some(&Verdict::Goto("direct".into())));
@@ -820,6 +851,14 @@ mod tests {
         assert_eq!(
             msg(r#"{"rules":[],"route":{"mark":4294967296}}"#),
             "c.json: route.mark: 4294967296 does not fit in 32 bits"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[],"route":{"priority":0}}"#),
+            "c.json: route.priority: rule priority 0 is out of range: pick one from 1 to 32765 (ahead of the main table)"
+        );
+        assert_eq!(
+            msg(r#"{"rules":[],"route":{"priority":32766}}"#),
+            "c.json: route.priority: rule priority 32766 is out of range: pick one from 1 to 32765 (ahead of the main table)"
         );
         assert_eq!(
             msg(r#"{"rules":[],"rules":[]}"#),

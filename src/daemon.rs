@@ -3,22 +3,33 @@
 //! ```text
 //! inotify events ─▶ Tree (Changes) ─▶ reconcile (Ops) ─▶ one netlink batch
 //! nf_tables events / overflow / SIGHUP ─▶ dump + full reconcile ─▶ one batch
+//! rtnetlink rule/route deletions ─▶ route::install (puts back what is gone)
 //! ```
+//!
+//! What the daemon knows about the kernel is one [`State`]: where the maps
+//! stand ([`Maps`]) and where the policy routing stands ([`Routing`]); every
+//! transition is a named method, and the loop only asks it what to do next.
+//! Stopping changes nothing in the kernel: elements, verdicts and routes
+//! stay, so a restart or an upgrade opens no window (`cgtproxy down` is the
+//! deliberate way off).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use neli::consts::socket::NlFamily;
 use rustix::event::{PollFd, PollFlags, poll};
 
 use crate::cgroup;
-use crate::config::{Config, Route};
+use crate::config::Config;
 use crate::error::Error;
+use crate::instance::{self, Instance};
 use crate::netlink::Socket;
 use crate::nftables::{self, NFNL_SUBSYS_NFTABLES};
+use crate::options::{Options, load};
 use crate::reconcile::{self, Numbers, Ops, Renumber};
-use crate::route;
+use crate::route::{self, Policy};
 use crate::ruleset::{ApplyError, Ruleset};
 use crate::signals::{Signal, Signals};
 use crate::watch::{Change, Status, Tree};
@@ -35,23 +46,228 @@ const RETRY: rustix::time::Timespec = rustix::time::Timespec {
     tv_nsec: 0,
 };
 
-#[derive(Debug, Default, Clone)]
-pub struct Options {
-    pub config: Option<PathBuf>,
-    pub cgroup_root: Option<PathBuf>,
-    pub once: bool,
-    pub dry_run: bool,
-    pub ready_fd: Option<i32>,
+/// Where the maps stand against cgroupfs × rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Maps {
+    /// They hold exactly the truth; inotify changes apply incrementally.
+    InStep,
+    /// They may not (someone else's transaction, a rescan, a reload, a
+    /// batch the kernel found diverged): dump and reconcile at the next turn.
+    ResyncDue,
+    /// The table or a map is gone (said once). `retry`: an event or the
+    /// timer says it may be back.
+    WaitingForTable { retry: bool },
+    /// Transactions fail, with `error` (said once) since `since`; retried
+    /// at the timer or at an event.
+    Failing {
+        since: Instant,
+        error: String,
+        retry: bool,
+    },
 }
 
-/// Loads the config, with `--cgroup-root` taking precedence over the file.
-pub fn load(opts: &Options) -> Result<(Config, PathBuf), Error> {
-    let mut cfg = Config::load(opts.config.as_deref())?;
-    if let Some(d) = &opts.cgroup_root {
-        cfg.cgroup_root = crate::config::CgroupRoot::Dir(d.clone());
+/// Where the policy routing stands (only when the config asks for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Routing {
+    /// In place as far as we know.
+    InPlace,
+    /// A rule or route of ours was deleted (or events were lost): check
+    /// and put back at the next turn.
+    Missing,
+    /// Putting it back failed with `error` (said once); retried at the timer.
+    Failing { since: Instant, error: String },
+}
+
+#[derive(Debug)]
+struct State {
+    maps: Maps,
+    routing: Routing,
+    /// When "restored" was last said, and how often it was not said since:
+    /// `ip route flush` deletes again what we put back, for up to ten
+    /// rounds, and a fight like that must not flood the log.
+    said_restored: Option<(Instant, u32)>,
+}
+
+/// After a "restored", the next one is said only after this much time (and
+/// counts what it did not say); a flush's rounds come within milliseconds.
+const RESTORED_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl State {
+    /// Whether a full sync should run now.
+    fn sync_now(&self) -> bool {
+        matches!(
+            self.maps,
+            Maps::ResyncDue
+                | Maps::WaitingForTable { retry: true }
+                | Maps::Failing { retry: true, .. }
+        )
     }
-    let root = cgroup::resolve_root(&cfg.cgroup_root)?;
-    Ok((cfg, root))
+
+    /// Whether inotify changes can be applied as they come.
+    fn in_step(&self) -> bool {
+        self.maps == Maps::InStep
+    }
+
+    /// Whether the loop needs the retry timer.
+    fn needs_timer(&self) -> bool {
+        self.maps != Maps::InStep || matches!(self.routing, Routing::Failing { .. })
+    }
+
+    /// Something says the maps may be wrong now: resync at the next turn
+    /// (a failing or waiting one too, at once rather than at the timer).
+    fn resync_due(&mut self) {
+        match &mut self.maps {
+            Maps::InStep => self.maps = Maps::ResyncDue,
+            Maps::WaitingForTable { retry } | Maps::Failing { retry, .. } => *retry = true,
+            Maps::ResyncDue => {}
+        }
+    }
+
+    /// The retry timer fired: try whatever is failing again.
+    fn timer(&mut self) {
+        if self.maps != Maps::InStep {
+            self.resync_due();
+        }
+        if matches!(self.routing, Routing::Failing { .. }) {
+            self.routing = Routing::Missing;
+        }
+    }
+
+    /// A sync failed; `full` when it was a full sync (so a diverged
+    /// answer waits for the timer instead of looping). Logs what is new.
+    fn sync_failed(&mut self, e: ApplyError, full: bool) {
+        self.maps = match (e, std::mem::replace(&mut self.maps, Maps::ResyncDue)) {
+            (ApplyError::Missing(m), was) => {
+                if !matches!(was, Maps::WaitingForTable { .. }) {
+                    warn!("{m}; waiting for it (cgroups are still followed)");
+                }
+                Maps::WaitingForTable { retry: false }
+            }
+            (ApplyError::Diverged(m), was) => {
+                info!("{m}; reconciling the whole map");
+                match was {
+                    _ if !full => Maps::ResyncDue,
+                    Maps::Failing { since, error, .. } => Maps::Failing {
+                        since,
+                        error,
+                        retry: false,
+                    },
+                    _ => Maps::Failing {
+                        since: Instant::now(),
+                        error: m,
+                        retry: false,
+                    },
+                }
+            }
+            (ApplyError::Failed(m), was) => {
+                let since = match was {
+                    Maps::Failing { since, error, .. } if error == m => since,
+                    Maps::Failing { since, .. } => {
+                        warn!("{m}; retrying every {} s", RETRY.tv_sec);
+                        since
+                    }
+                    _ => {
+                        warn!("{m}; retrying every {} s", RETRY.tv_sec);
+                        Instant::now()
+                    }
+                };
+                Maps::Failing {
+                    since,
+                    error: m,
+                    retry: false,
+                }
+            }
+        };
+    }
+
+    /// A full sync committed: the maps are the truth again.
+    fn synced(&mut self, cfg: &Config, s: &Synced) {
+        match &self.maps {
+            Maps::WaitingForTable { .. } => info!(
+                "table inet {} is back; map {} refilled ({} elements)",
+                cfg.table, cfg.map, s.elements
+            ),
+            _ if s.deleted + s.added > 0 => info!(
+                "map {} reconciled: {} deleted, {} added",
+                cfg.map, s.deleted, s.added
+            ),
+            _ => {}
+        }
+        if let Maps::Failing { since, .. } = &self.maps {
+            info!(
+                "map {} is right again (after {} s of failures)",
+                cfg.map,
+                since.elapsed().as_secs()
+            );
+        }
+        self.maps = Maps::InStep;
+    }
+
+    /// A rule or route of ours was deleted, or we may have missed it.
+    fn routing_missing(&mut self) {
+        if self.routing == Routing::InPlace {
+            self.routing = Routing::Missing;
+        }
+    }
+
+    fn routing_restored(&mut self, made: &route::Made) {
+        if !made.is_empty() {
+            match &mut self.said_restored {
+                Some((at, more)) if at.elapsed() < RESTORED_QUIET => *more += 1,
+                said => {
+                    let again = match said {
+                        Some((_, n)) if *n > 0 => format!(
+                            " (and {n} more times in the {} s before)",
+                            RESTORED_QUIET.as_secs()
+                        ),
+                        _ => String::new(),
+                    };
+                    warn!(
+                        "policy routing for {} removed by someone else: restored{again}",
+                        made.families().join(" and ")
+                    );
+                    *said = Some((Instant::now(), 0));
+                }
+            }
+        }
+        if let Routing::Failing { since, .. } = &self.routing {
+            info!(
+                "policy routing is in place again (after {} s)",
+                since.elapsed().as_secs()
+            );
+        }
+        self.routing = Routing::InPlace;
+    }
+
+    fn routing_failed(&mut self, e: Error) {
+        let m = e.to_string();
+        let since = match std::mem::replace(&mut self.routing, Routing::Missing) {
+            Routing::Failing { since, error } if error == m => since,
+            Routing::Failing { since, .. } => {
+                warn!(
+                    "policy routing removed by someone else; putting it back: {m}; retrying every {} s",
+                    RETRY.tv_sec
+                );
+                since
+            }
+            _ => {
+                warn!(
+                    "policy routing removed by someone else; putting it back: {m}; retrying every {} s",
+                    RETRY.tv_sec
+                );
+                Instant::now()
+            }
+        };
+        self.routing = Routing::Failing { since, error: m };
+    }
+}
+
+/// What a full sync did.
+struct Synced {
+    deleted: usize,
+    added: usize,
+    /// Elements in the map after it.
+    elements: usize,
 }
 
 struct Daemon {
@@ -64,20 +280,63 @@ struct Daemon {
     /// other writer's change to it makes the daemon dump again.
     numbers: Numbers,
     events: Option<Socket>,
-    routes: Option<Route>,
-    /// The map may not match the tree: dump and reconcile at the next turn.
-    resync: bool,
-    /// The table or map is gone; said once, until it is back.
-    missing: bool,
-    /// Consecutive failed attempts; past one, wait for an event or RETRY.
-    failures: u32,
-    /// The last failure logged: a persistent one is said once, not every RETRY.
-    last_failure: Option<String>,
+    routes: Option<Policy>,
+    watch: Option<route::Watch>,
+    instance: Instance,
+    state: State,
+}
+
+/// The routing the daemon keeps for `cfg`: the mark is the live ruleset's;
+/// a `route.mark` that differs from it is refused (exit 2), since routing
+/// one mark while the ruleset sets another sends proxied traffic nowhere.
+pub fn policy(cfg: &Config) -> Result<Option<Policy>, Error> {
+    let live = crate::inspect::ruleset_mark(cfg)?;
+    let Some(r) = cfg.route else {
+        if let Some(m) = live
+            && !route::routes_mark(m)?
+        {
+            warn!(
+                "\"route\" is false and no policy rule routes mark {m}: traffic of proxied cgroups is dropped until routing for it exists (ip rule add fwmark {m} lookup T; ip route add local default dev lo table T)"
+            );
+        }
+        return Ok(None);
+    };
+    let mark = match (r.mark, live) {
+        (Some(c), Some(l)) if c != l => {
+            return Err(Error::Config(format!(
+                "{}: route.mark {c} differs from the mark the ruleset's TPROXY rules match ({l}): make them equal (CGTPROXY_MARK in the ruleset, or drop route.mark to use the ruleset's)",
+                cfg.source
+            )));
+        }
+        (Some(m), _) | (None, Some(m)) => m,
+        (None, None) => {
+            let m = crate::config::DEFAULT_MARK;
+            warn!(
+                "no TPROXY mark found in table inet {}; routing mark {m} (set route.mark to choose)",
+                cfg.table
+            );
+            m
+        }
+    };
+    Ok(Some(Policy {
+        mark,
+        table: r.table,
+        priority: r.priority,
+    }))
+}
+
+fn warn_obsolete(cfg: &Config) {
+    if cfg.keep_on_exit.is_some() {
+        warn!(
+            "{}: keep-on-exit is obsolete and ignored: stopping never removes elements or routes (`cgtproxy down` does)",
+            cfg.source
+        );
+    }
 }
 
 pub fn run(opts: Options) -> Result<(), Error> {
     // Block the signals first: a SIGTERM during start-up is then handled
-    // by the loop (clean-up included), never by the default action.
+    // by the loop, never by the default action.
     let signals = Signals::block().map_err(|e| Error::Runtime(format!("signalfd: {e}")))?;
     let (cfg, root) = load(&opts)?;
     if let Some(fd) = opts.ready_fd {
@@ -88,149 +347,192 @@ pub fn run(opts: Options) -> Result<(), Error> {
             )));
         }
     }
+    if opts.dry_run {
+        return dry_run(&cfg, &root);
+    }
+    // Before anything else in the kernel: a second instance touches nothing.
+    let instance = instance::claim(&cfg.table, &cfg.map, "")?;
+    warn_obsolete(&cfg);
     let mut rs = Ruleset::open(&cfg)?;
     rs.check(&cfg)?;
+    let routes = policy(&cfg)?;
     // Subscribe before the first dump, so no change after it goes unseen.
-    let events = if opts.once || opts.dry_run {
-        None
+    let (events, watch) = if opts.once {
+        (None, None)
     } else {
-        Some(
-            Socket::subscribe(NlFamily::Netfilter, NFNLGRP_NFTABLES, EVENT_RCVBUF)
-                .map_err(|e| Error::Runtime(format!("nf_tables event socket: {e}")))?,
-        )
+        let events = Socket::subscribe(NlFamily::Netfilter, NFNLGRP_NFTABLES, EVENT_RCVBUF)
+            .map_err(|e| Error::Runtime(format!("nf_tables event socket: {e}")))?;
+        let watch = match routes {
+            Some(_) => Some(route::Watch::open()?),
+            None => None,
+        };
+        (Some(events), watch)
     };
     let tree = Tree::scan(&root)
         .map_err(|e| Error::Runtime(format!("{}: {}", root.display(), crate::error::io(&e))))?;
-    let dump = rs
-        .dump()?
-        .ok_or_else(|| Error::Config(rs.table_missing()))?;
-    let (actual, mut numbers) = (dump.elements, dump.numbers);
-    let ops = reconcile::full(&cfg, tree.iter(), &actual, &numbers);
-
-    if opts.dry_run {
-        let numbers = reconcile::plan(&numbers, &ops).renumbered(&numbers);
-        let tree_gone = (&tree, &HashMap::new());
-        print!(
-            "{}",
-            describe(&numbers, &cfg.verdict_map, &ops, tree_gone, "would ")
-        );
-        println!(
-            "dry run: {} to delete, {} to add; nothing was changed",
-            ops.del.len(),
-            ops.add.len()
-        );
-        return Ok(());
-    }
 
     // Routes before elements: a proxied packet must never be marked while
     // its mark still routes normally.
-    let routes = cfg.route;
     let created = match &routes {
         Some(r) => route::install(r)?,
-        None => false,
+        None => route::Made::default(),
     };
-    let renumbered = match commit(&mut rs, &mut numbers, &ops, &|id| {
-        name(&tree, &HashMap::new(), id)
-    }) {
-        Ok(n) => n,
-        Err(e) => {
-            // Leave the kernel as it was: remove only routes this run created.
-            if let (Some(r), true) = (&routes, created) {
-                route::remove(r, None);
-            }
-            return Err(Error::Runtime(format!(
-                "initial sync of map {}: {e}",
-                cfg.map
-            )));
-        }
-    };
-    let tree_gone = (&tree, &HashMap::new());
-    crate::log::write_lines(&describe(
-        &renumbered,
-        &cfg.verdict_map,
-        &ops,
-        tree_gone,
-        "",
-    ));
-    info!(
-        "watching {} cgroups under {}; map {} holds {} elements{}",
-        tree.len(),
-        root.display(),
-        cfg.map,
-        actual.len() + ops.add.len() - ops.del.len(),
-        if opts.once { "" } else { "; ready" }
-    );
-    notify_ready(
-        opts.ready_fd,
-        &format!("STATUS=watching {} cgroups", tree.len()),
-    );
-    if opts.once {
-        return Ok(());
-    }
-
-    // The initial sync's temporaries (a path per cgroup, the dump) would
-    // otherwise stay resident for the daemon's whole life.
-    drop(ops);
-    drop(actual);
     let mut d = Daemon {
         opts,
         cfg,
         root,
         tree,
         rs,
-        numbers,
+        numbers: Numbers::new(),
         events,
         routes,
-        resync: false,
-        missing: false,
-        failures: 0,
-        last_failure: None,
+        watch,
+        instance,
+        state: State {
+            maps: Maps::ResyncDue,
+            routing: Routing::InPlace,
+            said_restored: None,
+        },
     };
+    // The initial sync is the full sync; only its failure is fatal.
+    let synced = match d.sync() {
+        Ok(s) => s,
+        Err(e) => {
+            // Leave the kernel as it was: remove only routes this run created.
+            if let (Some(r), false) = (&d.routes, created.is_empty()) {
+                route::remove(r, None);
+            }
+            return Err(match e {
+                ApplyError::Missing(m) => Error::Config(m),
+                e => Error::Runtime(format!("initial sync of map {}: {e}", d.cfg.map)),
+            });
+        }
+    };
+    d.state.maps = Maps::InStep;
+    info!(
+        "watching {} cgroups under {}; map {} holds {} elements{}",
+        d.tree.len(),
+        d.root.display(),
+        d.cfg.map,
+        synced.elements,
+        if d.opts.once { "" } else { "; ready" }
+    );
+    notify_ready(
+        d.opts.ready_fd,
+        &format!("STATUS=watching {} cgroups", d.tree.len()),
+    );
+    if d.opts.once {
+        return Ok(());
+    }
     let code = d.serve(&signals);
-    d.shutdown();
+    notify("STOPPING=1");
     code
+}
+
+/// `--dry-run`: the initial sync's plan, printed; nothing is claimed or
+/// changed.
+fn dry_run(cfg: &Config, root: &std::path::Path) -> Result<(), Error> {
+    let mut rs = Ruleset::open(cfg)?;
+    rs.check(cfg)?;
+    let tree = Tree::scan(root)
+        .map_err(|e| Error::Runtime(format!("{}: {}", root.display(), crate::error::io(&e))))?;
+    let dump = rs
+        .dump()?
+        .ok_or_else(|| Error::Config(rs.table_missing()))?;
+    let ops = reconcile::full(cfg, tree.iter(), &dump.elements, &dump.numbers);
+    let numbers = reconcile::plan(&dump.numbers, &ops).renumbered(&dump.numbers);
+    let tree_gone = (&tree, &HashMap::new());
+    print!(
+        "{}",
+        describe(&numbers, &cfg.verdict_map, &ops, tree_gone, "would ")
+    );
+    println!(
+        "dry run: {} to delete, {} to add; nothing was changed",
+        ops.del.len(),
+        ops.add.len()
+    );
+    Ok(())
 }
 
 impl Daemon {
     fn serve(&mut self, signals: &Signals) -> Result<(), Error> {
         let mut changes = Vec::new();
         loop {
-            if self.resync && self.failures == 0 {
+            if self.state.routing == Routing::Missing {
+                self.restore_routing();
+            }
+            if self.state.sync_now() {
                 self.full_sync();
             }
-            let (sig_ready, tree_ready, nft_ready) = {
-                let (sfd, tfd) = (signals.fd(), self.tree.fd());
+            let (sig_ready, tree_ready, nft_ready, route_ready, asked) = {
+                let (sfd, tfd, ifd) = (signals.fd(), self.tree.fd(), self.instance.fd());
                 let efd = self.events.as_ref().map(|e| e.fd());
+                let rfd = self.watch.as_ref().map(|w| w.fd());
                 let mut fds = vec![
                     PollFd::new(&sfd, PollFlags::IN),
                     PollFd::new(&tfd, PollFlags::IN),
+                    PollFd::new(&ifd, PollFlags::IN),
                 ];
+                let (mut ei, mut ri) = (None, None);
                 if let Some(efd) = &efd {
+                    ei = Some(fds.len());
                     fds.push(PollFd::new(efd, PollFlags::IN));
                 }
-                let timeout = if self.resync { Some(&RETRY) } else { None };
-                match poll(&mut fds, timeout) {
-                    Ok(_) => {}
+                if let Some(rfd) = &rfd {
+                    ri = Some(fds.len());
+                    fds.push(PollFd::new(rfd, PollFlags::IN));
+                }
+                let timeout = if self.state.needs_timer() {
+                    Some(&RETRY)
+                } else {
+                    None
+                };
+                let n = match poll(&mut fds, timeout) {
+                    Ok(n) => n,
                     Err(rustix::io::Errno::INTR) => continue,
                     Err(e) => return Err(Error::Runtime(format!("poll: {e}"))),
+                };
+                if n == 0 {
+                    // The retry timer: try again.
+                    self.state.timer();
                 }
-                let ready = |i: usize| fds.get(i).is_some_and(|f| !f.revents().is_empty());
-                (ready(0), ready(1), ready(2))
+                let ready = |i: Option<usize>| {
+                    i.and_then(|i| fds.get(i))
+                        .is_some_and(|f| !f.revents().is_empty())
+                };
+                (
+                    ready(Some(0)),
+                    ready(Some(1)),
+                    ready(ei),
+                    ready(ri),
+                    ready(Some(2)),
+                )
             };
-            if !sig_ready && !tree_ready && !nft_ready && self.resync {
-                // The retry timer: try again.
-                self.failures = 0;
+            if asked {
+                self.instance.drain();
             }
             if sig_ready {
                 for s in signals.pending() {
                     match s {
                         Signal::Stop(n) => {
-                            info!("signal {n}: stopping");
+                            info!(
+                                "signal {n}: stopping; maps {} and {} and the routes stay (`cgtproxy down` removes them)",
+                                self.cfg.map, self.cfg.verdict_map
+                            );
                             return Ok(());
                         }
                         Signal::Reload => self.reload(),
                     }
                 }
+            }
+            if route_ready
+                && let (Some(w), Some(p)) = (&mut self.watch, &self.routes)
+                && w.removed(p)
+            {
+                self.state.routing_missing();
+                // Before the next batch of anything else: the routing is
+                // what keeps proxied traffic flowing.
+                self.restore_routing();
             }
             if tree_ready {
                 changes.clear();
@@ -252,6 +554,18 @@ impl Daemon {
         }
     }
 
+    /// Puts back whatever part of the policy routing is gone.
+    fn restore_routing(&mut self) {
+        let Some(p) = &self.routes else {
+            self.state.routing = Routing::InPlace;
+            return;
+        };
+        match route::repair(p) {
+            Ok(made) => self.state.routing_restored(&made),
+            Err(e) => self.state.routing_failed(e),
+        }
+    }
+
     /// One batch of inotify events → one transaction.
     fn apply_changes(&mut self, changes: &[Change]) {
         if changes.is_empty() {
@@ -270,7 +584,7 @@ impl Daemon {
                 }
             }
         }
-        if self.resync {
+        if !self.state.in_step() {
             return; // a full sync is due anyway, and will include these
         }
         let ops = reconcile::incremental(&self.cfg, changes);
@@ -290,81 +604,39 @@ impl Daemon {
                 let map = &self.cfg.verdict_map;
                 crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &gone), ""));
             }
-            Err(e) => self.failed(e),
+            Err(e) => self.state.sync_failed(e, false),
         }
     }
 
-    fn failed(&mut self, e: ApplyError) {
-        match &e {
-            ApplyError::Missing(m) => {
-                if !self.missing {
-                    warn!("{m}; waiting for it (cgroups are still followed)");
-                }
-                self.missing = true;
-                self.failures += 1;
-            }
-            ApplyError::Diverged(m) => {
-                info!("{m}; reconciling the whole map");
-                // Immediately once; if that fails too, wait for the timer.
-                self.failures = u32::from(self.resync);
-            }
-            ApplyError::Failed(m) => {
-                if self.last_failure.as_ref() != Some(m) {
-                    warn!("{m}; retrying every {} s", RETRY.tv_sec);
-                    self.last_failure = Some(m.clone());
-                }
-                self.failures += 1;
-            }
-        }
-        self.resync = true;
-    }
-
-    /// Dump the map and make it exactly right in one transaction.
-    fn full_sync(&mut self) {
+    /// Dump the maps and make them exactly right in one transaction (the
+    /// map's old content is replaced, never left half-filled): the initial
+    /// sync, and every resync after.
+    fn sync(&mut self) -> Result<Synced, ApplyError> {
         let actual = match self.rs.dump() {
             Ok(Some(d)) => {
                 self.numbers = d.numbers;
                 d.elements
             }
-            Ok(None) => {
-                self.failed(ApplyError::Missing(self.rs.table_missing()));
-                return;
-            }
-            Err(e) => {
-                self.failed(ApplyError::Failed(e.to_string()));
-                return;
-            }
+            Ok(None) => return Err(ApplyError::Missing(self.rs.table_missing())),
+            Err(e) => return Err(ApplyError::Failed(e.to_string())),
         };
         let ops = reconcile::full(&self.cfg, self.tree.iter(), &actual, &self.numbers);
         let empty = HashMap::new();
         let name = |id| name(&self.tree, &empty, id);
-        match commit(&mut self.rs, &mut self.numbers, &ops, &name) {
-            Ok(numbers) => {
-                let map = &self.cfg.verdict_map;
-                crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &empty), ""));
-                if self.missing {
-                    info!(
-                        "table inet {} is back; map {} refilled ({} elements)",
-                        self.cfg.table,
-                        self.cfg.map,
-                        actual.len() + ops.add.len() - ops.del.len()
-                    );
-                } else if !ops.is_empty() {
-                    info!(
-                        "map {} reconciled: {} deleted, {} added",
-                        self.cfg.map,
-                        ops.del.len(),
-                        ops.add.len()
-                    );
-                }
-                if self.last_failure.take().is_some() {
-                    info!("map {} is right again", self.cfg.map);
-                }
-                self.missing = false;
-                self.resync = false;
-                self.failures = 0;
-            }
-            Err(e) => self.failed(e),
+        let numbers = commit(&mut self.rs, &mut self.numbers, &ops, &name)?;
+        let map = &self.cfg.verdict_map;
+        crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &empty), ""));
+        Ok(Synced {
+            deleted: ops.del.len(),
+            added: ops.add.len(),
+            elements: actual.len() + ops.add.len() - ops.del.len(),
+        })
+    }
+
+    fn full_sync(&mut self) {
+        match self.sync() {
+            Ok(s) => self.state.synced(&self.cfg, &s),
+            Err(e) => self.state.sync_failed(e, true),
         }
     }
 
@@ -373,8 +645,7 @@ impl Daemon {
             Ok(t) => self.tree = t,
             Err(e) => warn!("rescan of {}: {e}", self.root.display()),
         }
-        self.resync = true;
-        self.failures = 0;
+        self.state.resync_due();
     }
 
     /// nf_tables events: someone else's transaction that touched our table,
@@ -423,8 +694,7 @@ impl Daemon {
             resync = true;
         }
         if resync {
-            self.resync = true;
-            self.failures = 0;
+            self.state.resync_due();
         }
     }
 
@@ -433,13 +703,21 @@ impl Daemon {
     /// difference.
     fn reload(&mut self) {
         notify("RELOADING=1");
+        let moved = |cfg: &Config| cfg.table != self.cfg.table || cfg.map != self.cfg.map;
         let result = (|| {
             let (cfg, root) = load(&self.opts)?;
+            // Another table or map is another daemon's unless we can claim it.
+            let claim = if moved(&cfg) {
+                Some(instance::claim(&cfg.table, &cfg.map, "")?)
+            } else {
+                None
+            };
             let mut rs = Ruleset::open(&cfg)?;
             rs.check(&cfg)?;
-            Ok::<_, Error>((cfg, root, rs))
+            let routes = policy(&cfg)?;
+            Ok::<_, Error>((cfg, root, rs, routes, claim))
         })();
-        let (cfg, root, rs) = match result {
+        let (cfg, root, rs, routes, claim) = match result {
             Ok(x) => x,
             Err(e) => {
                 warn!("reload refused, keeping the running configuration: {e}");
@@ -449,8 +727,8 @@ impl Daemon {
         };
         // Routes before elements, as at start; a route the kernel refuses
         // refuses the reload (install takes back what it added).
-        if cfg.route != self.routes {
-            if let Some(r) = &cfg.route
+        if routes != self.routes {
+            if let Some(r) = &routes
                 && let Err(e) = route::install(r)
             {
                 warn!("reload refused, keeping the running configuration: {e}");
@@ -458,16 +736,26 @@ impl Daemon {
                 return;
             }
             if let Some(old) = &self.routes {
-                for f in route::remove(old, cfg.route.as_ref()) {
+                for f in route::remove(old, routes.as_ref()) {
                     warn!("removing old route: {f}");
                 }
             }
-            self.routes = cfg.route;
+            if routes.is_some() && self.watch.is_none() {
+                match route::Watch::open() {
+                    Ok(w) => self.watch = Some(w),
+                    Err(e) => warn!("{e}; routing removed by others is not put back"),
+                }
+            }
+            self.routes = routes;
+            self.state.routing = Routing::InPlace;
         }
+        warn_obsolete(&cfg);
         if cfg.table != self.cfg.table
             || cfg.map != self.cfg.map
             || cfg.verdict_map != self.cfg.verdict_map
         {
+            // The old maps are no longer anyone's: the config moved away
+            // from them on purpose.
             if let Err(e) = self.rs.flush() {
                 warn!(
                     "emptying the old maps {} and {}: {e}",
@@ -476,6 +764,9 @@ impl Daemon {
             }
             self.rs = rs;
         }
+        if let Some(c) = claim {
+            self.instance = c;
+        }
         let root_changed = root != self.root;
         self.cfg = cfg;
         self.root = root;
@@ -483,31 +774,9 @@ impl Daemon {
             self.rescan();
         }
         info!("configuration reloaded from {}", self.cfg.source);
-        self.resync = true;
-        self.failures = 0;
+        self.state.resync_due();
         self.full_sync();
         notify("READY=1");
-    }
-
-    /// SIGTERM/SIGINT: take back what we added, unless told to keep it.
-    fn shutdown(&mut self) {
-        notify("STOPPING=1");
-        if self.cfg.keep_on_exit {
-            info!(
-                "keep-on-exit: leaving maps {} and {} and the routes in place",
-                self.cfg.map, self.cfg.verdict_map
-            );
-            return;
-        }
-        match self.rs.flush() {
-            Ok(()) | Err(ApplyError::Missing(_)) => {}
-            Err(e) => warn!("{e}"),
-        }
-        if let Some(r) = &self.routes {
-            for f in route::remove(r, None) {
-                warn!("removing {f}");
-            }
-        }
     }
 }
 
@@ -621,5 +890,86 @@ fn notify_ready(ready_fd: Option<i32>, status: &str) {
         if let Err(e) = rustix::io::write(&fd, b"\n") {
             warn!("--ready-fd: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State {
+            maps: Maps::InStep,
+            routing: Routing::InPlace,
+            said_restored: None,
+        }
+    }
+
+    fn cfg() -> Config {
+        Config::parse("t", r#"{"rules": []}"#).unwrap()
+    }
+
+    const SYNCED: Synced = Synced {
+        deleted: 0,
+        added: 0,
+        elements: 0,
+    };
+
+    /// What it proves: the transitions of the sync state, one by one —
+    /// an event makes a resync due; a failing transaction waits for the
+    /// timer (not a busy loop) but an event retries at once; a table that
+    /// is gone is waited for; a diverged incremental batch resyncs at once,
+    /// a diverged full sync waits; a success is in step again; lost routing
+    /// is repaired at the next turn and a failed repair waits for the timer.
+    /// How it can fail: any transition to the wrong state (a resync never
+    /// tried, or tried in a loop without the timer).
+    #[test]
+    fn sync_state_transitions() {
+        let mut s = state();
+        assert!(!s.sync_now() && s.in_step() && !s.needs_timer());
+        s.timer();
+        assert!(s.in_step(), "the timer alone changes nothing in step");
+        s.resync_due();
+        assert!(s.sync_now() && !s.in_step());
+
+        s.sync_failed(ApplyError::Failed("boom".into()), true);
+        assert!(matches!(&s.maps, Maps::Failing { error, retry: false, .. } if error == "boom"));
+        assert!(!s.sync_now() && s.needs_timer());
+        s.timer();
+        assert!(s.sync_now(), "the timer retries");
+        let since = match &s.maps {
+            Maps::Failing { since, .. } => *since,
+            m => panic!("{m:?}"),
+        };
+        s.sync_failed(ApplyError::Failed("boom".into()), true);
+        assert!(matches!(&s.maps, Maps::Failing { since: t, .. } if *t == since));
+        s.resync_due();
+        assert!(s.sync_now(), "an event retries at once");
+        s.synced(&cfg(), &SYNCED);
+        assert!(s.in_step());
+
+        s.resync_due();
+        s.sync_failed(ApplyError::Missing("gone".into()), true);
+        assert_eq!(s.maps, Maps::WaitingForTable { retry: false });
+        assert!(!s.sync_now() && s.needs_timer());
+        s.resync_due();
+        assert_eq!(s.maps, Maps::WaitingForTable { retry: true });
+        s.synced(&cfg(), &SYNCED);
+        assert!(s.in_step());
+
+        s.sync_failed(ApplyError::Diverged("odd".into()), false);
+        assert!(s.sync_now(), "a diverged batch resyncs at once");
+        s.sync_failed(ApplyError::Diverged("odd".into()), true);
+        assert!(!s.sync_now(), "a diverged full sync waits for the timer");
+
+        let mut s = state();
+        s.routing_missing();
+        assert_eq!(s.routing, Routing::Missing);
+        s.routing_failed(Error::Runtime("no".into()));
+        assert!(matches!(s.routing, Routing::Failing { .. }) && s.needs_timer());
+        s.timer();
+        assert_eq!(s.routing, Routing::Missing, "the timer retries the repair");
+        s.routing_restored(&route::Made::default());
+        assert_eq!(s.routing, Routing::InPlace);
     }
 }

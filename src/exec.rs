@@ -26,8 +26,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
-use crate::daemon::Options;
 use crate::error::Error;
+use crate::options::Options;
 use crate::ruleset::Ruleset;
 
 /// How long exec waits for the element.
@@ -79,7 +79,7 @@ pub fn exec(opts: &Options, verdict: Option<&str>, cmd: &[OsString]) -> Result<i
             "exec needs a command: cgtproxy exec [--verdict V] -- CMD...".into(),
         ));
     }
-    let (cfg, root) = crate::daemon::load(opts)?;
+    let (cfg, root) = crate::options::load(opts)?;
     if std::env::var_os(STAGE_ENV).is_some_and(|v| v == "wait") {
         // SAFETY: single-threaded here; nothing else reads the environment.
         unsafe { std::env::remove_var(STAGE_ENV) };

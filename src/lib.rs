@@ -18,8 +18,12 @@
 //! - `netlink`: the transport (`Transport`: the kernel's socket or a fake)
 //!   and the conversation over it (`Conn`: sequence numbers, acks, dumps);
 //! - `wire`: netlink framing (headers, attributes);
-//! - `route`: the policy routing of the proxy mark (rtnetlink);
-//! - `daemon`: the single-threaded loop that joins them;
+//! - `route`: the policy routing of the proxy mark (rtnetlink), and its
+//!   watch;
+//! - `options`, `instance`: what every command takes, and the claim that
+//!   keeps one daemon per table and map;
+//! - `daemon`: the single-threaded loop that joins them; `down`: turning
+//!   cgtproxy off;
 //! - `inspect`: `check`, `status` and `explain` (read-only).
 
 pub mod log;
@@ -50,6 +54,9 @@ pub mod route;
 
 // The loop, and the read-only commands.
 pub mod daemon;
+pub mod down;
+pub mod instance;
+pub mod options;
 pub mod signals;
 
 pub mod error;

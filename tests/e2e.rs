@@ -220,13 +220,11 @@ fn cgroups_before_and_after_start_and_removed() {
         env.cg.mkdir(&["/x", "/d"]);
         env.wait_map(&rules);
 
+        let running = env.wait_map(&rules);
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert_eq!(
-            dump_map(),
-            MapDump::new(),
-            "SIGTERM must remove the elements"
-        );
+        // Stopping changes no verdict (INTERFACE §4): the elements stay.
+        assert_eq!(dump_map(), running, "SIGTERM must leave the elements");
     });
 }
 
@@ -508,7 +506,7 @@ fn sighup_reload_keeps_established_and_refuses_bad_config() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn sigterm_removes_elements_and_routes() {
+fn sigterm_keeps_elements_and_routes() {
     sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p/a", "/x"]);
@@ -519,22 +517,21 @@ fn sigterm_removes_elements_and_routes() {
         let verdicts = dump_verdicts();
         rules.assert_verdicts_clean(&verdicts, "while running");
         assert!(verdicts.len() >= 2, "proxy and drop in use: {verdicts:?}");
+        let running = dump_map();
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert_eq!(dump_map(), MapDump::new(), "elements left after SIGTERM");
-        assert_eq!(
-            dump_verdicts(),
-            VerdictDump::new(),
-            "verdict numbers left after SIGTERM"
-        );
-        assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, false, "after SIGTERM");
+        // A stop (or restart, or upgrade) must open no window: nothing goes.
+        assert_eq!(dump_map(), running, "elements after SIGTERM");
+        assert_eq!(dump_verdicts(), verdicts, "verdict numbers after SIGTERM");
+        assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, "after SIGTERM");
     });
 }
 
 #[test]
 fn sigint_and_custom_route() {
     sandbox(|env| {
-        load_ruleset();
+        // The config's mark must be the ruleset's (else exit 2).
+        load_ruleset_with_mark(4242);
         env.cg.mkdir(&["/p"]);
         let rules = rules();
         let mut cfg = Config::new(&rules);
@@ -547,10 +544,11 @@ fn sigint_and_custom_route() {
         assert_policy_routing(4242, 4243, true, "while running");
         d.signal(libc::SIGINT);
         let mut d = d;
+        let running = dump_map();
         let f = d.wait(Duration::from_secs(10)).expect("exit after SIGINT");
         assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert_eq!(dump_map(), MapDump::new());
-        assert_policy_routing(4242, 4243, false, "after the daemon exited");
+        assert_eq!(dump_map(), running, "SIGINT changes no verdict");
+        assert_policy_routing(4242, 4243, true, "after the daemon exited");
     });
 }
 
@@ -591,18 +589,29 @@ fn keep_on_exit_keeps_elements() {
         env.cg.mkdir(&["/p/a", "/x", "/d"]);
         let rules = rules();
         let mut cfg = Config::new(&rules);
-        cfg.keep_on_exit = Some(true);
-        let d = env.start(&cfg);
-        let running = env.wait_map(&rules);
-        let raw = dump_raw();
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert_eq!(dump_map(), running, "keep-on-exit: the elements must stay");
-        assert_eq!(
-            dump_raw().verdicts,
-            raw.verdicts,
-            "keep-on-exit: the verdict numbers must stay"
-        );
+        // Obsolete (a stop never removes anything): accepted, warned about,
+        // and either value keeps everything, the routes included.
+        for keep in [true, false] {
+            cfg.keep_on_exit = Some(keep);
+            let d = env.start(&cfg);
+            let running = env.wait_map(&rules);
+            let raw = dump_raw();
+            let f = d.stop();
+            assert_eq!(f.code(), Some(0), "{}", f.describe());
+            assert!(
+                f.stderr.contains("keep-on-exit is obsolete and ignored"),
+                "keep-on-exit {keep}: no warning: {}",
+                f.describe()
+            );
+            let what = format!("keep-on-exit {keep}");
+            assert_eq!(dump_map(), running, "{what}: the elements must stay");
+            assert_eq!(
+                dump_raw().verdicts,
+                raw.verdicts,
+                "{what}: the verdict numbers must stay"
+            );
+            assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, &what);
+        }
     });
 }
 
@@ -634,14 +643,14 @@ fn sigkill_leaves_state_and_restart_converges() {
         env.cg.mkdir(&["/p/new/deeper", "/d"]);
         let d = Daemon::start(&args);
         env.assert_map(&rules);
-        env.wait_map(&rules);
+        let running = env.wait_map(&rules);
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert_eq!(dump_map(), MapDump::new());
+        assert_eq!(dump_map(), running, "SIGTERM changes no verdict");
         assert_policy_routing(
             ROUTE_MARK,
             ROUTE_TABLE,
-            false,
+            true,
             "SIGTERM after a restart that followed SIGKILL",
         );
     });
@@ -917,7 +926,7 @@ fn many_cgroups_at_start_and_while_stopped() {
         assert_eq!(map.len(), 1 + N + 30 + N / 2 + 15);
         let f = d.stop();
         assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert_eq!(dump_map(), MapDump::new());
+        assert!(dump_map() == map, "SIGTERM changes no verdict");
     });
 }
 

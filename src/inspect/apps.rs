@@ -15,8 +15,8 @@ use super::table::{self, Align};
 use super::{Hierarchy, Live, load};
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
-use crate::daemon::Options;
 use crate::error::Error;
+use crate::options::Options;
 use crate::reconcile::Element;
 use crate::selector::{Named, name_of, user_of};
 

@@ -8,9 +8,9 @@ use super::rules::{Facts, analyse};
 use super::{Hierarchy, INTERNAL_CHAINS, Live, MapInfo};
 use crate::cgroup;
 use crate::config::{CgroupRoot, Config, Verdict, match_form};
-use crate::daemon::Options;
 use crate::error::Error;
 use crate::nftables::{self, MapRef};
+use crate::options::Options;
 use crate::reconcile::Element;
 use crate::refusal;
 use crate::ruleset::MapRole;
@@ -157,27 +157,7 @@ pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
     }
     let (facts, els, counter) = check_ruleset(&cfg, &mut c);
     check_kernel(&mut c, facts.as_ref(), counter, &cfg.map);
-    if let (Some(f), Some(route)) = (&facts, &cfg.route)
-        && let Some(m) = f.tproxy_mark
-    {
-        if m == route.mark {
-            c.add(
-                Mark::Ok,
-                format!(
-                    "route.mark {} is the mark the TPROXY rules match",
-                    route.mark
-                ),
-            );
-        } else {
-            c.add(
-                Mark::Fail,
-                format!(
-                    "route.mark {} differs from the mark the ruleset's TPROXY rules match ({m}): make CGTPROXY_MARK and route.mark equal",
-                    route.mark
-                ),
-            );
-        }
-    }
+    check_routing(&mut c, &cfg, facts.as_ref());
     // Only the layout that dispatches verdict numbers puts one in the mark.
     if let Some(f) = &facts
         && f.dispatches
@@ -913,6 +893,123 @@ fn check_self_capture(
                     "{who}: {}; its own connections would loop back to itself {exempt}. Put the proxy in a cgroup that a \"direct\" rule lists",
                     problems.join("; ")
                 ),
+            );
+        }
+    }
+}
+
+/// The mark the config routes against the ruleset's, and the policy
+/// routing as the kernel has it now, per family: the rule at our priority,
+/// the route, and every rule that precedes ours (each could take a marked
+/// packet first, a VPN client's for instance).
+fn check_routing(c: &mut Checklist, cfg: &Config, facts: Option<&Facts>) {
+    let live = facts.and_then(|f| f.tproxy_mark);
+    let Some(route) = cfg.route else {
+        if let Some(m) = live {
+            match crate::route::routes_mark(m) {
+                Ok(true) => c.add(
+                    Mark::Ok,
+                    format!("route is false; a policy rule of someone else routes mark {m}"),
+                ),
+                Ok(false) => c.add(
+                    Mark::Warn,
+                    format!("route is false and no policy rule routes mark {m}: proxied traffic is dropped until one does"),
+                ),
+                Err(e) => c.add(Mark::Fail, e.to_string()),
+            }
+        }
+        return;
+    };
+    let mark = match (route.mark, live) {
+        (Some(r), Some(m)) if r != m => {
+            c.add(
+                Mark::Fail,
+                format!(
+                    "route.mark {r} differs from the mark the ruleset's TPROXY rules match ({m}): the daemon refuses to start; make CGTPROXY_MARK and route.mark equal, or drop route.mark"
+                ),
+            );
+            return;
+        }
+        (Some(m), Some(_)) => {
+            c.add(
+                Mark::Ok,
+                format!("route.mark {m} is the mark the TPROXY rules match"),
+            );
+            m
+        }
+        (None, Some(m)) => {
+            c.add(
+                Mark::Ok,
+                format!("routing mark {m}, taken from the ruleset's TPROXY rules"),
+            );
+            m
+        }
+        (m, None) => {
+            let m = m.unwrap_or(crate::config::DEFAULT_MARK);
+            if facts.is_some() {
+                c.add(
+                    Mark::Warn,
+                    format!("no TPROXY mark recognised in the ruleset; routing mark {m}"),
+                );
+            }
+            m
+        }
+    };
+    let p = crate::route::Policy {
+        mark,
+        table: route.table,
+        priority: route.priority,
+    };
+    let daemon = crate::instance::owner(&crate::instance::name(&cfg.table, &cfg.map));
+    let states = match crate::route::state(&p) {
+        Ok(s) => s,
+        Err(e) => {
+            c.add(Mark::Fail, e.to_string());
+            return;
+        }
+    };
+    for s in states {
+        let name = s.name;
+        if s.disabled {
+            c.add(
+                Mark::Ok,
+                format!("{name} is disabled: no {name} routing needed"),
+            );
+            continue;
+        }
+        let what = format!(
+            "{name} rule priority {} fwmark {} lookup {} and route local default dev lo table {}",
+            p.priority, p.mark, p.table, p.table
+        );
+        match (s.rule, s.route) {
+            (true, true) => c.add(Mark::Ok, format!("{what}: in place")),
+            // Never started here (a stop leaves them): the daemon installs them.
+            (false, false) if daemon.is_none() => c.add(
+                Mark::Skip,
+                format!("{what}: not installed yet (no daemon runs; it installs them at start)"),
+            ),
+            (rule, route) => c.add(
+                Mark::Fail,
+                format!(
+                    "{what}: {} missing (the daemon puts it back while it runs; proxied traffic is dropped meanwhile)",
+                    match (rule, route) {
+                        (false, false) => "both",
+                        (false, true) => "the rule",
+                        _ => "the route",
+                    }
+                ),
+            ),
+        }
+        for r in &s.ahead {
+            c.add(
+                Mark::Warn,
+                format!("{name} rule {r} precedes ours (priority {}): it may route marked packets elsewhere", p.priority),
+            );
+        }
+        for r in &s.others {
+            c.add(
+                Mark::Warn,
+                format!("{name} rule {r} routes our mark at another priority (left by an older version or by hand?)"),
             );
         }
     }

@@ -9,8 +9,8 @@ use super::table;
 use super::{Hierarchy, Live, load};
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
-use crate::daemon::Options;
 use crate::error::Error;
+use crate::options::Options;
 use crate::reconcile::Element;
 
 // ---------------------------------------------------------------------------

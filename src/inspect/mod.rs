@@ -11,9 +11,9 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::cgroup;
 use crate::config::Config;
-use crate::daemon::Options;
 use crate::error::Error;
 use crate::nftables::{self, Object as NftObject, Rule};
+use crate::options::Options;
 use crate::reconcile::Element;
 use crate::refusal;
 use crate::ruleset::Ruleset;
@@ -230,9 +230,19 @@ impl Live {
     }
 }
 
+/// The mark the live ruleset's TPROXY rules match, if it has one that can
+/// be recognised: the daemon routes this mark unless the config names one.
+pub fn ruleset_mark(cfg: &Config) -> Result<Option<u32>, Error> {
+    let mut live = Live::open(cfg)?;
+    if !live.table()? {
+        return Ok(None);
+    }
+    Ok(rules::analyse(&live.rules()?, &cfg.map, &cfg.verdict_map).tproxy_mark)
+}
+
 /// Loads the config and resolves the cgroup root (`--cgroup-root` first).
 fn load(opts: &Options) -> Result<(Config, Hierarchy), Error> {
-    let (cfg, root) = crate::daemon::load(opts)?;
+    let (cfg, root) = crate::options::load(opts)?;
     Ok((cfg, Hierarchy::new(root)))
 }
 

@@ -5,8 +5,9 @@ use super::table::{self, Align};
 use super::{Live, load};
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
-use crate::daemon::Options;
 use crate::error::Error;
+use crate::options::Options;
+use crate::route::{self, FamilyState, Policy};
 
 // ---------------------------------------------------------------------------
 // status
@@ -44,13 +45,97 @@ pub fn status(opts: &Options, as_json: bool) -> Result<i32, Error> {
         .collect();
     // Cgroups by path, then the gone ones by id.
     rows.sort_by(|a, b| (a.path.is_none(), &a.path, a.id).cmp(&(b.path.is_none(), &b.path, b.id)));
+    let routing = routing(&cfg);
     let text = if as_json {
-        status_json(&cfg, &rows)
+        status_json(&cfg, &rows, &routing_json(&routing))
     } else {
-        status_table(&rows)
+        format!("{}{}", status_table(&rows), routing_text(&routing))
     };
     print!("{text}");
     Ok(0)
+}
+
+/// The policy routing the config names, as the kernel has it now, per
+/// family; `None` when the config leaves routing to the user.
+type Routing = Option<(Policy, Result<Vec<FamilyState>, String>)>;
+
+fn routing(cfg: &Config) -> Routing {
+    let r = cfg.route?;
+    let live = super::ruleset_mark(cfg).ok().flatten();
+    let p = Policy {
+        mark: r.mark.or(live).unwrap_or(crate::config::DEFAULT_MARK),
+        table: r.table,
+        priority: r.priority,
+    };
+    Some((p, route::state(&p).map_err(|e| e.to_string())))
+}
+
+/// After the table, a blank line, then one line per family (and one per
+/// rule that precedes ours).
+fn routing_text(routing: &Routing) -> String {
+    let Some((p, states)) = routing else {
+        return "\nrouting: left to the user (\"route\": false)\n".into();
+    };
+    let mut s = format!("\nrouting: {p}\n");
+    let states = match states {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = writeln!(s, "  unknown: {e}");
+            return s;
+        }
+    };
+    let word = |b: bool| if b { "in place" } else { "MISSING" };
+    for f in states {
+        if f.disabled {
+            let _ = writeln!(s, "  {}: disabled", f.name);
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "  {}: rule {}, route {}",
+            f.name,
+            word(f.rule),
+            word(f.route)
+        );
+        for r in &f.ahead {
+            let _ = writeln!(s, "  {}: ahead of ours: {r}", f.name);
+        }
+    }
+    s
+}
+
+/// `{"mark","priority","table","ipv4":{..},"ipv6":{..}}` or `null`.
+fn routing_json(routing: &Routing) -> String {
+    let Some((p, states)) = routing else {
+        return "null".into();
+    };
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{{\"mark\":{},\"priority\":{},\"table\":{}",
+        p.mark, p.priority, p.table
+    );
+    match states {
+        Ok(states) => {
+            for f in states {
+                let ahead: Vec<String> = f.ahead.iter().map(|r| json_str(&r.to_string())).collect();
+                let _ = write!(
+                    out,
+                    ",{}:{{\"ahead\":[{}],\"disabled\":{},\"route\":{},\"rule\":{}}}",
+                    json_str(&f.name.to_ascii_lowercase()),
+                    ahead.join(","),
+                    f.disabled,
+                    f.route,
+                    f.rule
+                );
+            }
+        }
+        Err(e) => {
+            let _ = write!(out, ",\"error\":{}", json_str(e));
+        }
+    }
+    out.push('}');
+    out
 }
 
 fn status_table(rows: &[Row]) -> String {
@@ -99,9 +184,9 @@ pub(super) fn json_str(s: &str) -> String {
     o
 }
 
-/// `{"elements":[{"bytes","chain","id","packets","path","verdict"}],"map","table"}`,
+/// `{"elements":[{"bytes","chain","id","packets","path","verdict"}],"map","routing","table"}`,
 /// keys sorted, one line; unknown values are `null`.
-fn status_json(cfg: &Config, rows: &[Row]) -> String {
+fn status_json(cfg: &Config, rows: &[Row], routing: &str) -> String {
     let num = |x: Option<u64>| x.map_or("null".to_string(), |x| x.to_string());
     let mut out = String::from("{\"elements\":[");
     for (i, r) in rows.iter().enumerate() {
@@ -126,7 +211,7 @@ fn status_json(cfg: &Config, rows: &[Row]) -> String {
     }
     let _ = writeln!(
         out,
-        "],\"map\":{},\"table\":{}}}",
+        "],\"map\":{},\"routing\":{routing},\"table\":{}}}",
         json_str(&cfg.map),
         json_str(&cfg.table)
     );
@@ -161,10 +246,10 @@ mod tests {
         );
         let cfg = Config::parse("t", r#"{"rules": []}"#).unwrap();
         assert_eq!(
-            status_json(&cfg, &rows),
+            status_json(&cfg, &rows, "null"),
             concat!(
                 r#"{"elements":[{"bytes":180,"chain":"proxy","id":7,"packets":3,"path":"/a b/\\xff","verdict":"goto"},"#,
-                r#"{"bytes":null,"chain":null,"id":9,"packets":null,"path":null,"verdict":"drop"}],"map":"cgroups","table":"cgtproxy"}"#,
+                r#"{"bytes":null,"chain":null,"id":9,"packets":null,"path":null,"verdict":"drop"}],"map":"cgroups","routing":null,"table":"cgtproxy"}"#,
                 "\n"
             )
         );

@@ -94,13 +94,15 @@ impl Rules {
 /// `route` in the config.
 #[derive(Clone, Debug)]
 pub enum RouteCfg {
-    /// Key omitted: the daemon's default (mark 9011, table 9011).
+    /// Key omitted: the daemon's default (the ruleset's mark, table 9011, priority 100).
     Default,
     Off,
     On {
         mark: u32,
         table: u32,
     },
+    /// `{"priority": N}`: the ruleset's mark, the default table.
+    Priority(u32),
 }
 
 #[derive(Clone, Debug)]
@@ -147,6 +149,9 @@ impl Config {
             RouteCfg::Off => s.push_str("  \"route\": false,\n"),
             RouteCfg::On { mark, table } => {
                 let _ = writeln!(s, "  \"route\": {{\"mark\": {mark}, \"table\": {table}}},");
+            }
+            RouteCfg::Priority(p) => {
+                let _ = writeln!(s, "  \"route\": {{\"priority\": {p}}},");
             }
         }
         if let Some(k) = self.keep_on_exit {

@@ -38,6 +38,7 @@
 //! - `config.rs`:  config files and the rules' verdicts, computed independently
 //! - `cgroups.rs`: the test's cgroup subtree by path, and its truth
 //! - `fdtree.rs`:  the subtree by directory fds (non-UTF-8, past PATH_MAX)
+//! - `flood.rs`:   a process in a cgroup opening a new UDP flow every millisecond
 //! - `env.rs`:     the test environment: subtree, scratch dir, map against truth
 //! - `daemon.rs`:  the daemon under test, as root or unprivileged; its log
 //! - `sockets.rs`: socket addresses, transparent binds, original destinations
@@ -62,6 +63,8 @@ pub mod daemon;
 pub mod env;
 #[allow(dead_code)]
 pub mod fdtree;
+#[allow(dead_code)]
+pub mod flood;
 #[allow(dead_code)]
 pub mod monitor;
 #[allow(dead_code)]
@@ -89,8 +92,9 @@ pub mod userns;
 // each test binary uses only some of them.
 #[allow(unused_imports)]
 pub use {
-    cgroups::*, clients::*, config::*, daemon::*, env::*, fdtree::*, monitor::*, netns::*, nft::*,
-    prereq::*, process::*, ptrace::*, routing::*, servers::*, sockets::*, traffic::*, userns::*,
+    cgroups::*, clients::*, config::*, daemon::*, env::*, fdtree::*, flood::*, monitor::*,
+    netns::*, nft::*, prereq::*, process::*, ptrace::*, routing::*, servers::*, sockets::*,
+    traffic::*, userns::*,
 };
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -1,5 +1,8 @@
 //! Policy routing as the kernel sees it (`ip rule`, `ip route`).
 
+use std::fs;
+
+use super::nft::{nft_script, ruleset_path};
 use super::process::{run, run_ok};
 use super::{ROUTE_MARK, ROUTE_TABLE};
 
@@ -100,4 +103,20 @@ pub fn assert_single_policy_routing(when: &str) {
             ip_routes(fam, ROUTE_TABLE)
         );
     }
+}
+
+/// Loads the shipped ruleset with `define CGTPROXY_MARK` set to `mark`
+/// (the daemon refuses a `route.mark` that differs from the ruleset's).
+pub fn load_ruleset_with_mark(mark: u32) {
+    let path = ruleset_path();
+    let text = fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("define CGTPROXY_MARK "))
+        .unwrap_or_else(|| panic!("{}: no `define CGTPROXY_MARK`", path.display()));
+    let changed = text.replacen(line, &format!("define CGTPROXY_MARK = {mark}"), 1);
+    // Relative includes resolve against the shipped directory.
+    let dir = path.parent().unwrap();
+    let script = changed.replace("include \"./", &format!("include \"{}/", dir.display()));
+    nft_script(&script);
 }

@@ -1,0 +1,144 @@
+//! One daemon per table and map. The claim is an abstract unix socket
+//! `@cgtproxy/TABLE/MAP`: abstract names live in the network namespace, the
+//! same scope as the table; the kernel releases the name on any death,
+//! SIGKILL included, so there is no stale lock file to clean up; and a second
+//! instance can connect to it and read the owner's pid (SO_PEERCRED, which
+//! the kernel fills in at `listen`) for its message. Whoever holds the claim
+//! is the only process that may write the maps and the routes; everyone else
+//! touches nothing.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener};
+
+use crate::error::Error;
+
+/// Room in `sun_path` after the leading NUL of an abstract name.
+const NAME_MAX: usize = 107;
+
+/// The claim, held until dropped (or the process dies).
+#[derive(Debug)]
+pub struct Instance {
+    listener: UnixListener,
+}
+
+/// `cgtproxy/TABLE/MAP`, or a hash of the two when that does not fit (names
+/// may be 255 bytes each).
+pub fn name(table: &str, map: &str) -> Vec<u8> {
+    let full = format!("cgtproxy/{table}/{map}");
+    if full.len() <= NAME_MAX {
+        return full.into_bytes();
+    }
+    // FNV-1a over both names, a NUL between them so ("ab","c") != ("a","bc").
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in table.bytes().chain([0]).chain(map.bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("cgtproxy/#{h:016x}").into_bytes()
+}
+
+/// Claims table `table`, map `map` for this process. When another process
+/// holds it, the error says "already running (pid N)", then `hint`.
+pub fn claim(table: &str, map: &str, hint: &str) -> Result<Instance, Error> {
+    let n = name(table, map);
+    let what = format!("table inet {table}, map {map}");
+    let addr = SocketAddr::from_abstract_name(&n)
+        .map_err(|e| Error::Runtime(format!("{what}: instance lock: {e}")))?;
+    match UnixListener::bind_addr(&addr) {
+        Ok(listener) => {
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| Error::Runtime(format!("{what}: instance lock: {e}")))?;
+            Ok(Instance { listener })
+        }
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            let pid = match owner(&n) {
+                Some(p) => format!("pid {p}"),
+                None => "pid unknown".to_string(),
+            };
+            Err(Error::Runtime(format!(
+                "already running ({pid}) for {what}{hint}"
+            )))
+        }
+        Err(e) => Err(Error::Runtime(format!(
+            "{what}: instance lock @{}: {}",
+            String::from_utf8_lossy(&n),
+            crate::error::io(&e)
+        ))),
+    }
+}
+
+/// The pid of whoever listens on the abstract name `n`. The connect does
+/// not block (a full backlog is EAGAIN), so asking never hangs.
+pub fn owner(n: &[u8]) -> Option<i32> {
+    // SAFETY: plain syscalls on a descriptor we own; sockaddr_un is plain
+    // data, filled within its bounds.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return None;
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut sa: libc::sockaddr_un = std::mem::zeroed();
+        sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        if n.len() > NAME_MAX {
+            return None;
+        }
+        for (d, s) in sa.sun_path[1..].iter_mut().zip(n) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sa_family_t>() + 1 + n.len();
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        if libc::connect(raw, (&raw const sa).cast(), len as libc::socklen_t) != 0 {
+            return None;
+        }
+        let mut cred: libc::ucred = std::mem::zeroed();
+        let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        if libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut clen,
+        ) != 0
+            || cred.pid <= 0
+        {
+            return None;
+        }
+        Some(cred.pid)
+    }
+}
+
+impl Instance {
+    /// Polled by the daemon: someone asking who holds the claim.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Accepts and closes the askers' connections (they already read our
+    /// pid at connect), so the backlog never fills.
+    pub fn drain(&self) {
+        while self.listener.accept().is_ok() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_and_stay_distinct() {
+        assert_eq!(name("cgtproxy", "cgroups"), b"cgtproxy/cgtproxy/cgroups");
+        let long = "t".repeat(255);
+        let a = name(&long, "m");
+        assert!(a.len() <= NAME_MAX);
+        assert!(a.starts_with(b"cgtproxy/#"));
+        assert_ne!(a, name(&long, "n"));
+        assert_ne!(name(&"a".repeat(100), "bc"), name(&"a".repeat(101), "c"));
+    }
+}
