@@ -133,6 +133,16 @@ fn in_path(prog: &str) -> bool {
 fn via_systemd(opts: &Options, verdict: &str, cmd: &[OsString]) -> Result<i32, Error> {
     let me = std::env::current_exe()
         .map_err(|e| Error::Runtime(format!("exec: own path: {}", crate::error::io(&e))))?;
+    let argv = systemd_argv(&me, opts, verdict, cmd);
+    // `--scope` runs the command in this process's environment (a service
+    // would get the user manager's); systemd-run puts the variable in too,
+    // for versions that ignore --setenv with --scope.
+    // SAFETY: single-threaded here.
+    unsafe { std::env::set_var(STAGE_ENV, "wait") };
+    Ok(execvp(&argv))
+}
+
+fn systemd_argv(me: &Path, opts: &Options, verdict: &str, cmd: &[OsString]) -> Vec<OsString> {
     let mut argv: Vec<OsString> = vec![
         "systemd-run".into(),
         "--user".into(),
@@ -154,12 +164,7 @@ fn via_systemd(opts: &Options, verdict: &str, cmd: &[OsString]) -> Result<i32, E
     }
     argv.push("--".into());
     argv.extend(cmd.iter().cloned());
-    // `--scope` runs the command in this process's environment (a service
-    // would get the user manager's); systemd-run puts the variable in too,
-    // for versions that ignore --setenv with --scope.
-    // SAFETY: single-threaded here.
-    unsafe { std::env::set_var(STAGE_ENV, "wait") };
-    Ok(execvp(&argv))
+    argv
 }
 
 /// The directory of this process's cgroup.
@@ -436,5 +441,42 @@ mod tests {
         assert_eq!(slice_name("drop"), "cgtproxy-drop.slice");
         assert_eq!(cgroup_rules_path(Path::new("a/b")), b"/a/b");
         assert_eq!(cgroup_rules_path(Path::new("")), b"/");
+    }
+
+    #[test]
+    fn systemd_runs_this_binary_in_the_slice() {
+        let opts = Options {
+            config: Some(PathBuf::from("/etc/c.json")),
+            ..Options::default()
+        };
+        let argv = systemd_argv(
+            Path::new("/usr/bin/cgtproxy"),
+            &opts,
+            "drop",
+            &["curl".into(), "--".into(), "-x".into()],
+        );
+        let argv: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            argv,
+            [
+                "systemd-run",
+                "--user",
+                "--scope",
+                "--quiet",
+                "--slice=cgtproxy-drop.slice",
+                "--setenv=CGTPROXY_EXEC_STAGE=wait",
+                "--",
+                "/usr/bin/cgtproxy",
+                "exec",
+                "--verdict",
+                "drop",
+                "-c",
+                "/etc/c.json",
+                "--",
+                "curl",
+                "--",
+                "-x"
+            ]
+        );
     }
 }
