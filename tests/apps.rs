@@ -880,6 +880,27 @@ fn exec_in_a_delegated_subtree_as_an_unprivileged_user() {
             );
             let owner = std::fs::metadata(env.cg.path("/delegated/cgtproxy-proxy.slice")).unwrap();
             assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), NOBODY);
+            // explain and check say that this user can leave the verdict.
+            let out = expect(
+                cli(
+                    env,
+                    &config,
+                    &["explain", "/delegated/cgtproxy-proxy.slice"],
+                ),
+                0,
+                "explain",
+            );
+            assert!(
+                out.contains(
+                    "escape     uid 65534 owns /delegated/cgroup.procs (a delegated subtree)"
+                ),
+                "{out}"
+            );
+            let out = expect(cli(env, &config, &["check"]), 0, "check");
+            assert!(
+                out.contains("WARN  1 listed cgroup with a drop or proxy verdict is in a subtree delegated to uid 65534 (/delegated)"),
+                "{out}"
+            );
 
             // Without delegation: a clear refusal, nothing created.
             let f = exec_from(env, "/not-mine", Some(NOBODY), &config, &[], "x");

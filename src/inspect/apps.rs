@@ -68,6 +68,15 @@ fn classify(path: &str) -> Kind {
     let user = user_of(path);
     let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
     let named: Vec<Named> = comps.iter().filter_map(|c| name_of(c, user)).collect();
+    // Docker's cgroupfs driver: /docker/<id>, no scope.
+    if let Some(w) = comps.windows(2).find(|w| {
+        w[0] == "docker" && w[1].len() == 64 && w[1].bytes().all(|b| b.is_ascii_hexdigit())
+    }) {
+        return Kind::Named(Named::Container {
+            id: w[1].to_string(),
+            manager: "docker",
+        });
+    }
     if let Some(c) = named.iter().find(|n| matches!(n, Named::Container { .. })) {
         return Kind::Named(c.clone());
     }
@@ -562,6 +571,10 @@ mod tests {
             "unit cgtproxy-proxy.slice"
         );
         assert_eq!(label("/plain/dir"), "cgroup");
+        assert_eq!(
+            label(&format!("/docker/{id}/sub")),
+            "container 4f3c2b1a0e9d (docker)"
+        );
         assert_eq!(rate_text(9_999), "9999 B/s");
         assert_eq!(rate_text(123_456), "123 kB/s");
         assert_eq!(per_second(500, Duration::from_millis(500)), 1000);

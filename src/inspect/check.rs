@@ -167,6 +167,9 @@ pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
     if let (Some(h), Some(f)) = (&h, &facts) {
         check_depth(&mut c, &cfg, h, &cgroups, f);
     }
+    if let Some(h) = &h {
+        check_delegated(&mut c, &cfg, h, &cgroups, els.as_deref());
+    }
     check_namespace(&mut c);
     // Bridged frames only meet cgtproxy's rules through the forward file's
     // prerouting chain; without it the module is someone else's business.
@@ -536,6 +539,46 @@ fn check_rule_counts(c: &mut Checklist, cfg: &Config, h: &Hierarchy, cgroups: &[
             None => "it selects no cgroup now (is the app running? is the name right? `cgtproxy apps` lists what runs)".to_string(),
         };
         c.add(Mark::Warn, format!("{what}: 0 live cgroups: {why}"));
+    }
+}
+
+/// Elements with a confining verdict (drop, or a chain other than direct)
+/// on cgroups at or below a subtree delegated to a user: that user's
+/// processes can move themselves out of the verdict (contract §3).
+fn check_delegated(
+    c: &mut Checklist,
+    cfg: &Config,
+    h: &Hierarchy,
+    cgroups: &[(PathBuf, u64)],
+    els: Option<&[Element]>,
+) {
+    let Some(els) = els else { return };
+    let confining: HashMap<u64, &Verdict> = els
+        .iter()
+        .filter(|e| !matches!(&e.verdict, Verdict::Goto(ch) if ch == "direct"))
+        .map(|e| (e.id, &e.verdict))
+        .collect();
+    // uid -> (count, an example)
+    let mut by_uid: BTreeMap<u32, (usize, String)> = BTreeMap::new();
+    for (dir, id) in cgroups {
+        if !confining.contains_key(id) {
+            continue;
+        }
+        let steps = lineage(h, cfg, dir);
+        if let Some((a, uid)) = super::explain::delegated_above(&steps, 1) {
+            let e = by_uid.entry(uid).or_insert((0, h.name(&a.dir)));
+            e.0 += 1;
+        }
+    }
+    for (uid, (n, example)) in by_uid {
+        c.add(
+            Mark::Warn,
+            format!(
+                "{n} listed cgroup{} with a drop or proxy verdict {} in a subtree delegated to uid {uid} ({example}): that user's processes can move themselves out of the verdict",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "is" } else { "are" }
+            ),
+        );
     }
 }
 

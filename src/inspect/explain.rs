@@ -46,6 +46,24 @@ pub(super) fn lineage(h: &Hierarchy, cfg: &Config, dir: &Path) -> Vec<Step> {
         .collect()
 }
 
+/// The deepest cgroup from step `from` up (below the hierarchy's root)
+/// whose `cgroup.procs` a user other than root owns: a delegated subtree.
+/// That user may move its processes anywhere below it, so out of a verdict
+/// set on a cgroup below it (contract §3: a verdict confines only processes
+/// that cannot write the cgroupfs above them). Callers pass the step just
+/// above the element's cgroup: owning that cgroup itself moves nothing out.
+pub(super) fn delegated_above(steps: &[Step], from: usize) -> Option<(&Step, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    steps
+        .iter()
+        .skip(from)
+        .filter(|s| s.level != Some(0))
+        .find_map(|s| {
+            let uid = std::fs::metadata(s.dir.join("cgroup.procs")).ok()?.uid();
+            (uid != 0).then_some((s, uid))
+        })
+}
+
 /// Which step's element the kernel uses now (deepest looked-up level that
 /// has one).
 pub(super) fn deciding<'s, 'e>(
@@ -267,6 +285,16 @@ fn explain_dir(
         (None, None) => "no element at any level: the ruleset's fallthrough applies (direct in the shipped ruleset)".to_string(),
     };
     let _ = writeln!(s, "verdict    {verdict}");
+    if let Some((d, _)) = decider
+        && let Some(i) = steps.iter().position(|st| st.dir == d.dir)
+        && let Some((a, uid)) = delegated_above(&steps, i + 1)
+    {
+        let _ = writeln!(
+            s,
+            "escape     uid {uid} owns {}/cgroup.procs (a delegated subtree): its processes can move themselves out of this verdict",
+            h.name(&a.dir)
+        );
+    }
     // What the daemon makes of it: the nearest listed cgroup decides.
     let by_rules = steps
         .iter()
