@@ -8,7 +8,9 @@
 //! also looks at the numbers themselves: a number whose elements all want
 //! one verdict is (re)bound to it rather than its elements rewritten (after
 //! someone emptied or edited `verdicts`), and numbers no element carries
-//! any more are removed.
+//! any more are removed. Number [`FILLED`] is no verdict's: it is the flag
+//! that tells the ruleset the maps are filled, which every full plan wants
+//! and no plan removes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -31,6 +33,18 @@ pub struct Element {
 /// The caller (the daemon) holds it between transactions: read from a dump,
 /// replaced by each committed `Plan::numbers`.
 pub type Numbers = Vec<(u32, Verdict)>;
+
+/// The key of `verdicts` that, holding `drop`, says "the maps are filled":
+/// the shipped ruleset records no connection `direct` without it
+/// (nft/cgtproxy.nft, "Fail closed"). Every full plan writes it in the same
+/// transaction as the elements and nothing removes it; verdict numbers
+/// start at 1, and an element someone points at 0 is dropped.
+pub const FILLED: u32 = 0;
+
+/// Whether `numbers` holds the flag `FILLED : drop`.
+pub fn filled(numbers: &[(u32, Verdict)]) -> bool {
+    numbers.contains(&(FILLED, Verdict::Drop))
+}
 
 /// Element changes for one transaction, in verdicts. Deletes go first, so
 /// a verdict change (delete + add of the same key) lands as one atomic
@@ -83,7 +97,8 @@ fn diff<'a>(
     // Per number that elements carry: how many of them want each verdict.
     let mut votes: BTreeMap<u32, Vec<(&'a Verdict, usize)>> = BTreeMap::new();
     for e in actual {
-        if let (Some(n), Some(v)) = (e.number, want.get(&e.id)) {
+        // The flag is no verdict's number: never re-pointed for elements.
+        if let (Some(n), Some(v)) = (e.number.filter(|n| *n != FILLED), want.get(&e.id)) {
             let tally = votes.entry(n).or_default();
             match tally.iter_mut().find(|(w, _)| w == v) {
                 Some((_, c)) => *c += 1,
@@ -108,8 +123,8 @@ fn diff<'a>(
                 best = *t;
             }
         }
-        let numbered =
-            numbers.iter().any(|(_, v)| v == best.0) || rebind.iter().any(|(_, v)| *v == best.0);
+        let numbered = numbers.iter().any(|(m, v)| *m != FILLED && v == best.0)
+            || rebind.iter().any(|(_, v)| *v == best.0);
         if !numbered {
             rebind.push((n, best.0));
         }
@@ -125,7 +140,9 @@ fn diff<'a>(
             None => &e.verdict,
         };
         match want.get(&e.id) {
-            Some(v) if *v == now => kept.extend(e.number),
+            // An element on the flag's number is rewritten onto a
+            // verdict's own (the flag is re-pointed at drop).
+            Some(v) if *v == now && e.number != Some(FILLED) => kept.extend(e.number),
             Some(v) => {
                 ops.del.push(e.id);
                 ops.add.push((e.id, v));
@@ -172,10 +189,12 @@ impl Plan {
         self.unbind.is_empty() && self.bind.is_empty() && self.del.is_empty() && self.add.is_empty()
     }
 
-    /// The numbers this plan changes, against `numbers` (as before it).
+    /// The numbers this plan changes, against `numbers` (as before it);
+    /// not the flag, which is no verdict's.
     pub fn renumbered(&self, numbers: &[(u32, Verdict)]) -> Vec<Renumber> {
         let mut keys: Vec<u32> = self.unbind.clone();
         keys.extend(self.bind.iter().map(|(n, _)| *n));
+        keys.retain(|n| *n != FILLED);
         keys.sort_unstable();
         keys.dedup();
         let at = |t: &[(u32, Verdict)], n| t.iter().find(|(m, _)| *m == n).map(|(_, v)| v.clone());
@@ -206,11 +225,21 @@ pub fn plan(numbers: &[(u32, Verdict)], ops: &Ops<'_>) -> Plan {
         p.numbers.push((*n, (*v).clone()));
         p.bind.push((*n, (*v).clone()));
     }
+    // A full plan makes the maps authoritative: the flag, in the same
+    // transaction (re-pointed if someone bound 0 to something else).
+    if ops.kept.is_some() && !filled(&p.numbers) {
+        if let Some(i) = p.numbers.iter().position(|(m, _)| *m == FILLED) {
+            p.numbers.remove(i);
+            p.unbind.push(FILLED);
+        }
+        p.numbers.push((FILLED, Verdict::Drop));
+        p.bind.push((FILLED, Verdict::Drop));
+    }
     p.numbers.sort_unstable_by_key(|(n, _)| *n);
     let mut fresh = 1u32;
     p.add.reserve(ops.add.len());
     for (id, v) in &ops.add {
-        let n = match p.numbers.iter().find(|(_, w)| w == *v) {
+        let n = match p.numbers.iter().find(|(m, w)| *m != FILLED && w == *v) {
             Some((n, _)) => *n,
             None => {
                 while p.numbers.iter().any(|(m, _)| *m == fresh) {
@@ -228,7 +257,7 @@ pub fn plan(numbers: &[(u32, Verdict)], ops: &Ops<'_>) -> Plan {
         let mut used: BTreeSet<u32> = kept.iter().copied().collect();
         used.extend(p.add.iter().map(|(_, n)| *n));
         p.numbers.retain(|(n, _)| {
-            let keep = used.contains(n);
+            let keep = *n == FILLED || used.contains(n);
             if !keep {
                 p.unbind.push(*n);
             }
@@ -317,13 +346,15 @@ pub(crate) mod tests {
     #[test]
     fn full_replaces_adds_and_removes() {
         let c = cfg();
-        let numbers = vec![(1, proxy()), (2, Verdict::Drop)];
+        // Filled: the flag is there (and is not drop's number).
+        let numbers = vec![(FILLED, Verdict::Drop), (1, proxy()), (2, Verdict::Drop)];
         let actual = vec![el(2, 1, &numbers), el(4, 1, &numbers), el(99, 2, &numbers)];
         let ops = full(&c, TREE.into_iter(), &actual, &numbers);
         assert_eq!(ops.del, vec![4, 99]);
         assert_eq!(ops.add, vec![(3, &proxy()), (4, &Verdict::Drop)]);
         assert_eq!((ops.rebind.len(), ops.kept.clone()), (0, Some(vec![1])));
-        // Numbers: proxy keeps 1; drop keeps 2 (an added element needs it).
+        // Numbers: proxy keeps 1; drop keeps 2 (an added element needs it);
+        // the flag stays.
         let p = plan(&numbers, &ops);
         assert_eq!(p.add, vec![(3, 1), (4, 2)]);
         assert!(p.bind.is_empty() && p.unbind.is_empty());
@@ -341,8 +372,14 @@ pub(crate) mod tests {
         let ops = full(&c, TREE.into_iter(), &actual, &[]);
         assert!(ops.is_empty(), "{ops:?}");
         let p = plan(&[], &ops);
-        assert_eq!(p.bind, before);
-        assert_eq!(p.numbers, before);
+        // The flag went with the flush: bound again in the same transaction
+        // (and not reported as a verdict's number).
+        let mut bound = before.clone();
+        bound.push((FILLED, Verdict::Drop));
+        assert_eq!(p.bind, bound);
+        let mut after = vec![(FILLED, Verdict::Drop)];
+        after.extend(before.clone());
+        assert_eq!(p.numbers, after);
         assert!(p.unbind.is_empty() && p.del.is_empty() && p.add.is_empty());
         assert_eq!(
             p.renumbered(&[]),
@@ -375,9 +412,12 @@ pub(crate) mod tests {
         let ops = full(&c, TREE.into_iter(), &actual, &tampered);
         assert!(ops.is_empty(), "{ops:?}");
         let p = plan(&tampered, &ops);
-        assert_eq!(p.bind, vec![(2, Verdict::Drop)]);
+        assert_eq!(p.bind, vec![(2, Verdict::Drop), (FILLED, Verdict::Drop)]);
         assert_eq!(p.unbind, vec![2, 7]);
-        assert_eq!(p.numbers, vec![(1, proxy()), (2, Verdict::Drop)]);
+        assert_eq!(
+            p.numbers,
+            vec![(FILLED, Verdict::Drop), (1, proxy()), (2, Verdict::Drop)]
+        );
     }
 
     /// A config change that sends proxy's elements to drop moves them to
@@ -425,8 +465,9 @@ pub(crate) mod tests {
             seed % n
         };
         for round in 0..3000 {
+            // Number 0 too: the flag, present, missing or tampered with.
             let mut numbers: Vec<(u32, Verdict)> = Vec::new();
-            for n in 1..=6u32 {
+            for n in 0..=6u32 {
                 if rnd(3) > 0 {
                     numbers.push((n, verdicts[rnd(5) as usize].clone()));
                 }
@@ -434,7 +475,7 @@ pub(crate) mod tests {
             let mut actual: Vec<Element> = Vec::new();
             for id in 1..=12u64 {
                 if rnd(4) > 0 {
-                    actual.push(el(id, 1 + rnd(7) as u32, &numbers));
+                    actual.push(el(id, rnd(8) as u32, &numbers));
                 }
             }
             let mut want: HashMap<u64, &Verdict> = HashMap::new();
@@ -478,19 +519,27 @@ pub(crate) mod tests {
                 want.len(),
                 "an element without a verdict: {ctx}"
             );
-            for n in table.keys() {
+            assert_eq!(table.get(&FILLED), Some(&Verdict::Drop), "the flag: {ctx}");
+            for n in table.keys().filter(|n| **n != FILLED) {
                 assert!(
                     carried.values().any(|m| m == n),
                     "number {n} not carried: {ctx}"
                 );
             }
             for v in &verdicts {
-                let before = numbers.iter().filter(|(_, w)| w == v).count();
-                let after = table.values().filter(|w| *w == v).count();
+                let before = numbers
+                    .iter()
+                    .filter(|(m, w)| *m != FILLED && w == v)
+                    .count();
+                let after = table
+                    .iter()
+                    .filter(|(m, w)| **m != FILLED && *w == v)
+                    .count();
                 assert!(after <= before.max(1), "{v} gained a number: {ctx}");
             }
             for e in &actual {
-                let moved = p.unbind.contains(&e.number.unwrap());
+                // (An element on the flag's number is never right.)
+                let moved = e.number == Some(FILLED) || p.unbind.contains(&e.number.unwrap());
                 if want.get(&e.id) == Some(&&e.verdict) && !moved {
                     assert!(!p.del.contains(&e.id), "rewrote a right element: {ctx}");
                 }
@@ -519,9 +568,14 @@ pub(crate) mod tests {
         };
         let got = plan(&numbers, &ops);
         assert_eq!(got.unbind, vec![1]);
+        // A full plan also writes the flag.
         assert_eq!(
             got.numbers,
-            vec![(2, proxy()), (3, Verdict::Goto("direct".into()))]
+            vec![
+                (FILLED, Verdict::Drop),
+                (2, proxy()),
+                (3, Verdict::Goto("direct".into()))
+            ]
         );
     }
 

@@ -19,7 +19,7 @@ use crate::nftables::{
     self, Batch, ElemData, ElemMsg, Entry, MapRef, NF_DROP, NFT_CONTINUE, NFT_GOTO, NftVerdict,
     Object, Rule,
 };
-use crate::reconcile::{Element, Numbers, Plan};
+use crate::reconcile::{Element, FILLED, Numbers, Plan};
 pub use crate::refusal::ApplyError;
 use crate::refusal::{self, Refused};
 use crate::wire::Msg;
@@ -364,11 +364,16 @@ impl<T: Transport> Ruleset<T> {
     }
 
     /// `flush map inet TABLE cgroups; flush map inet TABLE verdicts`, as one
-    /// transaction of its own.
+    /// transaction of its own, which puts the flag `FILLED : drop` back:
+    /// emptied on purpose, the maps still say what holds (nothing is
+    /// listed), so the ruleset records connections `direct` again, in strict
+    /// mode too.
     pub fn flush(&mut self) -> Result<(), ApplyError> {
         let mut b = Batch::new(self.nl.next_seq());
         b.flush(&self.map);
         b.flush(&self.verdicts);
+        let flag = to_wire(&Verdict::Drop);
+        b.verdicts(ElemMsg::New, &self.verdicts, [(FILLED, Some(&flag))]);
         let (bytes, info) = b
             .finish()
             .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;

@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-/// The resolver of nft/cgtproxy-dns.nft.
-const RESOLVER_PORT: u16 = 1053;
+/// The resolver of nft/cgtproxy-dns.nft (a privileged port: no
+/// unprivileged user can take the resolver's place).
+const RESOLVER_PORT: u16 = 53;
 /// The proxy's own mark (cgtproxy.nft `CGTPROXY_PROXY_MARK`).
 const PROXY_MARK: u32 = 6666;
 /// DNS client time limit where no answer is expected.
@@ -153,8 +154,10 @@ fn shipped_files_check_alone_and_combined() {
             )
         };
         let (bypass, proxy) = hooks();
-        assert_eq!(bypass.len(), 1, "pre_bypass: {bypass:?}");
-        assert_eq!(proxy.len(), 1, "pre_proxy: {proxy:?}");
+        // DNS needs no rule in pre_bypass: every undecided connection goes
+        // to the lookup before the bypass sets.
+        assert_eq!(bypass.len(), 0, "pre_bypass: {bypass:?}");
+        assert_eq!(proxy.len(), 2, "pre_proxy: {proxy:?}");
         assert_eq!(chain_rules("dns").unwrap().len(), 2);
         assert_eq!(chain_rules("forward").unwrap().len(), 2);
 
@@ -168,13 +171,13 @@ fn shipped_files_check_alone_and_combined() {
         assert_eq!(hooks(), (bypass.clone(), proxy.clone()));
         assert_eq!(chain_rules("dns").unwrap().len(), 2);
         assert_eq!(chain_rules("forward").unwrap().len(), 2);
-        assert_eq!(chain_rules("forward_new").unwrap().len(), 4);
+        assert_eq!(chain_rules("forward_new").unwrap().len(), 5);
         assert!(!ifaces_in_set().contains("cgtx0"));
 
         // Loading the main file again deletes the table: the optional
         // parts are gone (documented: load them again after it) ...
         load_ruleset();
-        assert_eq!(hooks(), (vec![], vec![]));
+        assert_eq!(chain_rules("pre_proxy").unwrap(), Vec::<String>::new());
         assert_eq!(chain_rules("dns"), None);
         assert_eq!(chain_rules("forward"), None);
         // ... and come back with them.
@@ -184,7 +187,7 @@ fn shipped_files_check_alone_and_combined() {
         // The whole set in one run, twice (a firewall reload).
         load(env, &[MAIN, DNS, FORWARD]);
         load(env, &[MAIN, DNS, FORWARD]);
-        assert_eq!(chain_rules("pre_bypass").unwrap().len(), 1);
+        assert_eq!(chain_rules("pre_proxy").unwrap().len(), 2);
 
         // The documented /etc/nftables.conf: the includes, then the
         // interfaces (so a reload keeps them).
@@ -653,10 +656,13 @@ fn dns_of_proxy_cgroups_goes_to_the_resolver() {
                         check("/x", proto, dst, qtype, None, Who::Nobody);
                     }
                 }
-                // The resolver's own queries (the proxy's mark) from a
-                // proxy cgroup: untouched.
+                // The proxy's mark exempts nothing: from a proxy cgroup
+                // such queries are dropped (neither hijacked nor sent
+                // direct); the resolver's own queries leave from its
+                // `direct` cgroup, untouched.
                 for dst in [real_v4, real_v6] {
-                    check("/p", proto, dst, qtype, Some(PROXY_MARK), Who::Real);
+                    check("/p", proto, dst, qtype, Some(PROXY_MARK), Who::Nobody);
+                    check("/d", proto, dst, qtype, Some(PROXY_MARK), Who::Real);
                 }
             }
         }

@@ -562,7 +562,10 @@ fn check_catches_the_proxy_capturing_itself() {
             warn.contains("rules[0] \"/proxy\" sends its ancestor /proxy to goto proxy"),
             "{out}"
         );
-        assert!(warn.contains("unless it marks them with 6666"), "{out}");
+        assert!(
+            warn.contains("the ruleset exempts no mark from `proxy`"),
+            "{out}"
+        );
         assert!(!warn.contains("the map now"), "{out}");
         // The second warning: this listener takes IPv4 TCP only.
         assert!(

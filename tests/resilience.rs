@@ -112,8 +112,15 @@ fn ruleset_reload_refills_2000_elements() {
             // nothing else), and exactly what the map now holds.
             let added = mine[0].adds(&VerdictDump::new());
             assert_eq!(added, expected, "the refill adds exactly the truth");
+            // ... and the flag that says the maps are filled.
+            let mut vadds = mine[0].verdict_adds();
             assert_eq!(
-                mine[0].verdict_adds(),
+                vadds.remove(&FILLED_FLAG).as_deref(),
+                Some("drop"),
+                "the refill sets the flag"
+            );
+            assert_eq!(
+                vadds,
                 dump_verdicts(),
                 "the refill adds exactly the verdict numbers in use"
             );

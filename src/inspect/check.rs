@@ -4,14 +4,14 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::explain::{deciding, lineage};
-use super::rules::{Facts, analyse};
+use super::rules::{Facts, analyse, nat_ports};
 use super::{Hierarchy, INTERNAL_CHAINS, Live, MapInfo};
 use crate::cgroup;
 use crate::config::{CgroupRoot, Config, Verdict, match_form};
 use crate::error::Error;
 use crate::nftables::{self, MapRef};
 use crate::options::Options;
-use crate::reconcile::Element;
+use crate::reconcile::{self, Element, FILLED};
 use crate::refusal;
 use crate::ruleset::MapRole;
 
@@ -261,7 +261,11 @@ fn check_ruleset(
         }
         Ok(Some(info)) => {
             counter = Some(info.counter);
-            els = live.rs.dump().ok().flatten().map(|d| d.elements);
+            let dump = live.rs.dump().ok().flatten();
+            if let Some(d) = &dump {
+                check_filled(c, &live.rs.verdicts.map, reconcile::filled(&d.numbers));
+            }
+            els = dump.map(|d| d.elements);
             let n = els.as_ref().map_or("? elements".to_string(), |e| {
                 format!("{} elements", e.len())
             });
@@ -340,6 +344,7 @@ fn check_ruleset(
     }
     match live.rules() {
         Ok(rules) => {
+            check_resolver(c, &rules);
             let mut f = analyse(&rules, &cfg.map, &cfg.verdict_map);
             f.chains.extend(present.iter().map(|c| c.to_string()));
             if f.levels.is_empty() {
@@ -364,6 +369,62 @@ fn check_ruleset(
         Err(e) => {
             c.add(Mark::Fail, e.to_string());
             (None, els, counter)
+        }
+    }
+}
+
+/// The flag `0 : drop` in `verdicts`: until a daemon's full sync has
+/// written it, the ruleset records no connection `direct` (and in strict
+/// mode drops new ones). Normal before the first start; not while a daemon
+/// runs.
+fn check_filled(c: &mut Checklist, verdicts: &str, filled: bool) {
+    if filled {
+        c.add(
+            Mark::Ok,
+            format!("maps filled (map {verdicts} holds the flag {FILLED} : drop)"),
+        );
+    } else {
+        c.add(
+            Mark::Ok,
+            format!(
+                "maps not yet filled (map {verdicts} has no flag {FILLED} : drop): no daemon has synced them since the ruleset was loaded; connections opened until then are decided again, and in strict mode new ones are dropped"
+            ),
+        );
+    }
+}
+
+/// The DNS hijack (nft/cgtproxy-dns.nft) sends proxied programs' queries
+/// to a local port. One that any user may bind lets whoever binds it while
+/// the resolver is down answer other users' queries.
+fn check_resolver(c: &mut Checklist, rules: &[nftables::Rule]) {
+    let ports = nat_ports(rules, "dns");
+    if ports.is_empty() {
+        return;
+    }
+    let start: Option<u16> =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+    let Some(start) = start else {
+        c.add(
+            Mark::Skip,
+            "net.ipv4.ip_unprivileged_port_start: unreadable; cannot tell who may bind the DNS resolver's port",
+        );
+        return;
+    };
+    for p in ports {
+        if p >= start {
+            c.add(
+                Mark::Warn,
+                format!(
+                    "the DNS hijack sends queries to port {p}, which any user may bind (net.ipv4.ip_unprivileged_port_start = {start}): while the resolver is down, a local user could answer other users' proxied queries; use a port below {start} (CGTPROXY_RESOLVER_PORT, default 53)"
+                ),
+            );
+        } else {
+            c.add(
+                Mark::Ok,
+                format!("the DNS hijack's resolver port {p} is privileged (below {start})"),
+            );
         }
     }
 }
@@ -879,9 +940,14 @@ fn check_self_capture(
         _ => false,
     };
     let by_id: HashMap<u64, &Element> = els.unwrap_or(&[]).iter().map(|e| (e.id, e)).collect();
+    // Rulesets before 0.3 exempted the proxy's mark; the shipped one
+    // exempts nothing (a process with CAP_NET_RAW could use it to escape)
+    // and drops what carries it from a `proxy` cgroup.
     let exempt = match f.proxy_mark {
         Some(m) => format!("unless it marks them with {m} (SO_MARK; CGTPROXY_PROXY_MARK)"),
-        None => "unless it marks them with the ruleset's proxy mark (CGTPROXY_PROXY_MARK)".into(),
+        None => {
+            "(or are dropped, when they carry the proxy mark: the ruleset exempts no mark from `proxy`)".into()
+        }
     };
     let mut seen = HashSet::new();
     for (pid, comm) in pids {

@@ -16,7 +16,7 @@ use crate::nftables::{self, Object as NftObject, Rule};
 use crate::options::Options;
 use crate::reconcile::Element;
 use crate::refusal;
-use crate::ruleset::Ruleset;
+use crate::ruleset::{Dump, Ruleset};
 
 mod apps;
 mod check;
@@ -44,6 +44,14 @@ const INTERNAL_CHAINS: &[&str] = &[
     "dns",
     "forward",
     "forward_new",
+    // Fail closed (nft/cgtproxy.nft).
+    "recorded_direct",
+    "unfilled",
+    "cut",
+    "input",
+    "refused",
+    "guard_out",
+    "guard_forward",
 ];
 
 // ---------------------------------------------------------------------------
@@ -219,9 +227,14 @@ impl Live {
     }
 
     /// The map's elements, or why there are none to show.
-    fn elements(&mut self, _cfg: &Config) -> Result<Vec<Element>, Error> {
+    fn elements(&mut self, cfg: &Config) -> Result<Vec<Element>, Error> {
+        Ok(self.dump(cfg)?.elements)
+    }
+
+    /// Both maps, or why there are none to show.
+    fn dump(&mut self, _cfg: &Config) -> Result<Dump, Error> {
         match self.rs.dump()? {
-            Some(d) => Ok(d.elements),
+            Some(d) => Ok(d),
             None => Err(Error::Runtime(refusal::table_or_maps_missing(
                 &self.rs.map,
                 &self.rs.verdicts,

@@ -220,6 +220,26 @@ pub(super) fn analyse(rules: &[Rule], map: &str, verdicts: &str) -> Facts {
     f
 }
 
+/// The ports the `nat` rules of `chain` translate to (the DNS hijack's
+/// resolver port, nft/cgtproxy-dns.nft chain `dns`): the 2-byte values a
+/// rule with a `nat` expression loads into a register.
+pub(super) fn nat_ports(rules: &[Rule], chain: &str) -> BTreeSet<u16> {
+    let mut ports = BTreeSet::new();
+    for r in rules.iter().filter(|r| r.chain == chain) {
+        if !r.exprs.iter().any(|e| e.name == "nat") {
+            continue;
+        }
+        for e in r.exprs.iter().filter(|e| e.name == "immediate") {
+            if let Some(Data::Value(v)) = e.data(IMMEDIATE_DATA)
+                && let Ok(b) = <[u8; 2]>::try_from(v)
+            {
+                ports.insert(u16::from_be_bytes(b));
+            }
+        }
+    }
+    ports
+}
+
 /// `meta mark set socket mark`: socket mark into a register, the packet
 /// mark from it.
 fn restores_mark(exprs: &[Expr]) -> bool {
@@ -361,14 +381,14 @@ mod tests {
     /// What `check` must find in the shipped ruleset: the level lookups,
     /// the dispatch through `verdicts`, the TPROXY port and marks as the
     /// file's defines set them, `proxy` capturing and `direct` not.
-    fn assert_shipped(f: &Facts, port: u16, mark: u32, proxy_mark: u32) {
+    fn assert_shipped(f: &Facts, port: u16, mark: u32, proxy_mark: Option<u32>) {
         assert_eq!(f.levels, (1..=16).collect::<BTreeSet<u32>>());
         assert_eq!(f.levels_text(), "levels 1-16");
         assert!(f.dispatches);
         assert_eq!(f.lookup_chains, BTreeSet::from(["lookup".to_string()]));
         assert_eq!(f.tproxy_ports, BTreeSet::from([port]));
         assert_eq!(f.tproxy_mark, Some(mark));
-        assert_eq!(f.proxy_mark, Some(proxy_mark));
+        assert_eq!(f.proxy_mark, proxy_mark);
         assert!(f.capturing.contains("proxy"), "{:?}", f.capturing);
         for c in ["direct", "lookup", "dispatch"] {
             assert!(!f.capturing.contains(c), "{c} does not capture");
@@ -387,7 +407,13 @@ mod tests {
             .filter(|m| m.ty == crate::nftables::msg_type(crate::nftables::NFT_MSG_NEWRULE))
             .map(|m| crate::nftables::parse_rule(&m).unwrap())
             .collect();
-        assert_shipped(&analyse(&captured, "cgroups", "verdicts"), 7893, 9011, 6666);
+        // (Captured from the 0.2 ruleset, which still exempted the mark.)
+        assert_shipped(
+            &analyse(&captured, "cgroups", "verdicts"),
+            7893,
+            9011,
+            Some(6666),
+        );
         assert!(analyse(&captured, "other", "verdicts").levels.is_empty());
         assert!(!analyse(&captured, "cgroups", "other").dispatches);
 
@@ -437,7 +463,8 @@ mod tests {
             &f,
             define("CGTPROXY_PORT") as u16,
             define("CGTPROXY_MARK"),
-            define("CGTPROXY_PROXY_MARK"),
+            // The proxy's mark exempts nothing any more (issue 11).
+            None,
         );
     }
 

@@ -24,7 +24,9 @@ struct Row {
 /// and counters. Returns the exit status.
 pub fn status(opts: &Options, as_json: bool) -> Result<i32, Error> {
     let (cfg, h) = load(opts)?;
-    let els = Live::open(&cfg)?.elements(&cfg)?;
+    let dump = Live::open(&cfg)?.dump(&cfg)?;
+    let filled = crate::reconcile::filled(&dump.numbers);
+    let els = dump.elements;
     let wanted: HashSet<u64> = els.iter().map(|e| e.id).collect();
     let mut paths: HashMap<u64, Vec<u8>> = HashMap::new();
     for (dir, id) in h.walk() {
@@ -49,7 +51,15 @@ pub fn status(opts: &Options, as_json: bool) -> Result<i32, Error> {
     let text = if as_json {
         status_json(&cfg, &rows, &routing_json(&routing))
     } else {
-        format!("{}{}", status_table(&rows), routing_text(&routing))
+        let mut t = status_table(&rows);
+        if !filled {
+            // The ruleset records nothing `direct` until a full sync.
+            t.push_str(
+                "maps not yet filled: no daemon has synced them since the ruleset was loaded\n",
+            );
+        }
+        t.push_str(&routing_text(&routing));
+        t
     };
     print!("{text}");
     Ok(0)

@@ -52,6 +52,10 @@ pub fn nft_script(script: &str) {
 /// The name of the second map of the shipped ruleset (config `verdict-map`).
 pub const VERDICT_MAP: &str = "verdicts";
 
+/// The key of `verdicts` that, holding `drop`, tells the ruleset that the
+/// maps are filled (nft/cgtproxy.nft, "Fail closed").
+pub const FILLED_FLAG: u32 = 0;
+
 /// Adds elements with `nft` itself (not the daemon): cgroup2 is mounted at
 /// /sys/fs/cgroup in a private mount namespace so nft can resolve paths.
 /// `elems`: (cgroup directory, verdict as nft writes it).
@@ -60,7 +64,8 @@ pub const VERDICT_MAP: &str = "verdicts";
 /// verdict (`verdicts`): each distinct verdict gets the number it already
 /// has in `verdicts`, or the smallest free one from 1000 up (far from the
 /// daemon's 1, 2, …). Both maps are written by one `nft` command, one
-/// transaction.
+/// transaction, with the flag `0 : drop` that says the maps are filled (as
+/// the daemon's full sync writes it).
 pub fn nft_add_elements(mount: &Path, elems: &[(&Path, &str)]) {
     let mut numbers = try_dump_raw("cgtproxy", "cgroups", VERDICT_MAP)
         .map(|r| r.verdicts)
@@ -89,14 +94,13 @@ pub fn nft_add_elements(mount: &Path, elems: &[(&Path, &str)]) {
         })
         .collect();
     let mut cmd = String::new();
-    if !fresh.is_empty() {
-        let v: Vec<String> = fresh.iter().map(|(n, v)| format!("{n} : {v}")).collect();
-        let _ = write!(
-            cmd,
-            "add element inet cgtproxy {VERDICT_MAP} {{ {} }}; ",
-            v.join(", ")
-        );
-    }
+    let mut v: Vec<String> = fresh.iter().map(|(n, v)| format!("{n} : {v}")).collect();
+    v.push(format!("{FILLED_FLAG} : drop"));
+    let _ = write!(
+        cmd,
+        "add element inet cgtproxy {VERDICT_MAP} {{ {} }}; ",
+        v.join(", ")
+    );
     let _ = write!(
         cmd,
         "add element inet cgtproxy cgroups {{ {} }}",
@@ -143,6 +147,9 @@ pub struct RawDump {
     pub verdicts: VerdictDump,
     /// Whether the table has the verdict map at all.
     pub has_verdict_map: bool,
+    /// What `verdicts` holds at key 0, the "maps are filled" flag (the
+    /// daemon writes `0 : drop`); not in `verdicts`.
+    pub flag: Option<String>,
 }
 
 impl RawDump {
@@ -341,7 +348,11 @@ pub fn parse_table_json(text: &str, map: &str, vmap: &str) -> Result<RawDump, St
             }
             .ok_or_else(|| bad("verdict key"))?;
             let verdict = verdict_of(&d).ok_or_else(|| bad("verdict"))?;
-            dump.verdicts.insert(n, verdict);
+            if n == FILLED_FLAG {
+                dump.flag = Some(verdict);
+            } else {
+                dump.verdicts.insert(n, verdict);
+            }
         }
     }
     Ok(dump)
