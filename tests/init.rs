@@ -133,7 +133,7 @@ supervise_daemon() { log "supervise-daemon $*"; }
 . "$INITD"
 # dash takes no `-` in function names: the script's calls go to a stub
 # command written by this shell (see STUBS).
-log "user=$command_user caps=$capabilities nnp=$no_new_privs"
+log "user=$command_user caps=$capabilities nnp=${no_new_privs:-}"
 log "respawn=$respawn_delay/$respawn_max/$respawn_period log=$output_log"
 depend
 if start_pre; then
@@ -191,7 +191,7 @@ fn openrc_functions_run_in_order_and_checkconfig_gates_start_and_reload() {
     fs::write(&good, cgtproxy::config::EMBEDDED_DEFAULT).unwrap();
     let calls = openrc(&scratch.0, &format!("-c {}", good.display()));
     let want = [
-        "user=cgtproxy:cgtproxy caps=^cap_net_admin nnp=yes".to_string(),
+        "user=cgtproxy:cgtproxy caps=^cap_net_admin nnp=".to_string(),
         "respawn=2/5/60 log=/var/log/cgtproxy.log".to_string(),
         "need localmount".to_string(),
         "want firewall".to_string(),
