@@ -53,12 +53,27 @@ pub fn claim(table: &str, map: &str, hint: &str) -> Result<Instance, Error> {
             Ok(Instance { listener })
         }
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let pid = match owner(&n) {
-                Some(p) => format!("pid {p}"),
-                None => "pid unknown".to_string(),
+            let (pid, squat) = match owner(&n) {
+                Some(p) => {
+                    // The name is open to anyone in the namespace: say so
+                    // when its holder is not a cgtproxy.
+                    let comm = std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .map(|c| c.trim_end().to_string())
+                        .unwrap_or_default();
+                    let squat = if comm.is_empty() || comm == "cgtproxy" {
+                        String::new()
+                    } else {
+                        format!(
+                            " (pid {p} is {comm:?}, not cgtproxy: it holds @{} in its place)",
+                            String::from_utf8_lossy(&n)
+                        )
+                    };
+                    (format!("pid {p}"), squat)
+                }
+                None => ("pid unknown".to_string(), String::new()),
             };
             Err(Error::Runtime(format!(
-                "already running ({pid}) for {what}{hint}"
+                "already running ({pid}) for {what}{hint}{squat}"
             )))
         }
         Err(e) => Err(Error::Runtime(format!(
@@ -140,5 +155,32 @@ mod tests {
         assert!(a.starts_with(b"cgtproxy/#"));
         assert_ne!(a, name(&long, "n"));
         assert_ne!(name(&"a".repeat(100), "bc"), name(&"a".repeat(101), "c"));
+    }
+
+    /// What it proves: a second claim of the same table and map is refused
+    /// with the holder's pid (read through SO_PEERCRED), another map is
+    /// free, and the name is released with the claim. How it can fail: a
+    /// claim that does not exclude, or a pid that is not the holder's.
+    #[test]
+    fn a_claim_excludes_and_names_its_holder() {
+        // A name of its own (abstract names are per network namespace).
+        let table = format!(
+            "unit-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        );
+        let first = claim(&table, "m", "").unwrap();
+        let e = claim(&table, "m", "; hint").unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "already running (pid {}) for table inet {table}, map m; hint",
+                std::process::id()
+            )),
+            "{e}"
+        );
+        let other = claim(&table, "n", "").unwrap();
+        drop(first);
+        drop(other);
+        claim(&table, "m", "").unwrap();
     }
 }
