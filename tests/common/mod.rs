@@ -48,8 +48,8 @@
 //! - `userns.rs`:  a user namespace of its own, for limits set low (inotify)
 //!
 //! Each test binary uses only some of the harness, so each module allows
-//! dead code (a check across all binaries found no helper unused by all
-//! but `RawDump::numbers` and `Server::{tag, addrs}`).
+//! dead code (a check across all nine binaries found no helper unused by
+//! all but `RawDump::numbers`).
 
 #[allow(dead_code)]
 pub mod cgroups;
