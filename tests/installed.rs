@@ -560,6 +560,24 @@ fn debian_package_under_real_systemd() {
                     && e.ends_with("/cgtproxy-proxy.slice")),
             "{els:?}"
         );
+        // cgtproxy exec under the user manager: systemd-run creates the
+        // scope, cgtproxy waits in it for the slice's verdict, then the
+        // command's first connections are proxied (both families).
+        let out = c.ok(&format!(
+            "XDG_RUNTIME_DIR=/run/user/0 timeout 20 cgtproxy exec -- bash -c '{} && grep ^0:: /proc/self/cgroup'",
+            script("exec")
+        ));
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("proxy:exec-v4"), "{out}\n{}", c.diag());
+        assert_eq!(lines.next(), Some("proxy:exec-v6"), "{out}");
+        let cg = lines.next().unwrap_or_default();
+        assert!(
+            cg.starts_with(
+                "0::/user.slice/user-0.slice/user@0.service/cgtproxy.slice/cgtproxy-proxy.slice/"
+            ) && cg.ends_with(".scope"),
+            "exec ran in {cg}, not in a scope of cgtproxy-proxy.slice"
+        );
+        assert_eq!(proxy.got("exec-v4").len(), 1, "{:?}", proxy.events());
         // Control: from the root shell's cgroup (unlisted) it goes direct,
         // to nobody.
         let direct = c.sh(&format!("timeout 3 bash -c '{}'", script("direct")));
