@@ -34,6 +34,9 @@ TARGETFLAG := --target $(TARGET)
 endif
 
 RULESETS := cgtproxy.nft cgtproxy-dns.nft cgtproxy-forward.nft
+# Where the admin's `redefine` lines for each ruleset go (the rulesets
+# include SETTINGSDIR/NAME.nft.d/*.nft); created empty, never filled.
+SETTINGSDIRS := cgtproxy.nft.d cgtproxy-dns.nft.d cgtproxy-forward.nft.d
 
 # The service files name the binary and the ruleset by their default paths;
 # installed elsewhere, they name the installed ones.
@@ -61,6 +64,9 @@ install-common: $(BIN)
 	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/cgtproxy
 	for f in $(RULESETS); do \
 		$(INSTALL) -m 0755 nft/$$f $(DESTDIR)$(DATADIR)/cgtproxy/$$f || exit 1; \
+	done
+	for d in $(SETTINGSDIRS); do \
+		$(INSTALL) -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/cgtproxy/$$d || exit 1; \
 	done
 	$(INSTALL) -m 0644 man/cgtproxy.8 $(DESTDIR)$(MANDIR)/man8/cgtproxy.8
 	$(INSTALL) -m 0644 man/cgtproxy.json.5 $(DESTDIR)$(MANDIR)/man5/cgtproxy.json.5
@@ -96,8 +102,9 @@ install-runit:
 install-none:
 
 # Removes what `install` installed (for every INIT), and the directories it
-# created when they are empty. /etc/cgtproxy/config.json and the OpenRC and
-# runit settings stay: they are the admin's.
+# created when they are empty. /etc/cgtproxy/config.json, the OpenRC and
+# runit settings and any file in the NAME.nft.d directories stay: they are
+# the admin's.
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/cgtproxy
 	for f in $(RULESETS); do rm -f $(DESTDIR)$(DATADIR)/cgtproxy/$$f; done
@@ -109,6 +116,7 @@ uninstall:
 	rm -f $(DESTDIR)$(RUNITDIR)/cgtproxy/run $(DESTDIR)$(RUNITDIR)/cgtproxy/finish \
 		$(DESTDIR)$(RUNITDIR)/cgtproxy/log/run
 	-rmdir $(DESTDIR)$(RUNITDIR)/cgtproxy/log
+	-for d in $(SETTINGSDIRS); do rmdir $(DESTDIR)$(SYSCONFDIR)/cgtproxy/$$d; done
 
 # The Debian package (debian/), from this same install step: ../cgtproxy_*.deb.
 deb:

@@ -6,6 +6,7 @@
 //! in a cgroup of the test's own; the package is installed with apt and
 //! checked under that systemd: enable --now, the ruleset included from
 //! /etc/nftables.conf (whose Debian default starts with `flush ruleset`),
+//! the TPROXY port set in /etc/cgtproxy/cgtproxy.nft.d,
 //! a reboot in which the unit starts after nftables.service and before
 //! network-pre.target, `Type=notify` readiness, `systemctl reload` applying
 //! a changed config, `systemctl restart` changing no element, the daemon
@@ -13,19 +14,23 @@
 //! manager's `systemd-run --user --scope --slice=cgtproxy-proxy.slice`
 //! whose TCP (IPv4 and IPv6) reaches a TPROXY listener while the same
 //! connection from elsewhere does not, `journalctl -u cgtproxy`, and
-//! `apt remove`/`purge` leaving no table, rule or route.
+//! `apt remove`/`purge` leaving no table, rule or route, and only the
+//! admin's own file in /etc/cgtproxy.
 //! See /work/shared/notes/real-systemd.md for how the boot works here.
 
 mod common;
 
 use common::*;
 use std::fs;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// The TPROXY port, set in /etc/cgtproxy/cgtproxy.nft.d (not the default).
+const PORT: u16 = 7894;
 /// A fresh machine builds the release binary and the root file system.
 const BUILD_LIMIT: Duration = Duration::from_secs(20 * 60);
 
@@ -415,6 +420,11 @@ fn debian_package_under_real_systemd() {
         // nftables.service, and let the ruleset service go.
         let conf = c.ok("cat /etc/nftables.conf");
         assert!(conf.contains("\nflush ruleset\n"), "{conf}");
+        // An admin's setting, in the directory the package ships for it:
+        // the TPROXY port (the traffic below goes there).
+        c.ok(&format!(
+            "test -d /etc/cgtproxy/cgtproxy.nft.d && echo 'redefine CGTPROXY_PORT = {PORT}' > /etc/cgtproxy/cgtproxy.nft.d/local.nft"
+        ));
         c.ok(
             "echo 'include \"/usr/share/cgtproxy/cgtproxy.nft\"' >> /etc/nftables.conf && systemctl disable cgtproxy-ruleset.service && systemctl enable --now nftables.service cgtproxy.service",
         );
@@ -531,7 +541,14 @@ fn debian_package_under_real_systemd() {
             // SAFETY: setns(2) on this short-lived thread only.
             let r = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            start_proxy()
+            Server::start(
+                "proxy",
+                &[
+                    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), PORT),
+                    SocketAddr::new(Ipv6Addr::LOCALHOST.into(), PORT),
+                ],
+                true,
+            )
         })
         .join()
         .expect("listener in the container's namespace");
@@ -589,7 +606,7 @@ fn debian_package_under_real_systemd() {
         assert!(journal.contains("cgtproxy-proxy.slice"), "{journal}");
         phase(&mut t, "user manager, traffic, journal");
 
-        // remove: no table, no rule, no route; purge: no /etc/cgtproxy.
+        // remove: no table, no rule, no route; purge: no conffile.
         c.ok("sed -i '/cgtproxy.nft/d' /etc/nftables.conf");
         c.ok("apt-get remove -y -q cgtproxy");
         let left = c.ok(
@@ -600,7 +617,22 @@ fn debian_package_under_real_systemd() {
         assert!(!left.contains("local default"), "after apt remove:\n{left}");
         c.ok("test -e /etc/cgtproxy/config.json");
         c.ok("apt-get purge -y -q cgtproxy");
-        c.ok("! test -e /etc/cgtproxy && ! dpkg-query -W cgtproxy 2>/dev/null | grep -q .");
+        // dpkg deletes the conffile and the package's directories; the
+        // admin's own file (and so its directory) stays.
+        let left = c.ok("find /etc/cgtproxy | sort; dpkg-query -W cgtproxy 2>&1 || true");
+        assert_eq!(
+            left.lines().take(3).collect::<Vec<_>>(),
+            [
+                "/etc/cgtproxy",
+                "/etc/cgtproxy/cgtproxy.nft.d",
+                "/etc/cgtproxy/cgtproxy.nft.d/local.nft"
+            ],
+            "after apt purge:\n{left}"
+        );
+        assert!(
+            left.contains("no packages found matching cgtproxy"),
+            "after apt purge:\n{left}"
+        );
         c.poweroff();
         phase(&mut t, "remove, purge, poweroff");
         eprintln!("installed: total {:.1} s", total.elapsed().as_secs_f64());
