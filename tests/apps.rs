@@ -194,6 +194,90 @@ fn rule_forms_select_real_trees() {
         }
         assert!(diff.is_empty(), "map differs:\n{diff}");
 
+        // apps names what runs there as users know it, with the verdict.
+        let a = format!("{U1000}/app.slice");
+        let running = [
+            (
+                format!("{a}/app-gnome-code\\x2doss-77.scope"),
+                "app",
+                "code-oss",
+                Some("gnome"),
+                Some("goto"),
+            ),
+            (
+                format!("{a}/app-org.kde.konsole@9f8e7d6c5b4a.service"),
+                "app",
+                "org.kde.konsole",
+                None,
+                Some("drop"),
+            ),
+            (
+                format!("{a}/app-org.kde.dolphin-0a1b2c3d4e5f.scope"),
+                "app",
+                "org.kde.dolphin",
+                None,
+                None,
+            ),
+            (
+                format!("{a}/snap.firefox.firefox-8c2a3b94-3d3e-4c3f-9d8e-3b0f8a1c2d3e.scope"),
+                "app",
+                "snap.firefox.firefox",
+                Some("snap"),
+                Some("goto"),
+            ),
+            (
+                format!("{a}/run-p2001-i2002.scope"),
+                "unit",
+                "run-p2001-i2002.scope",
+                None,
+                None,
+            ),
+            (
+                "/system.slice/system-openvpn\\x2dclient.slice/openvpn-client@work.service"
+                    .to_string(),
+                "unit",
+                "openvpn-client@work.service",
+                None,
+                Some("goto"),
+            ),
+            (
+                format!("/machine.slice/libpod-{PODMAN}.scope/container"),
+                "container",
+                PODMAN,
+                Some("podman"),
+                Some("goto"),
+            ),
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1f2e.slice/cri-containerd-{CRI}.scope"
+                ),
+                "container",
+                CRI,
+                Some("containerd"),
+                Some("goto"),
+            ),
+        ];
+        let _sleepers: Vec<Sleeper> = running
+            .iter()
+            .map(|(p, ..)| Sleeper::start(&env.cg.path(p)))
+            .collect();
+        let out = expect(cli(env, &config, &["apps", "-j"]), 0, "apps -j");
+        let rows = parse_apps(out.trim_end(), false);
+        assert_eq!(rows.len(), running.len(), "{out}");
+        for (path, kind, name, launcher, verdict) in &running {
+            let r = app_at(&rows, path);
+            assert_eq!(
+                (
+                    r.s("kind").as_deref(),
+                    r.s("name").as_deref(),
+                    r.s("launcher").as_deref(),
+                    r.s("verdict").as_deref()
+                ),
+                (Some(*kind), Some(*name), *launcher, *verdict),
+                "{path}: {out}"
+            );
+        }
+
         // check: per rule, the live cgroups it decides; none is a warning.
         // Only warnings: check passes (contract §4); --strict fails.
         let out = expect(cli(env, &config, &["check"]), 0, "check");
