@@ -348,6 +348,17 @@ impl<T: Transport> Conn<T> {
         dump: bool,
         mut f: impl FnMut(&Msg<'_>) -> Result<(), NlError>,
     ) -> Result<(), NlError> {
+        self.request_dyn(bytes, seq, dump, &mut f)
+    }
+
+    /// `request`, once in the binary however many callers it has.
+    fn request_dyn(
+        &mut self,
+        bytes: &[u8],
+        seq: u32,
+        dump: bool,
+        f: &mut dyn FnMut(&Msg<'_>) -> Result<(), NlError>,
+    ) -> Result<(), NlError> {
         self.t.send(bytes)?;
         loop {
             let Some(n) = self.t.recv(&mut self.buf, true)? else {
@@ -380,21 +391,21 @@ impl<T: Transport> Conn<T> {
 
     /// A dump, asked again while the kernel says it was interrupted (the
     /// object changed under it). `request` encodes it for a sequence number;
-    /// `f` folds each reply message into the attempt's `S`, which starts
-    /// afresh with each attempt: only a consistent dump is returned.
-    pub fn dump<S: Default>(
+    /// `f` sees each reply message, and `None` before each attempt: it
+    /// forgets what the attempt before gave, so only a consistent dump
+    /// counts.
+    pub fn dump(
         &mut self,
-        request: impl Fn(u32) -> Vec<u8>,
-        mut f: impl FnMut(&mut S, &Msg<'_>) -> Result<(), NlError>,
-    ) -> Result<S, NlError> {
+        request: &dyn Fn(u32) -> Vec<u8>,
+        f: &mut dyn FnMut(Option<&Msg<'_>>) -> Result<(), NlError>,
+    ) -> Result<(), NlError> {
         let mut attempt = 1;
         loop {
-            let mut out = S::default();
+            f(None)?;
             let seq = self.seq();
-            match self.request(&request(seq), seq, true, |m| f(&mut out, m)) {
-                Ok(()) => return Ok(out),
+            match self.request_dyn(&request(seq), seq, true, &mut |m| f(Some(m))) {
                 Err(NlError::Interrupted) if attempt < DUMP_ATTEMPTS => attempt += 1,
-                Err(e) => return Err(e),
+                r => return r,
             }
         }
     }

@@ -232,11 +232,11 @@ impl Batch {
     }
 
     /// `{add|delete|destroy} element inet TABLE verdicts { NUMBER [: VERDICT], ... }`
-    pub fn verdicts<'v>(
+    pub fn verdicts(
         &mut self,
         kind: ElemMsg,
         map: &MapRef,
-        elems: impl IntoIterator<Item = (u32, Option<&'v NftVerdict>)>,
+        elems: impl IntoIterator<Item = (u32, Option<NftVerdict>)>,
     ) {
         let blame = if kind == ElemMsg::New {
             Blame::Bound
@@ -245,7 +245,7 @@ impl Batch {
         };
         self.list(kind, map, elems, blame, |w, number, verdict| {
             w.attr(NFTA_DATA_VALUE, &number.to_ne_bytes());
-            verdict.map(|v| move |w: &mut Writer| verdict_attr(w, v))
+            verdict.map(|v| move |w: &mut Writer| verdict_attr(w, &v))
         });
     }
 
@@ -878,7 +878,7 @@ pub(crate) mod tests {
             code: NFT_GOTO,
             chain: Some("proxy".into()),
         };
-        b.verdicts(ElemMsg::New, &map(), [(7u32, Some(&proxy))]);
+        b.verdicts(ElemMsg::New, &map(), [(7u32, Some(proxy.clone()))]);
         let (bytes, info) = b.finish().unwrap();
         let msgs: Vec<_> = wire::messages(&bytes).map(|m| m.unwrap()).collect();
         #[rustfmt::skip]
@@ -947,7 +947,11 @@ pub(crate) mod tests {
             code: NFT_GOTO,
             chain: Some("c".repeat(250)),
         };
-        b.verdicts(ElemMsg::New, &map(), (0..1_000u32).map(|i| (i, Some(&v))));
+        b.verdicts(
+            ElemMsg::New,
+            &map(),
+            (0..1_000u32).map(|i| (i, Some(v.clone()))),
+        );
         let (bytes, info) = b.finish().unwrap();
         let msgs: Vec<_> = wire::messages(&bytes).map(|m| m.unwrap()).collect();
         assert!(msgs.len() > 4, "split into several messages");

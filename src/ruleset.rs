@@ -207,18 +207,17 @@ impl<T: Transport> Ruleset<T> {
         Ok(())
     }
 
-    /// A dump (asked again while interrupted); `Ok(None)` when what it
-    /// reads (table, map) is missing.
-    fn dump_of<R>(
+    /// A dump (asked again while interrupted: `each` sees `None` before
+    /// each attempt); false when what it reads (table, map) is missing.
+    fn dump_of(
         &mut self,
         what: &str,
-        request: impl Fn(u32) -> Vec<u8>,
-        mut each: impl FnMut(&Msg<'_>, &mut Vec<R>) -> Result<(), NlError>,
-    ) -> Result<Option<Vec<R>>, Error> {
-        let r = self.nl.dump(request, |out: &mut Vec<R>, m| each(m, out));
-        match r {
-            Ok(out) => Ok(Some(out)),
-            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(None),
+        request: &dyn Fn(u32) -> Vec<u8>,
+        each: &mut dyn FnMut(Option<&Msg<'_>>) -> Result<(), NlError>,
+    ) -> Result<bool, Error> {
+        match self.nl.dump(request, each) {
+            Ok(()) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
             Err(NlError::Interrupted) => Err(Error::Runtime(format!(
                 "interrupted {} times in a row",
                 crate::netlink::DUMP_ATTEMPTS
@@ -230,17 +229,23 @@ impl<T: Transport> Ruleset<T> {
 
     /// Every element of `map`. `Ok(None)` when the table or map is missing.
     fn dump_map(&mut self, map: &MapRef) -> Result<Option<Vec<Entry>>, Error> {
-        self.dump_of(
+        let mut out = Vec::new();
+        let found = self.dump_of(
             &format!("dump of map {}", map.map),
-            |seq| nftables::dump_elements_request(seq, map),
-            |m, out| {
+            &|seq| nftables::dump_elements_request(seq, map),
+            &mut |m| {
+                let Some(m) = m else {
+                    out.clear();
+                    return Ok(());
+                };
                 let (t, s, els) = nftables::parse_elements(m)?;
                 if t == map.table && s == map.map {
                     out.extend(els);
                 }
                 Ok(())
             },
-        )
+        )?;
+        Ok(found.then_some(out))
     }
 
     /// What the maps hold now, each element with the verdict its number
@@ -286,13 +291,18 @@ impl<T: Transport> Ruleset<T> {
         Ok(Some(Dump { elements, numbers }))
     }
 
-    /// Every rule of the table, in chain order.
+    /// Every rule of the table, in chain order (none when it is missing).
     pub fn rules(&mut self) -> Result<Vec<Rule>, Error> {
         let table = self.map.table.clone();
-        let rules = self.dump_of(
+        let mut out = Vec::new();
+        self.dump_of(
             "dump of the rules",
-            |seq| nftables::dump_rules_request(seq, &table),
-            |m, out| {
+            &|seq| nftables::dump_rules_request(seq, &table),
+            &mut |m| {
+                let Some(m) = m else {
+                    out.clear();
+                    return Ok(());
+                };
                 let rule = nftables::parse_rule(m)?;
                 if rule.table == table {
                     out.push(rule);
@@ -300,7 +310,7 @@ impl<T: Transport> Ruleset<T> {
                 Ok(())
             },
         )?;
-        Ok(rules.unwrap_or_default())
+        Ok(out)
     }
 
     /// Sends `plan` as one transaction on both maps. `name` turns a cgroup
@@ -314,14 +324,12 @@ impl<T: Transport> Ruleset<T> {
         } else {
             ElemMsg::Del
         };
-        let bind: Vec<(u32, NftVerdict)> =
-            plan.bind.iter().map(|(n, v)| (*n, to_wire(v))).collect();
         let mut b = Batch::new(self.nl.next_seq());
         b.verdicts(kind, &self.verdicts, plan.unbind.iter().map(|n| (*n, None)));
         b.verdicts(
             ElemMsg::New,
             &self.verdicts,
-            bind.iter().map(|(n, v)| (*n, Some(v))),
+            plan.bind.iter().map(|(n, v)| (*n, Some(to_wire(v)))),
         );
         b.elements(kind, &self.map, plan.del.iter().map(|id| (*id, None)));
         b.elements(
