@@ -380,8 +380,11 @@ impl<T: Transport> Ruleset<T> {
         let mut b = Batch::new(self.nl.next_seq());
         b.flush(&self.map);
         b.flush(&self.verdicts);
-        let flag = to_wire(&Verdict::Drop);
-        b.verdicts(ElemMsg::New, &self.verdicts, [(FILLED, Some(&flag))]);
+        b.verdicts(
+            ElemMsg::New,
+            &self.verdicts,
+            [(FILLED, Some(to_wire(&Verdict::Drop)))],
+        );
         let (bytes, info) = b
             .finish()
             .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;
