@@ -54,7 +54,9 @@ fn kernel_state() -> (RawDump, String, String, String, String) {
 /// disappears — `ip rule del` (v4, v6), `ip route flush table` (v4, v6),
 /// `ip rule flush` (v4, v6) — is put back within 0.5 s, logged once
 /// naming the family (the fight with a flush's later rounds included), and proxied TCP and UDP over IPv4 and IPv6
-/// reach the TPROXY listener again (and not the remote). How it can fail:
+/// reach the TPROXY listener again (and not the remote); a proxied app
+/// flooding new UDP flows all along gets nothing out to the remote (the
+/// ruleset's guard holds the moments in between). How it can fail:
 /// without the rtnetlink watch nothing comes back (today's code: the wait
 /// times out); a log per event per family or none fails the count.
 #[test]
@@ -97,6 +99,10 @@ fn removed_routing_is_put_back() {
             ("ip -6 rule flush", vec!["-6", "rule", "flush"], "IPv6"),
         ];
         let restored = "removed by someone else: restored";
+        // A proxied app opening a new UDP flow every millisecond all along:
+        // in the moments the routing is gone, the ruleset's guard (a marked
+        // packet leaves by lo or not at all) must keep it in.
+        let flood = Flood::start(&p, &dsts(), &env.token("flood"));
         for (what, args, family) in cases {
             // The daemon says "restored" at most once a second (a flush
             // deletes again what it put back, for up to ten rounds).
@@ -140,6 +146,25 @@ fn removed_routing_is_put_back() {
             assert_proxied_all(env, &proxy, &remote, &p, what);
             assert!(d.running(), "{what}: the daemon stopped:\n{}", d.log());
         }
+        let mut flood = flood;
+        flood.stop();
+        let leaked = remote
+            .server
+            .events()
+            .into_iter()
+            .filter(|e| flood.is_mine(&e.data))
+            .count();
+        let caught = proxy
+            .events()
+            .into_iter()
+            .filter(|e| flood.is_mine(&e.data))
+            .count();
+        eprintln!("flood: {caught} datagrams reached the listener, {leaked} the remote");
+        assert!(caught > 100, "the flood was not proxied: {caught}");
+        assert_eq!(
+            leaked, 0,
+            "proxied datagrams reached the remote while routing was gone"
+        );
         assert_eq!(d.stop().code(), Some(0));
     });
 }
