@@ -1,7 +1,9 @@
 //! cgroupfs facts: where cgroup v2 is mounted, a cgroup's id, and the path
 //! form that rules match. Read-only: cgtproxy never writes cgroupfs.
 
+use std::borrow::Cow;
 use std::ffi::OsStr;
+use std::fmt::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -15,24 +17,38 @@ pub fn find_mount(mountinfo: &str) -> Option<PathBuf> {
     find_mount_and_root(mountinfo).map(|(_, mp)| mp)
 }
 
-/// `(root field, mount point)` of the first cgroup2 line: the root field is
-/// the mounted directory within the hierarchy (`/` unless a subtree is mounted).
+/// `(root field, mount point)` of the cgroup2 mount that is visible at its
+/// mount point: the root field is the mounted directory within the
+/// hierarchy (`/` unless a subtree is mounted).
+///
+/// Mounts are listed in the order they were made, and a later mount on
+/// the same point or on one of its ancestors hides it (a cgroup2 mounted
+/// over `/sys/fs/cgroup` in a mount namespace of a hybrid host hides
+/// `/sys/fs/cgroup/unified`). So the last cgroup2 line that no later line
+/// covers wins.
 pub fn find_mount_and_root(mountinfo: &str) -> Option<(Vec<u8>, PathBuf)> {
+    // (fs type is cgroup2, root field, mount point)
+    let mut mounts: Vec<(bool, Vec<u8>, PathBuf)> = Vec::new();
     for line in mountinfo.lines() {
         // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
-        if right.split(' ').next() != Some("cgroup2") {
-            continue;
-        }
         let mut f = left.split(' ').skip(3);
         if let (Some(root), Some(mp)) = (f.next(), f.next()) {
-            return Some((
+            mounts.push((
+                right.split(' ').next() == Some("cgroup2"),
                 unescape(root),
                 PathBuf::from(OsStr::from_bytes(&unescape(mp))),
             ));
         }
+    }
+    let mut hiding: Vec<&Path> = Vec::new();
+    for (cgroup2, root, mp) in mounts.iter().rev() {
+        if *cgroup2 && !hiding.iter().any(|h| mp.starts_with(h)) {
+            return Some((root.clone(), mp.clone()));
+        }
+        hiding.push(mp);
     }
     None
 }
@@ -72,19 +88,49 @@ pub fn resolve_root(root: &CgroupRoot) -> Result<PathBuf, Error> {
             let mi = std::fs::read_to_string("/proc/self/mountinfo")
                 .map_err(|e| Error::Runtime(format!("/proc/self/mountinfo: {e}")))?;
             find_mount(&mi).ok_or_else(|| {
-                Error::Runtime("no cgroup2 file system is mounted (see /proc/self/mountinfo); mount one or set cgroup-root".into())
+                Error::Runtime("no cgroup2 file system is visible in /proc/self/mountinfo; mount one, or name the directory with --cgroup-root (or \"cgroup-root\" in the config)".into())
             })?
         }
     };
     match std::fs::metadata(dir.join("cgroup.procs")) {
         Ok(_) => Ok(dir),
         Err(e) => Err(Error::Config(format!(
-            "cgroup root {}: not a cgroup v2 directory ({}: {})",
+            "cgroup root {}: not a cgroup v2 directory ({}: {}); name the right one with --cgroup-root",
             dir.display(),
             dir.join("cgroup.procs").display(),
             crate::error::io(&e)
         ))),
     }
+}
+
+/// Normal components of `p`; `None` when a `..` makes the depth unknowable
+/// (a mount root outside our cgroup namespace).
+fn components(p: &[u8]) -> Option<usize> {
+    let mut n = 0;
+    for c in p
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+    {
+        if c == b".." {
+            return None;
+        }
+        n += 1;
+    }
+    Some(n)
+}
+
+/// The kernel's level of the cgroup directory `dir`: its depth below the
+/// root of the cgroup2 hierarchy as this process's cgroup namespace sees it,
+/// which is what `socket cgroupv2 level N` counts from when the ruleset was
+/// loaded in the same cgroup namespace. Found from the visible cgroup2
+/// mount (its root field counts too: a mounted subtree starts deeper).
+/// `None` when that cannot be known.
+pub fn level_of(dir: &Path) -> Option<usize> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let (root, mp) = find_mount_and_root(&mi)?;
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let rel = dir.strip_prefix(&mp).ok()?;
+    Some(components(&root)? + components(rel.as_os_str().as_bytes())?)
 }
 
 /// The cgroup id the kernel matches (`socket cgroupv2`): the kernfs node id,
@@ -175,23 +221,62 @@ pub fn path_of_pid(pid: u32) -> Result<Vec<u8>, String> {
     Err(format!("{f}: no cgroup v2 entry"))
 }
 
-/// Printable form of a path for logs: UTF-8 as is, other bytes and control
-/// characters (a newline in a name would split a log line) escaped.
-pub fn display(path: &[u8]) -> String {
-    let mut out = String::with_capacity(path.len());
+/// The one form in which rules match a cgroup path and logs, `status
+/// --json` and `explain` show it. Injective, so two different names never
+/// look or match alike:
+/// - a backslash is written `\\`;
+/// - a byte that is not part of valid UTF-8 is written `\xNN` (lowercase);
+/// - control characters, format characters (bidi overrides such as U+202E,
+///   zero-width characters) and line/paragraph separators are written
+///   `\u{NNNN}` (lowercase), so nothing in a name can reorder, hide or
+///   split what a terminal or a journal shows;
+/// - everything else is itself.
+///
+/// Every backslash in the result starts one of these escapes, which is what
+/// makes the form injective. Borrowed (no copy) when nothing needs escaping,
+/// as for nearly every real cgroup.
+pub fn escape(path: &[u8]) -> Cow<'_, str> {
+    if let Ok(s) = std::str::from_utf8(path)
+        && !s.chars().any(needs_escape)
+    {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(path.len() + 8);
     for chunk in path.utf8_chunks() {
         for c in chunk.valid().chars() {
-            if c.is_control() {
-                out.extend(c.escape_default());
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else if needs_escape(c) {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
             } else {
                 out.push(c);
             }
         }
         for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
+            let _ = write!(out, "\\x{b:02x}");
         }
     }
-    out
+    Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c == '\\' || c.is_control() || is_format(c)
+}
+
+/// Unicode general category Cf (format), plus the line and paragraph
+/// separators: characters that change how text around them is shown.
+fn is_format(c: char) -> bool {
+    matches!(c as u32,
+        0xad | 0x600..=0x605 | 0x61c | 0x6dd | 0x70f | 0x890..=0x891 | 0x8e2
+        | 0x180e | 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2064
+        | 0x2066..=0x206f | 0xfeff | 0xfff9..=0xfffb | 0x110bd | 0x110cd
+        | 0x13430..=0x1343f | 0x1bca0..=0x1bca3 | 0x1d173..=0x1d17a
+        | 0xe0001 | 0xe0020..=0xe007f)
+}
+
+/// Printable form of a path for logs and JSON: [`escape`], owned.
+pub fn display(path: &[u8]) -> String {
+    escape(path).into_owned()
 }
 
 #[cfg(test)]
@@ -216,12 +301,66 @@ mod tests {
         assert_eq!(find_mount("garbage\n\n - \n"), None);
     }
 
+    /// The last mount on a point wins, and a mount on an ancestor hides
+    /// what was mounted below it before.
+    #[test]
+    fn a_hidden_cgroup2_mount_is_not_taken() {
+        let over = "30 24 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs ro\n\
+                    31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+                    32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+                    40 30 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(over), Some(PathBuf::from("/sys/fs/cgroup")));
+        let hidden = "31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+                      40 30 0:29 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n";
+        assert_eq!(find_mount(hidden), None);
+        let same_point = "31 30 0:27 / /cg rw - cgroup2 cgroup2 rw\n\
+                          32 31 0:27 /sub /cg rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_mount_and_root(same_point),
+            Some((b"/sub".to_vec(), PathBuf::from("/cg")))
+        );
+        // A sibling mounted later hides nothing.
+        let sibling = "31 30 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+                       32 30 0:28 / /sys/fs/cgroup/unifiedx rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            find_mount(sibling),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(components(b"/"), Some(0));
+        assert_eq!(components(b"/a/b"), Some(2));
+        assert_eq!(components(b"/../a"), None);
+    }
+
+    /// One form, injective: a literal backslash and an invalid byte never
+    /// look alike, and nothing can reorder what a terminal shows.
+    #[test]
+    fn escape_is_injective_and_shows_no_format_characters() {
+        // The collision of issue 12: byte 0xE9 against a literal `\xe9`.
+        assert_eq!(escape(b"/caf\xe9.slice"), r"/caf\xe9.slice");
+        assert_eq!(escape(br"/caf\xe9.slice"), r"/caf\\xe9.slice");
+        assert_eq!(escape(br"/a\b"), r"/a\\b");
+        assert_eq!(escape("/a\u{202e}b".as_bytes()), "/a\\u{202e}b");
+        assert_eq!(escape("/\u{200b}\u{7f}".as_bytes()), "/\\u{200b}\\u{7f}");
+        assert!(matches!(escape("/é ok".as_bytes()), Cow::Borrowed(_)));
+        // Round trip over every short byte string: distinct in, distinct out.
+        let mut seen = std::collections::HashMap::new();
+        for a in 0..=255u8 {
+            for b in [b'\\', b'x', b'e', b'9', 0xe9, 0xc3, 0x80, b'u', b'{'] {
+                let v = vec![a, b];
+                let e = escape(&v).into_owned();
+                if let Some(prev) = seen.insert(e.clone(), v.clone()) {
+                    assert_eq!(prev, v, "{e:?} from two inputs");
+                }
+            }
+        }
+    }
+
     #[test]
     fn paths() {
         assert_eq!(child_path(b"/", b"a"), b"/a");
         assert_eq!(child_path(b"/a", b"b c"), b"/a/b c");
         assert_eq!(fs_path(Path::new("/r"), b"/"), PathBuf::from("/r"));
         assert_eq!(fs_path(Path::new("/r"), b"/a/b"), PathBuf::from("/r/a/b"));
-        assert_eq!(display(b"/a\nb/\xff"), "/a\\nb/\\xff");
+        assert_eq!(display(b"/a\nb/\xff"), "/a\\u{a}b/\\xff");
     }
 }

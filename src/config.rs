@@ -40,6 +40,22 @@ pub enum Verdict {
     Unbound(u32),
 }
 
+impl Verdict {
+    /// How much a verdict lets through, for final verdicts: `drop` (0) is
+    /// the most restrictive, then `proxy` and the user's own chains (1),
+    /// then `direct` (2), which sends traffic out unchanged. A final
+    /// verdict refuses a more permissive one below it.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Verdict::Drop => 0,
+            Verdict::Goto(c) if c == "direct" => 2,
+            Verdict::Goto(_) => 1,
+            // Not from a config; never compared in practice.
+            Verdict::Other(..) | Verdict::Unbound(_) => 2,
+        }
+    }
+}
+
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -88,6 +104,83 @@ pub struct Rule {
     pub pattern: String,
     regex: Regex,
     pub target: Verdict,
+    /// The verdict is final for the subtree: nothing below the cgroups this
+    /// rule lists gets a more permissive element (see [`Verdict::rank`]).
+    /// Key `final`; true by default for `drop`, false otherwise.
+    pub is_final: bool,
+    /// Text every path this rule matches starts and ends with, read from
+    /// the pattern: checked before the regex, which costs tens of µs per
+    /// path (regex-lite has no literal optimisations of its own), so the
+    /// cgroups of a storm that no rule lists cost next to nothing.
+    literal: Literal,
+}
+
+/// See [`Rule::literal`]. Empty strings when nothing is known.
+#[derive(Debug, Clone, Default)]
+struct Literal {
+    prefix: String,
+    suffix: String,
+}
+
+impl Literal {
+    /// The literal start and end of an anchored pattern; conservative:
+    /// nothing for a pattern with an alternation or a flag group, and a
+    /// character only when no quantifier applies to it.
+    fn of(pattern: &str) -> Literal {
+        if pattern.contains('|') || pattern.contains("(?") {
+            return Literal::default();
+        }
+        let c: Vec<char> = pattern.chars().collect();
+        let meta = |x: char| "\\.+*?()[]{}^$".contains(x);
+        let quant = |x: Option<&char>| x.is_some_and(|q| "*+?{".contains(*q));
+        // Forward: `x`, or `\` + punctuation, not followed by a quantifier.
+        let mut prefix = String::new();
+        let mut i = 0;
+        while i < c.len() {
+            let (lit, len) = match c[i] {
+                '\\' => match c.get(i + 1) {
+                    Some(&e) if e.is_ascii_punctuation() => (e, 2),
+                    _ => break,
+                },
+                x if meta(x) => break,
+                x => (x, 1),
+            };
+            if quant(c.get(i + len)) {
+                break;
+            }
+            prefix.push(lit);
+            i += len;
+        }
+        // Backward: a character is escaped when an odd number of
+        // backslashes precede it.
+        let mut suffix: Vec<char> = Vec::new();
+        let mut j = c.len();
+        while j > 0 {
+            let x = c[j - 1];
+            let slashes = c[..j - 1].iter().rev().take_while(|&&b| b == '\\').count();
+            if slashes % 2 == 1 {
+                if !x.is_ascii_punctuation() {
+                    break; // `\d`, `\w`, …: a class
+                }
+                suffix.push(x);
+                j -= 2;
+            } else if meta(x) {
+                break;
+            } else {
+                suffix.push(x);
+                j -= 1;
+            }
+        }
+        Literal {
+            prefix,
+            suffix: suffix.into_iter().rev().collect(),
+        }
+    }
+
+    fn admits(&self, path: &str) -> bool {
+        // The two may overlap (a pattern that is all literal).
+        path.starts_with(&self.prefix) && path.ends_with(&self.suffix)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -120,7 +213,7 @@ impl Config {
             Some(p) => (p, true),
             None => (Path::new(DEFAULT_PATH), false),
         };
-        match std::fs::read(path) {
+        match read_config(path) {
             Ok(bytes) => {
                 let name = path.display().to_string();
                 let text = String::from_utf8(bytes).map_err(|e| {
@@ -131,14 +224,15 @@ impl Config {
                 })?;
                 Config::parse(&name, &text)
             }
-            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ReadError::Io(e)) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
                 Config::parse("<built-in default>", EMBEDDED_DEFAULT)
             }
-            Err(e) => Err(Error::Config(format!(
+            Err(ReadError::Io(e)) => Err(Error::Config(format!(
                 "{}: {}",
                 path.display(),
                 crate::error::io(&e)
             ))),
+            Err(ReadError::Bad(what)) => Err(Error::Config(format!("{}: {what}", path.display()))),
         }
     }
 
@@ -227,7 +321,7 @@ impl Config {
         self.rules
             .iter()
             .enumerate()
-            .find(|(_, r)| r.regex.is_match(path))
+            .find(|(_, r)| r.literal.admits(path) && r.regex.is_match(path))
     }
 
     /// Whether rule `i` selects `path` (whether or not an earlier rule does).
@@ -263,6 +357,41 @@ impl Config {
         self.matching_rule(path).map(|(_, r)| &r.target)
     }
 
+    /// The final verdict above `path` (match form) that refuses the
+    /// verdict `v` at `path`: the nearest ancestor below the cgroup root
+    /// (the root included) whose rule is final with a more restrictive
+    /// verdict, as (ancestor path, rule index). A cgroup refused this way
+    /// gets no element and so inherits that verdict through the ruleset's
+    /// level lookups (the ancestor has its own element).
+    ///
+    /// Costs nothing for a verdict no final rule outranks; otherwise one
+    /// match per ancestor, and the tree is never followed deeper than the
+    /// ruleset's levels.
+    pub fn final_above<'p>(&self, path: &'p str, v: &Verdict) -> Option<(&'p str, usize)> {
+        let rank = v.rank();
+        if !self
+            .rules
+            .iter()
+            .any(|r| r.is_final && r.target.rank() < rank)
+        {
+            return None;
+        }
+        let mut best: Option<(&str, usize)> = None;
+        for (i, _) in path.match_indices('/') {
+            let prefix = if i == 0 { "/" } else { &path[..i] };
+            if prefix == path {
+                break;
+            }
+            if let Some((n, r)) = self.matching_rule(prefix)
+                && r.is_final
+                && r.target.rank() < rank
+            {
+                best = Some((prefix, n));
+            }
+        }
+        best
+    }
+
     /// Chains the rules name, each with the first rule that names it.
     pub fn chains(&self) -> Vec<(&str, usize)> {
         let mut out: Vec<(&str, usize)> = Vec::new();
@@ -275,6 +404,59 @@ impl Config {
         }
         out
     }
+}
+
+/// The largest config file read: far above any real one (a rule is a
+/// line), and small enough that `-c /dev/zero` or a runaway file cannot
+/// grow the daemon.
+pub const MAX_CONFIG_SIZE: u64 = 1 << 20;
+
+enum ReadError {
+    Io(std::io::Error),
+    /// Not something a config can be read from; the message says why.
+    Bad(String),
+}
+
+/// Reads the config file safely: opened non-blocking (a FIFO put in its
+/// place never blocks the daemon, which must keep answering SIGTERM), then
+/// refused unless it is a regular file of at most [`MAX_CONFIG_SIZE`]
+/// bytes — checked on the open file, and the read itself is capped, so a
+/// file that grows meanwhile cannot get past the check.
+fn read_config(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    use std::io::Read;
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )
+    .map_err(|e| ReadError::Io(e.into()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| ReadError::Io(e.into()))?;
+    let kind = match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => None,
+        FileType::Fifo => Some("a FIFO"),
+        FileType::CharacterDevice => Some("a character device"),
+        FileType::BlockDevice => Some("a block device"),
+        FileType::Socket => Some("a socket"),
+        FileType::Directory => Some("a directory"),
+        _ => Some("of an unknown type"),
+    };
+    if let Some(kind) = kind {
+        return Err(ReadError::Bad(format!("not a regular file ({kind})")));
+    }
+    let too_big = || ReadError::Bad(format!("larger than 1 MiB ({MAX_CONFIG_SIZE} bytes)"));
+    if st.st_size as u64 > MAX_CONFIG_SIZE {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(st.st_size as usize);
+    std::fs::File::from(fd)
+        .take(MAX_CONFIG_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > MAX_CONFIG_SIZE {
+        return Err(too_big());
+    }
+    Ok(bytes)
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -387,12 +569,20 @@ fn rule(v: &Value) -> Result<Rule, (String, String)> {
         ));
     };
     let obj: &Object = obj;
-    const KEYS: &[&str] = &["match", "app", "unit", "container", "user", "target"];
+    const KEYS: &[&str] = &[
+        "match",
+        "app",
+        "unit",
+        "container",
+        "user",
+        "target",
+        "final",
+    ];
     for key in obj.keys() {
         if !KEYS.contains(&key.as_str()) {
             return Err((
                 format!(".{key}"),
-                "unknown key (expected match, app, unit or container, with target; user with app or unit)".into(),
+                "unknown key (expected match, app, unit or container, with target and optionally final; user with app or unit)".into(),
             ));
         }
     }
@@ -467,11 +657,24 @@ fn rule(v: &Value) -> Result<Rule, (String, String)> {
             Verdict::Goto(chain.to_string())
         }
     };
+    let is_final = match obj.get("final") {
+        None => target == Verdict::Drop,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err((
+                ".final".into(),
+                format!("expected true or false, got {}", kind(v)),
+            ));
+        }
+    };
+    let pattern = form.pattern().unwrap_or_default();
     Ok(Rule {
-        pattern: form.pattern().unwrap_or_default(),
+        literal: Literal::of(&pattern),
+        pattern,
         form,
         regex,
         target,
+        is_final,
     })
 }
 
@@ -498,24 +701,12 @@ fn target_hint(t: &str) -> Option<String> {
     ))
 }
 
-/// The form a cgroup path is matched in: the path itself when it is UTF-8;
-/// otherwise each byte that is not part of valid UTF-8 is written `\xNN`
-/// (lowercase hex), which no valid path can be confused with in practice and
-/// which a rule can match literally (`\\xff`).
+/// The form a cgroup path is matched in: [`crate::cgroup::escape`], the
+/// same injective form logs and `status` show (a backslash is `\\`, a
+/// byte that is not UTF-8 `\xNN`, a control or format character
+/// `\u{NNNN}`), so a rule matches those literally (`\\xff`).
 pub fn match_form(path: &[u8]) -> Cow<'_, str> {
-    match std::str::from_utf8(path) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => {
-            let mut out = String::with_capacity(path.len() + 8);
-            for chunk in path.utf8_chunks() {
-                out.push_str(chunk.valid());
-                for b in chunk.invalid() {
-                    out.push_str(&format!("\\x{b:02x}"));
-                }
-            }
-            Cow::Owned(out)
-        }
-    }
+    crate::cgroup::escape(path)
 }
 
 /// A JSON syntax checker that reports line and column, which miniserde does
@@ -834,7 +1025,7 @@ mod tests {
         );
         assert_eq!(
             msg(r#"{"rules":[{"match":"/a","target":"x","x":1}]}"#),
-            "c.json: rules[0].x: unknown key (expected match, app, unit or container, with target; user with app or unit)"
+            "c.json: rules[0].x: unknown key (expected match, app, unit or container, with target and optionally final; user with app or unit)"
         );
         assert_eq!(
             msg(r#"{"rules":{}}"#),
@@ -875,6 +1066,38 @@ mod tests {
             "c.json: table: \"\" is not a valid nftables name (1 to 255 bytes, no NUL)"
         );
         assert_eq!(msg(&"[".repeat(100_000)), "c.json:1:130: nested too deeply");
+    }
+
+    #[test]
+    fn literal_prefilter_is_conservative() {
+        let l = |p: &str| {
+            let x = Literal::of(p);
+            (x.prefix, x.suffix)
+        };
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(l(r".*/cgtproxy-drop\.slice"), s("", "/cgtproxy-drop.slice"));
+        assert_eq!(
+            l(r"/system\.slice/x\.service"),
+            s("/system.slice/x.service", "/system.slice/x.service")
+        );
+        assert_eq!(l(r"/user\.slice/.*"), s("/user.slice/", ""));
+        assert_eq!(l(r"/p(/.*)?"), s("/p", ""));
+        assert_eq!(l(r"/ab*c"), s("/a", "c"));
+        assert_eq!(l(r"/a{2}"), s("/", ""));
+        assert_eq!(l(r"/a|/b"), s("", ""));
+        assert_eq!(l(r"(?i)/abc"), s("", ""));
+        assert_eq!(l(r"\d+x\d"), s("", ""));
+        assert_eq!(l(r"a\\.z"), s("a\\", "z"));
+        assert_eq!(l(r"a\\"), s("a\\", "a\\"));
+        assert_eq!(l(r"[ab]c$"), s("", ""));
+        // The filter never refuses what the regex would take.
+        let c = Config::parse(
+            "t",
+            r#"{"rules":[{"match":"/a\\.b+\\\\x[0-9]/.*\\.slice","target":"drop"}]}"#,
+        )
+        .unwrap();
+        assert!(c.verdict(r"/a.bb\x1/q.slice").is_some());
+        assert!(c.verdict(r"/a.bb\x1/q.slicex").is_none());
     }
 
     #[test]

@@ -274,6 +274,10 @@ struct Daemon {
     opts: Options,
     cfg: Config,
     root: PathBuf,
+    /// Levels below `root` that are followed (see `follow_limit`).
+    limit: Option<u32>,
+    /// Out of inotify watches: when to try again, and the backoff after.
+    watch_retry: Option<(std::time::Instant, std::time::Duration)>,
     tree: Tree,
     rs: Ruleset,
     /// `verdicts` as last dumped, with this process's commits since. Any
@@ -368,7 +372,8 @@ pub fn run(opts: Options) -> Result<(), Error> {
         };
         (Some(events), watch)
     };
-    let tree = Tree::scan(&root)
+    let limit = follow_limit(&cfg, &root)?;
+    let tree = Tree::scan(&root, limit)
         .map_err(|e| Error::Runtime(format!("{}: {}", root.display(), crate::error::io(&e))))?;
 
     // Routes before elements: a proxied packet must never be marked while
@@ -381,6 +386,8 @@ pub fn run(opts: Options) -> Result<(), Error> {
         opts,
         cfg,
         root,
+        limit,
+        watch_retry: None,
         tree,
         rs,
         numbers: Numbers::new(),
@@ -434,12 +441,13 @@ pub fn run(opts: Options) -> Result<(), Error> {
 fn dry_run(cfg: &Config, root: &std::path::Path) -> Result<(), Error> {
     let mut rs = Ruleset::open(cfg)?;
     rs.check(cfg)?;
-    let tree = Tree::scan(root)
+    let tree = Tree::scan(root, follow_limit(cfg, root)?)
         .map_err(|e| Error::Runtime(format!("{}: {}", root.display(), crate::error::io(&e))))?;
     let dump = rs
         .dump()?
         .ok_or_else(|| Error::Config(rs.table_missing()))?;
-    let ops = reconcile::full(cfg, tree.iter(), &dump.elements, &dump.numbers);
+    let paths = tree.paths();
+    let ops = reconcile::full(cfg, borrowed(&paths), &dump.elements, &dump.numbers);
     let numbers = reconcile::plan(&dump.numbers, &ops).renumbered(&dump.numbers);
     let tree_gone = (&tree, &HashMap::new());
     print!(
@@ -482,17 +490,31 @@ impl Daemon {
                     ri = Some(fds.len());
                     fds.push(PollFd::new(rfd, PollFlags::IN));
                 }
-                let timeout = if self.state.needs_timer() {
-                    Some(&RETRY)
-                } else {
-                    None
+                // Out of watches: the retry of the missing ones is due then.
+                let watch_wait = self.watch_retry.map(|(at, _)| {
+                    let left = at.saturating_duration_since(std::time::Instant::now());
+                    rustix::time::Timespec {
+                        tv_sec: left.as_secs() as i64,
+                        tv_nsec: i64::from(left.subsec_nanos()),
+                    }
+                });
+                let zero = rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                let (timeout, retry_timer) = match (self.state.needs_timer(), &watch_wait) {
+                    // Events read and not handled yet: look at the fds, don't wait.
+                    _ if self.tree.pending() > 0 => (Some(&zero), false),
+                    (true, Some(w)) if w.tv_sec < RETRY.tv_sec => (watch_wait.as_ref(), false),
+                    (true, _) => (Some(&RETRY), true),
+                    (false, w) => (w.as_ref(), false),
                 };
                 let n = match poll(&mut fds, timeout) {
                     Ok(n) => n,
                     Err(rustix::io::Errno::INTR) => continue,
                     Err(e) => return Err(Error::Runtime(format!("poll: {e}"))),
                 };
-                if n == 0 {
+                if n == 0 && retry_timer {
                     // The retry timer: try again.
                     self.state.timer();
                 }
@@ -534,7 +556,7 @@ impl Daemon {
                 // what keeps proxied traffic flowing.
                 self.restore_routing();
             }
-            if tree_ready {
+            if tree_ready || self.tree.pending() > 0 {
                 changes.clear();
                 match self.tree.read_events(&mut changes) {
                     Ok(Status::Ok) => self.apply_changes(&changes),
@@ -550,6 +572,28 @@ impl Daemon {
             }
             if nft_ready {
                 self.ruleset_events();
+            }
+            self.watches();
+        }
+    }
+
+    /// Out of inotify watches: retries the missing ones on a backoff
+    /// (1 s, doubling up to a minute), and applies what they find.
+    fn watches(&mut self) {
+        use std::time::{Duration, Instant};
+        let now = Instant::now();
+        match self.watch_retry {
+            _ if self.tree.unwatched() == 0 => self.watch_retry = None,
+            None => self.watch_retry = Some((now + Duration::from_secs(1), Duration::from_secs(1))),
+            Some((at, _)) if at > now => {}
+            Some((_, backoff)) => {
+                let mut changes = Vec::new();
+                let left = self.tree.retry_watches(&mut changes);
+                self.apply_changes(&changes);
+                self.watch_retry = left.then(|| {
+                    let b = (backoff * 2).min(Duration::from_secs(64));
+                    (Instant::now() + b, b)
+                });
             }
         }
     }
@@ -620,7 +664,8 @@ impl Daemon {
             Ok(None) => return Err(ApplyError::Missing(self.rs.table_missing())),
             Err(e) => return Err(ApplyError::Failed(e.to_string())),
         };
-        let ops = reconcile::full(&self.cfg, self.tree.iter(), &actual, &self.numbers);
+        let paths = self.tree.paths();
+        let ops = reconcile::full(&self.cfg, borrowed(&paths), &actual, &self.numbers);
         let empty = HashMap::new();
         let name = |id| name(&self.tree, &empty, id);
         let numbers = commit(&mut self.rs, &mut self.numbers, &ops, &name)?;
@@ -641,9 +686,16 @@ impl Daemon {
     }
 
     fn rescan(&mut self) {
-        match Tree::scan(&self.root) {
-            Ok(t) => self.tree = t,
-            Err(e) => warn!("rescan of {}: {e}", self.root.display()),
+        // A new root or depth is a new tree; otherwise the same one again,
+        // its old watches given back first.
+        let same_root = std::path::absolute(&self.root).is_ok_and(|r| r == self.tree.root());
+        let r = if !same_root || self.tree.limit() != self.limit {
+            Tree::scan(&self.root, self.limit).map(|t| self.tree = t)
+        } else {
+            self.tree.rescan()
+        };
+        if let Err(e) = r {
+            warn!("rescan of {}: {e}", self.root.display());
         }
         self.state.resync_due();
     }
@@ -767,9 +819,15 @@ impl Daemon {
         if let Some(c) = claim {
             self.instance = c;
         }
-        let root_changed = root != self.root;
+        // A ruleset that cannot be read now keeps the depth followed so far.
+        let limit = follow_limit(&cfg, &root).unwrap_or_else(|e| {
+            warn!("{e}; following cgroupfs as deep as before");
+            self.limit
+        });
+        let root_changed = root != self.root || limit != self.limit;
         self.cfg = cfg;
         self.root = root;
+        self.limit = limit;
         if root_changed {
             self.rescan();
         }
@@ -796,10 +854,32 @@ fn commit(
     Ok(changed)
 }
 
+/// `(id, path)` pairs as `reconcile::full` takes them.
+fn borrowed(paths: &[(u64, Vec<u8>)]) -> impl Iterator<Item = (u64, &[u8])> {
+    paths.iter().map(|(id, p)| (*id, p.as_slice()))
+}
+
+/// How many levels below `root` to follow: down to the deepest level the
+/// live ruleset looks up, counted from the hierarchy's root (a `--cgroup-root`
+/// below it starts deeper). Nothing below can get an element that takes
+/// effect. When the root's own level cannot be known, the ruleset's depth
+/// is used as is (an upper bound).
+fn follow_limit(cfg: &Config, root: &std::path::Path) -> Result<Option<u32>, Error> {
+    let deepest = crate::inspect::deepest_level(cfg)?.unwrap_or(16);
+    let base = cgroup::level_of(root).unwrap_or(0) as u32;
+    if base >= deepest {
+        warn!(
+            "cgroup root {} is at level {base}, but the ruleset looks up levels down to {deepest}: no element the daemon writes takes effect",
+            root.display()
+        );
+    }
+    Ok(Some(deepest.saturating_sub(base)))
+}
+
 /// A cgroup for messages: its path (escaped), or that it is gone.
 fn name(tree: &Tree, gone: &HashMap<u64, &[u8]>, id: u64) -> String {
-    match tree.path(id).or_else(|| gone.get(&id).copied()) {
-        Some(p) => format!("{} (id {id})", cgroup::display(p)),
+    match tree.path(id).or_else(|| gone.get(&id).map(|p| p.to_vec())) {
+        Some(p) => format!("{} (id {id})", cgroup::display(&p)),
         None => format!("id {id} (no such cgroup)"),
     }
 }

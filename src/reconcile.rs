@@ -67,8 +67,41 @@ impl Ops<'_> {
     }
 }
 
+/// The verdict the cgroup at `path` gets an element for: its rule's,
+/// unless a final verdict above it is more restrictive (then none, and it
+/// inherits that one through the level lookups).
 pub fn verdict_of<'a>(cfg: &'a Config, path: &[u8]) -> Option<&'a Verdict> {
-    cfg.verdict(&match_form(path))
+    wanted(cfg, path, false)
+}
+
+/// [`verdict_of`], saying why when a final verdict refuses the element.
+fn wanted<'a>(cfg: &'a Config, path: &[u8], say: bool) -> Option<&'a Verdict> {
+    let form = match_form(path);
+    let v = cfg.verdict(&form)?;
+    let Some((above, rule)) = cfg.final_above(&form, v) else {
+        return Some(v);
+    };
+    if say {
+        refused(&form, v, above, &cfg.rules[rule].target, rule);
+    }
+    None
+}
+
+/// Refusals logged so far: the first few are each said, then one line says
+/// that more are not (one user making 100,000 of them must not flood the
+/// log).
+static REFUSALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const REFUSALS_SAID: usize = 16;
+
+fn refused(path: &str, v: &Verdict, above: &str, final_v: &Verdict, rule: usize) {
+    let n = REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if n < REFUSALS_SAID {
+        crate::warn!(
+            "{path}: no element {v}: {above} has the final verdict {final_v} (rules[{rule}]), so it keeps {final_v}"
+        );
+    } else if n == REFUSALS_SAID {
+        crate::warn!("more cgroups below final verdicts were refused; not logging each");
+    }
 }
 
 /// Full reconcile: every cgroup in `tree` against every element in `actual`
@@ -81,7 +114,7 @@ pub fn full<'a, 'p>(
 ) -> Ops<'a> {
     let mut want: HashMap<u64, &'a Verdict> = HashMap::new();
     for (id, path) in cgroups {
-        if let Some(v) = verdict_of(cfg, path) {
+        if let Some(v) = wanted(cfg, path, true) {
             want.insert(id, v);
         }
     }
@@ -277,7 +310,7 @@ pub fn incremental<'a>(cfg: &'a Config, changes: &[Change]) -> Ops<'a> {
     let mut seen: HashMap<u64, (Option<&'a Verdict>, Option<&'a Verdict>)> = HashMap::new();
     for c in changes {
         let (id, before, after) = match c {
-            Change::Added { id, path } => (*id, None, verdict_of(cfg, path)),
+            Change::Added { id, path } => (*id, None, wanted(cfg, path, true)),
             Change::Removed { id, path } => (*id, verdict_of(cfg, path), None),
         };
         match seen.get_mut(&id) {

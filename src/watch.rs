@@ -2,14 +2,30 @@
 //! node per cgroup (keyed by cgroup id), and the events turned into
 //! [`Change`]s — which cgroup appeared, vanished, or moved.
 //!
-//! Why it is built this way (each point is a bug the predecessor had):
+//! Why it is built this way (each point is a bug the predecessor had, or
+//! something a hostile user did to 0.2.0):
 //! - a new directory is watched first and scanned second, so children made
 //!   before the watch landed are found by the scan and later ones by events;
 //! - a child's watch is dropped when its parent reports the deletion, since
 //!   kernfs does not reliably send IN_DELETE_SELF / IN_IGNORED;
-//! - IN_Q_OVERFLOW is never papered over: the caller rebuilds the tree.
+//! - IN_Q_OVERFLOW is never papered over: the caller rebuilds the tree;
+//! - a node stores its parent and its own name, never its full path, so
+//!   memory and work are proportional to the number of cgroups, not to the
+//!   square of their path length; a path is built on demand (a walk of at
+//!   most `limit` parents);
+//! - nothing below the deepest level the ruleset looks up is followed: a
+//!   cgroup there cannot get an element that takes effect, and a user's
+//!   10,000-deep chain then costs nothing. Cgroups at that level are listed
+//!   (they are looked up) but not watched or scanned, which also keeps the
+//!   watch budget for cgroups that matter; said once per subtree;
+//! - running out of watches (ENOSPC) is remembered per cgroup and retried
+//!   ([`Tree::retry_watches`], on the caller's backoff timer): a cgroup
+//!   whose watch failed is followed once watches are available again, and
+//!   only those cgroups are rescanned, never the whole tree;
+//! - one call reads a bounded number of events, so a storm in one subtree
+//!   is served in slices between everything else the daemon does.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -32,10 +48,13 @@ pub enum Change {
 }
 
 struct Node {
-    path: Vec<u8>,
     parent: Option<u64>,
-    children: HashMap<Vec<u8>, u64>,
-    /// `None` when the watch could not be added (out of watches).
+    /// The last component (empty for the root).
+    name: Box<[u8]>,
+    /// Levels below the cgroup root (the root is 0).
+    depth: u32,
+    children: HashMap<Box<[u8]>, u64>,
+    /// `None` when not watched: at the depth limit, or the watch failed.
     wd: Option<i32>,
 }
 
@@ -45,10 +64,23 @@ pub struct Tree {
     nodes: HashMap<u64, Node>,
     wds: HashMap<i32, u64>,
     root_id: u64,
-    /// Out of inotify watches: said once, not per cgroup.
+    /// Deepest depth below the root that is followed; cgroups at it are
+    /// listed but not watched. `None`: no limit.
+    limit: Option<u32>,
+    /// Cgroups whose watch failed for lack of watches (ENOSPC): retried.
+    unwatched: BTreeSet<u64>,
+    /// Out of inotify watches: said once per shortage, not per cgroup.
     warned_watches: bool,
+    /// Parents whose children reached the depth limit, said once each
+    /// (up to [`DEEP_SAID`] subtrees, then once that more are not said).
+    warned_deep: HashSet<u64>,
+    /// Events read from the kernel, not handled yet (see `read_events`).
+    queue: VecDeque<Event>,
     buf: Vec<MaybeUninit<u8>>,
 }
+
+/// One inotify event: the watch, what happened, the name in the directory.
+type Event = (i32, ReadFlags, Box<[u8]>);
 
 /// What reading the events found besides changes.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,30 +97,133 @@ const WATCH: WatchFlags = WatchFlags::CREATE
     .union(WatchFlags::ONLYDIR)
     .union(WatchFlags::DONT_FOLLOW);
 
+/// Events of busy directories handled per [`Tree::read_events`] call; the
+/// rest wait for the next turn of the loop, so one storm cannot hold the
+/// loop (and everyone else's events) for long.
+pub const EVENTS_PER_TURN: usize = 1024;
+
+/// A directory with at most this many events pending is quiet: its events
+/// are handled at once, ahead of busy ones.
+const QUIET: usize = 16;
+
+/// Events read and held at most (beyond these the kernel's own queue,
+/// `fs.inotify.max_queued_events`, holds them): about 300 bytes each at
+/// worst, so a few MiB.
+const QUEUED: usize = 32768;
+
+/// Cgroups whose watch is retried per [`Tree::retry_watches`] call.
+const RETRIES_PER_TURN: usize = 4096;
+
+/// Subtrees reaching the depth limit that are each said in the log.
+const DEEP_SAID: usize = 16;
+
+/// A directory still to add: its parent, its name, the parent's path (in
+/// the rules' form) and the parent's open directory, to name it relative to.
+struct Pending {
+    parent: u64,
+    name: Vec<u8>,
+    parent_path: Rc<[u8]>,
+    dir: Option<Rc<OwnedFd>>,
+}
+
 impl Tree {
-    /// Watches and scans the whole tree under `root`. What it found is the
-    /// tree itself ([`Tree::iter`]); no changes are reported.
-    pub fn scan(root: &Path) -> std::io::Result<Tree> {
+    /// Watches and scans the whole tree under `root`, following at most
+    /// `limit` levels below it (see the module doc). What it found is the
+    /// tree itself ([`Tree::paths`]); no changes are reported.
+    pub fn scan(root: &Path, limit: Option<u32>) -> std::io::Result<Tree> {
         let inotify = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
+        // Absolute: the scan changes directory, and a relative root would
+        // then name something else.
+        let root = std::path::absolute(root)?;
         let mut t = Tree {
-            root: root.to_path_buf(),
+            root,
             inotify,
             nodes: HashMap::new(),
             wds: HashMap::new(),
             root_id: 0,
+            limit,
+            unwatched: BTreeSet::new(),
             warned_watches: false,
+            warned_deep: HashSet::new(),
+            queue: VecDeque::new(),
             buf: vec![MaybeUninit::uninit(); 64 * 1024],
         };
-        match t.add(None, b"/".to_vec(), None) {
-            Some(id) => t.root_id = id,
-            None => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("{}: cannot watch the cgroup root", root.display()),
-                ));
-            }
-        }
+        t.fill()?;
         Ok(t)
+    }
+
+    /// Forgets everything and scans again (after the queue overflowed).
+    /// The old inotify instance is closed first, so its watches are given
+    /// back before the new ones are taken (both at once could run out).
+    pub fn rescan(&mut self) -> std::io::Result<()> {
+        let fresh = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)?;
+        drop(std::mem::replace(&mut self.inotify, fresh));
+        self.nodes.clear();
+        self.wds.clear();
+        self.unwatched.clear();
+        self.warned_deep.clear();
+        self.queue.clear();
+        self.fill()
+    }
+
+    /// Watches and adds the root, then everything below it.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let root = self.root.clone();
+        let limit = self.limit;
+        let cannot = || {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: cannot watch the cgroup root", root.display()),
+            )
+        };
+        let wd = if limit == Some(0) {
+            None
+        } else {
+            match inotify::add_watch(&self.inotify, &root, WATCH) {
+                Ok(wd) => Some(wd),
+                Err(Errno::NOSPC) => {
+                    self.out_of_watches(b"/");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let (id, has_children) = cgroup::id_and_children(&root).map_err(|_| cannot())?;
+        self.root_id = id;
+        if let Some(wd) = wd {
+            self.wds.insert(wd, id);
+        } else if limit != Some(0) {
+            self.unwatched.insert(id);
+        }
+        self.nodes.insert(
+            id,
+            Node {
+                parent: None,
+                name: Box::default(),
+                depth: 0,
+                children: HashMap::new(),
+                wd,
+            },
+        );
+        if has_children && limit != Some(0) {
+            self.scan_children(id, None);
+        }
+        Ok(())
+    }
+
+    /// The directory watched (absolute).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn limit(&self) -> Option<u32> {
+        self.limit
+    }
+
+    /// Events read but not handled yet: the caller comes back for them at
+    /// once (without waiting in poll).
+    pub fn pending(&self) -> usize {
+        self.queue.len()
     }
 
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -103,45 +238,126 @@ impl Tree {
         self.nodes.is_empty()
     }
 
-    /// Every cgroup: (id, path).
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.nodes.iter().map(|(id, n)| (*id, n.path.as_slice()))
+    /// Cgroups whose watch failed for lack of watches, to retry.
+    pub fn unwatched(&self) -> usize {
+        self.unwatched.len()
     }
 
-    pub fn path(&self, id: u64) -> Option<&[u8]> {
-        self.nodes.get(&id).map(|n| n.path.as_slice())
+    /// Every cgroup: (id, path), parents before children. One walk; each
+    /// path is its parent's plus one name.
+    pub fn paths(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        let mut stack = vec![(self.root_id, b"/".to_vec())];
+        while let Some((id, path)) = stack.pop() {
+            let Some(n) = self.nodes.get(&id) else {
+                continue;
+            };
+            for (name, c) in &n.children {
+                stack.push((*c, cgroup::child_path(&path, name)));
+            }
+            out.push((id, path));
+        }
+        out
     }
 
-    /// Watches `path` first, then reads its id and scans its children,
-    /// iteratively (a deep tree must not exhaust the stack). Returns the id,
-    /// or `None` when the directory vanished meanwhile.
-    /// Reports each cgroup added in `out`, when given.
-    ///
-    /// Children found by a scan are named relative to their parent: the
-    /// process changes into the parent directory (as `find` does) and hands
-    /// inotify_add_watch and stat a single component. Resolving the absolute
-    /// path twice per cgroup was the largest cost of a start with thousands
-    /// of cgroups, and it also removes any PATH_MAX limit for them. The
-    /// working directory is restored before returning.
-    fn add(
-        &mut self,
-        parent: Option<u64>,
-        path: Vec<u8>,
-        mut out: Option<&mut Vec<Change>>,
-    ) -> Option<u64> {
-        let mut stack: Vec<Pending> = vec![(parent, path, None)];
-        let mut first = None;
+    /// The path of a cgroup, in the rules' form (`/a/b`).
+    pub fn path(&self, id: u64) -> Option<Vec<u8>> {
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut at = self.nodes.get(&id)?;
+        while let Some(p) = at.parent {
+            names.push(&at.name);
+            at = self.nodes.get(&p)?;
+        }
+        let mut path = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum::<usize>() + 1);
+        for n in names.iter().rev() {
+            path.push(b'/');
+            path.extend_from_slice(n);
+        }
+        if path.is_empty() {
+            path.push(b'/');
+        }
+        Some(path)
+    }
+
+    fn out_of_watches(&mut self, path: &[u8]) {
+        if !self.warned_watches {
+            self.warned_watches = true;
+            crate::warn!(
+                "out of inotify watches at {} (fs.inotify.max_user_watches, counted per uid): cgroups created below it are followed once watches are free again (retried with a backoff)",
+                cgroup::display(path)
+            );
+        }
+    }
+
+    /// Says, once per subtree, that the depth limit stops following it.
+    fn at_limit(&mut self, parent: u64, path: &[u8]) {
+        if self.warned_deep.len() > DEEP_SAID || self.warned_deep.contains(&parent) {
+            return;
+        }
+        self.warned_deep.insert(parent);
+        if self.warned_deep.len() > DEEP_SAID {
+            crate::warn!("more subtrees reach the ruleset's deepest level; not saying each");
+            return;
+        }
+        crate::warn!(
+            "{} is at the deepest level the ruleset looks up: cgroups below it are not followed and get no element (they inherit its verdict)",
+            cgroup::display(path)
+        );
+    }
+
+    /// Adds the cgroup `name` in `parent` (an event), with what is below it.
+    fn add_child(&mut self, parent: u64, name: &[u8], out: &mut Vec<Change>, cwd: &mut Cwd) {
+        // Name it inside the parent (opened once per call, however many
+        // events it has); gone parent: its DELETE follows.
+        let Some((dir, parent_path)) = cwd.parent_dir(self, parent) else {
+            return;
+        };
+        let p = Pending {
+            parent,
+            name: name.to_vec(),
+            parent_path,
+            dir: Some(dir),
+        };
+        self.add(vec![p], Some(out), cwd);
+    }
+
+    /// Adds the current children of `id` (a fresh node, or one whose watch
+    /// was missing), reporting them in `out` when given.
+    fn scan_children(&mut self, id: u64, out: Option<&mut Vec<Change>>) {
+        let Some(path) = self.path(id) else {
+            return;
+        };
         let mut cwd = Cwd::default();
-        while let Some((parent, path, base)) = stack.pop() {
-            let name = path
-                .rsplit(|&c| c == b'/')
-                .next()
-                .unwrap_or_default()
-                .to_vec();
-            // How to name it: one component inside the parent, or in full.
+        let fd = cgroup::dir(&self.root, &path)
+            .ok()
+            .and_then(|d| open_dir(&d.path).ok());
+        let stack = match fd {
+            Some(fd) => children_of(id, &path.into(), fd),
+            None => Vec::new(),
+        };
+        self.add(stack, out, &mut cwd);
+        cwd.restore();
+    }
+
+    /// Watches each pending directory first, then reads its id and queues
+    /// its children, iteratively (a deep tree must not exhaust the stack).
+    ///
+    /// Every directory is named relative to its parent: the process changes
+    /// into the parent (as `find` does) and hands inotify_add_watch and
+    /// stat a single component. That was the largest cost of a start with
+    /// thousands of cgroups, and it removes any PATH_MAX limit.
+    fn add(&mut self, mut stack: Vec<Pending>, mut out: Option<&mut Vec<Change>>, cwd: &mut Cwd) {
+        while let Some(p) = stack.pop() {
+            let Some(depth) = self.nodes.get(&p.parent).map(|n| n.depth + 1) else {
+                continue;
+            };
+            if self.limit.is_some_and(|l| depth > l) {
+                continue;
+            }
+            let path = cgroup::child_path(&p.parent_path, &p.name);
             let full;
-            let (target, flags): (&Path, WatchFlags) = match &base {
-                Some(fd) if cwd.enter(fd) => (Path::new(OsStr::from_bytes(&name)), WATCH),
+            let (target, flags): (&Path, WatchFlags) = match &p.dir {
+                Some(fd) if cwd.enter(fd) => (Path::new(OsStr::from_bytes(&p.name)), WATCH),
                 _ => {
                     full = match cgroup::dir(&self.root, &path) {
                         Ok(d) => d,
@@ -160,22 +376,23 @@ impl Tree {
                     (full.path.as_path(), flags)
                 }
             };
-            let wd = match inotify::add_watch(&self.inotify, target, flags) {
-                Ok(wd) => Some(wd),
-                Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue, // gone already
-                Err(Errno::NOSPC) => {
-                    if !self.warned_watches {
-                        self.warned_watches = true;
-                        crate::warn!(
-                            "out of inotify watches at {} (raise fs.inotify.max_user_watches): cgroups created below it are not followed until a rescan",
-                            cgroup::display(&path)
-                        );
+            let at_limit = self.limit == Some(depth);
+            let mut short = false;
+            let wd = if at_limit {
+                None
+            } else {
+                match inotify::add_watch(&self.inotify, target, flags) {
+                    Ok(wd) => Some(wd),
+                    Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue, // gone already
+                    Err(Errno::NOSPC) => {
+                        self.out_of_watches(&path);
+                        short = true;
+                        None
                     }
-                    None
-                }
-                Err(e) => {
-                    crate::warn!("{}: cannot watch: {e}", cgroup::display(&path));
-                    None
+                    Err(e) => {
+                        crate::warn!("{}: cannot watch: {e}", cgroup::display(&path));
+                        None
+                    }
                 }
             };
             let (id, has_children) = match cgroup::id_and_children(target) {
@@ -191,106 +408,188 @@ impl Tree {
                     continue;
                 }
             };
-            if let Some(existing) = self.nodes.get(&id) {
+            if self.nodes.contains_key(&id) {
                 // Seen already: the scan and an IN_CREATE raced for it.
-                if existing.path == path {
-                    first.get_or_insert(id);
-                    continue;
-                }
+                continue;
             }
             if let Some(wd) = wd {
                 self.wds.insert(wd, id);
             }
-            if let Some(p) = parent.and_then(|p| self.nodes.get_mut(&p)) {
-                p.children.insert(name.clone(), id);
+            if short {
+                self.unwatched.insert(id);
+            }
+            let name: Box<[u8]> = p.name.as_slice().into();
+            if let Some(n) = self.nodes.get_mut(&p.parent) {
+                n.children.insert(name.clone(), id);
+            }
+            if at_limit {
+                self.at_limit(p.parent, &path);
+            }
+            // Children that exist now; later ones arrive as events (the
+            // watch is already in place). Leaves need no readdir, and
+            // nothing below the limit is followed.
+            if has_children
+                && !at_limit
+                && let Ok(fd) = open_dir(target)
+            {
+                let pp: Rc<[u8]> = path.clone().into();
+                stack.extend(children_of(id, &pp, fd));
             }
             if let Some(out) = out.as_deref_mut() {
-                out.push(Change::Added {
-                    id,
-                    path: path.clone(),
-                });
-            }
-            first.get_or_insert(id);
-            // Children that exist now; later ones arrive as events (the
-            // watch is already in place). Leaves need no readdir.
-            if has_children
-                && let Ok(fd) = rustix::fs::open(
-                    target,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                && let Ok(entries) = rustix::fs::Dir::read_from(&fd)
-            {
-                let fd = Rc::new(fd);
-                for e in entries.flatten() {
-                    let n = e.file_name().to_bytes();
-                    if e.file_type() == rustix::fs::FileType::Directory && n != b"." && n != b".." {
-                        stack.push((Some(id), cgroup::child_path(&path, n), Some(fd.clone())));
-                    }
-                }
+                out.push(Change::Added { id, path });
             }
             self.nodes.insert(
                 id,
                 Node {
-                    path,
-                    parent,
+                    parent: Some(p.parent),
+                    name,
+                    depth,
                     children: HashMap::new(),
                     wd,
                 },
             );
         }
-        cwd.restore();
-        first
     }
 
     /// Removes a cgroup and everything below it from the tree.
     fn remove(&mut self, id: u64, out: &mut Vec<Change>) {
+        let Some(top) = self.path(id) else {
+            return;
+        };
         // Unlink from the parent by name: a burst of removals must not cost
         // a scan of the siblings each.
         if let Some(n) = self.nodes.get(&id)
             && let Some(parent) = n.parent
         {
-            let name = n
-                .path
-                .rsplit(|&c| c == b'/')
-                .next()
-                .unwrap_or_default()
-                .to_vec();
+            let name = n.name.clone();
             if let Some(p) = self.nodes.get_mut(&parent)
                 && p.children.get(&name) == Some(&id)
             {
                 p.children.remove(&name);
             }
         }
-        let mut stack = vec![id];
-        while let Some(id) = stack.pop() {
+        let mut stack = vec![(id, top)];
+        while let Some((id, path)) = stack.pop() {
             let Some(n) = self.nodes.remove(&id) else {
                 continue;
             };
+            self.unwatched.remove(&id);
+            self.warned_deep.remove(&id);
             if let Some(wd) = n.wd {
                 self.wds.remove(&wd);
                 // EINVAL when the kernel already dropped it: fine.
                 let _ = inotify::remove_watch(&self.inotify, wd);
             }
-            stack.extend(n.children.values());
-            out.push(Change::Removed { id, path: n.path });
+            for (name, c) in &n.children {
+                stack.push((*c, cgroup::child_path(&path, name)));
+            }
+            out.push(Change::Removed { id, path });
         }
     }
 
-    /// Reads every queued event (never blocks) and applies it to the tree.
+    /// Tries again to watch the cgroups whose watch failed for lack of
+    /// watches; for each that now has one, what changed below it meanwhile
+    /// goes to `out` (children added and removed). Bounded per call.
+    /// Returns whether any remain unwatched (the caller backs off).
+    pub fn retry_watches(&mut self, out: &mut Vec<Change>) -> bool {
+        let ids: Vec<u64> = self
+            .unwatched
+            .iter()
+            .take(RETRIES_PER_TURN)
+            .copied()
+            .collect();
+        for id in ids {
+            let Some(path) = self.path(id) else {
+                self.unwatched.remove(&id);
+                continue;
+            };
+            let d = match cgroup::dir(&self.root, &path) {
+                Ok(d) => d,
+                Err(_) => continue, // gone: its parent's DELETE removes it
+            };
+            let flags = if d.via_fd() {
+                WATCH.difference(WatchFlags::DONT_FOLLOW)
+            } else {
+                WATCH
+            };
+            let wd = match inotify::add_watch(&self.inotify, &d.path, flags) {
+                Ok(wd) => wd,
+                Err(Errno::NOSPC) => break,
+                Err(_) => {
+                    self.unwatched.remove(&id);
+                    continue;
+                }
+            };
+            self.unwatched.remove(&id);
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.wd = Some(wd);
+            }
+            self.wds.insert(wd, id);
+            // Children that vanished while unwatched, then those that came.
+            let now: HashSet<Vec<u8>> = read_children(&d.path).into_iter().collect();
+            let gone: Vec<u64> = self.nodes[&id]
+                .children
+                .iter()
+                .filter(|(n, _)| !now.contains(&n[..]))
+                .map(|(_, c)| *c)
+                .collect();
+            for c in gone {
+                self.remove(c, out);
+            }
+            let known: HashSet<Box<[u8]>> = self.nodes[&id].children.keys().cloned().collect();
+            let pp: Rc<[u8]> = path.into();
+            let stack: Vec<Pending> = now
+                .into_iter()
+                .filter(|n| !known.contains(&n[..]))
+                .map(|name| Pending {
+                    parent: id,
+                    name,
+                    parent_path: pp.clone(),
+                    dir: None,
+                })
+                .collect();
+            let mut cwd = Cwd::default();
+            self.add(stack, Some(out), &mut cwd);
+            cwd.restore();
+        }
+        if self.unwatched.is_empty() && self.warned_watches {
+            self.warned_watches = false;
+            crate::info!("inotify watches are available again: every cgroup is followed");
+        }
+        !self.unwatched.is_empty()
+    }
+
+    /// Reads the queued events (never blocks) and applies some of them to
+    /// the tree: fair to every directory, bounded per call.
+    ///
+    /// The kernel queues the events of all watches in one FIFO, so a storm
+    /// of mkdirs in one directory would put everyone else's behind it. So
+    /// everything queued is read first (cheap: a copy, up to [`QUEUED`]
+    /// held here besides the kernel's own queue), and then the events of
+    /// directories with only a few pending ([`QUIET`]) are handled at once,
+    /// and those of busy ones up to [`EVENTS_PER_TURN`] per call, oldest
+    /// first. Events of one directory stay in order; across directories,
+    /// order does not matter (each is checked against cgroupfs as it is
+    /// applied, and a directory's events can only follow its creation).
+    /// What is left waits for the next call ([`Tree::pending`]).
     pub fn read_events(&mut self, out: &mut Vec<Change>) -> std::io::Result<Status> {
-        let mut events: Vec<(i32, ReadFlags, Vec<u8>)> = Vec::new();
         let mut buf = std::mem::take(&mut self.buf);
+        let mut queue = std::mem::take(&mut self.queue);
         let result = (|| {
             let mut reader = inotify::Reader::new(&self.inotify, &mut buf);
             loop {
+                // Stop at a read boundary once enough are in hand: the
+                // reader holds no partial events between reads.
+                if queue.len() >= QUEUED && reader.is_buffer_empty() {
+                    return Ok(());
+                }
                 match reader.next() {
                     Ok(e) => {
                         let name = e
                             .file_name()
-                            .map(|n| n.to_bytes().to_vec())
+                            .map(|n| n.to_bytes().into())
                             .unwrap_or_default();
-                        events.push((e.wd(), e.events(), name));
+                        queue.push_back((e.wd(), e.events(), name));
                     }
                     Err(Errno::AGAIN) => return Ok(()),
                     Err(Errno::INTR) => continue,
@@ -299,9 +598,36 @@ impl Tree {
             }
         })();
         self.buf = buf;
-        result?;
+        if let Err(e) = result {
+            self.queue = queue;
+            return Err(e);
+        }
+        // Pending per directory; quiet ones go first, then the oldest.
+        let mut per_wd: HashMap<i32, usize> = HashMap::new();
+        for (wd, _, _) in &queue {
+            *per_wd.entry(*wd).or_default() += 1;
+        }
+        let mut events: Vec<Event> = Vec::new();
+        let mut busy = 0usize;
+        queue.retain(|e| {
+            let take = if per_wd[&e.0] <= QUIET {
+                true
+            } else if busy < EVENTS_PER_TURN {
+                busy += 1;
+                true
+            } else {
+                false
+            };
+            if take {
+                events.push(e.clone());
+            }
+            !take
+        });
+        self.queue = queue;
+        let mut cwd = Cwd::default();
         for (wd, flags, name) in events {
             if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
+                cwd.restore();
                 return Ok(Status::Overflow);
             }
             if flags.contains(ReadFlags::IGNORED) {
@@ -318,49 +644,108 @@ impl Tree {
             let Some(&parent) = self.wds.get(&wd) else {
                 continue;
             };
+            let child = self
+                .nodes
+                .get(&parent)
+                .and_then(|n| n.children.get(&name[..]))
+                .copied();
             if flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO) {
-                let Some(ppath) = self.nodes.get(&parent).map(|n| n.path.clone()) else {
-                    continue;
-                };
                 // A rename onto an existing name replaced nothing (cgroup
                 // rename needs a free name), but be safe: drop the old one.
-                if let Some(old) = self
-                    .nodes
-                    .get(&parent)
-                    .and_then(|n| n.children.get(&name))
-                    .copied()
-                {
+                if let Some(old) = child {
                     self.remove(old, out);
                 }
-                self.add(Some(parent), cgroup::child_path(&ppath, &name), Some(out));
-            } else if flags.intersects(ReadFlags::DELETE | ReadFlags::MOVED_FROM) {
-                if let Some(child) = self
-                    .nodes
-                    .get(&parent)
-                    .and_then(|n| n.children.get(&name))
-                    .copied()
-                {
-                    self.remove(child, out);
-                }
+                self.add_child(parent, &name, out, &mut cwd);
+            } else if flags.intersects(ReadFlags::DELETE | ReadFlags::MOVED_FROM)
+                && let Some(child) = child
+            {
+                self.remove(child, out);
             }
         }
+        cwd.restore();
         Ok(Status::Ok)
     }
 }
 
-/// A directory still to add: its parent, its path, and the parent's open
-/// directory when it is to be named relative to it.
-type Pending = (Option<u64>, Vec<u8>, Option<Rc<OwnedFd>>);
+fn open_dir(p: &Path) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::open(
+        p,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
 
-/// The working directory during a scan: which parent we are in, and the
-/// directory to return to.
+/// The subdirectories of the open directory `fd` (the cgroup `id` at
+/// `path`), as pending additions named relative to it.
+fn children_of(id: u64, path: &Rc<[u8]>, fd: OwnedFd) -> Vec<Pending> {
+    let mut out = Vec::new();
+    let Ok(entries) = rustix::fs::Dir::read_from(&fd) else {
+        return out;
+    };
+    let fd = Rc::new(fd);
+    for e in entries.flatten() {
+        let n = e.file_name().to_bytes();
+        if e.file_type() == rustix::fs::FileType::Directory && n != b"." && n != b".." {
+            out.push(Pending {
+                parent: id,
+                name: n.to_vec(),
+                parent_path: path.clone(),
+                dir: Some(fd.clone()),
+            });
+        }
+    }
+    out
+}
+
+fn read_children(p: &Path) -> Vec<Vec<u8>> {
+    let Ok(fd) = open_dir(p) else {
+        return Vec::new();
+    };
+    let Ok(entries) = rustix::fs::Dir::read_from(&fd) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type() == rustix::fs::FileType::Directory)
+        .map(|e| e.file_name().to_bytes().to_vec())
+        .filter(|n| n != b"." && n != b"..")
+        .collect()
+}
+
+/// The working directory while adding: which directory we are in, and the
+/// one to return to.
 #[derive(Default)]
 struct Cwd {
     here: Option<Rc<OwnedFd>>,
+    /// Directories of cgroups with events: fd and path.
+    parents: HashMap<u64, (Rc<OwnedFd>, Rc<[u8]>)>,
     original: Option<OwnedFd>,
 }
 
 impl Cwd {
+    /// The open directory and the path of the cgroup `id`, opened once per
+    /// call for the directories that have events (a few dozen kept open).
+    fn parent_dir(&mut self, tree: &Tree, id: u64) -> Option<(Rc<OwnedFd>, Rc<[u8]>)> {
+        if let Some(x) = self.parents.get(&id) {
+            return Some(x.clone());
+        }
+        let path: Rc<[u8]> = tree.path(id)?.into();
+        let d = cgroup::dir(&tree.root, &path).ok()?;
+        let fd = Rc::new(
+            rustix::fs::open(
+                &d.path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ok()?,
+        );
+        if self.parents.len() >= 64 {
+            self.parents.clear();
+        }
+        self.parents.insert(id, (fd.clone(), path.clone()));
+        Some((fd, path))
+    }
+
     /// Changes into `dir` unless already there; false if that failed (the
     /// caller then names the cgroup in full).
     fn enter(&mut self, dir: &Rc<OwnedFd>) -> bool {
@@ -389,6 +774,7 @@ impl Cwd {
             let _ = rustix::process::fchdir(&o);
         }
         self.here = None;
+        self.parents.clear();
     }
 }
 
@@ -403,8 +789,8 @@ mod tests {
         let base = std::env::temp_dir().join(format!("cgtproxy-watch-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(base.join("a/b")).unwrap();
-        let mut t = Tree::scan(&base).unwrap();
-        let mut paths: Vec<_> = t.iter().map(|(_, p)| p.to_vec()).collect();
+        let mut t = Tree::scan(&base, None).unwrap();
+        let mut paths: Vec<_> = t.paths().into_iter().map(|(_, p)| p).collect();
         paths.sort();
         assert_eq!(paths, vec![b"/".to_vec(), b"/a".to_vec(), b"/a/b".to_vec()]);
 
@@ -443,7 +829,7 @@ mod tests {
             out.iter()
                 .any(|c| matches!(c, Change::Removed { path, .. } if path == b"/c/d/e"))
         );
-        assert_eq!(t.path(id_b), Some(&b"/a/b2"[..]));
+        assert_eq!(t.path(id_b), Some(b"/a/b2".to_vec()));
         assert_eq!(t.len(), 5);
         std::fs::remove_dir_all(&base).unwrap();
     }

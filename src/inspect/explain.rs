@@ -309,7 +309,23 @@ fn explain_dir(
             None => "no rule lists it or an ancestor below the cgroup root".to_string(),
         }
     );
+    final_note(&mut s, cfg, h, &dir, me.rule.filter(|_| me.under_root));
     Ok(s)
+}
+
+/// A more permissive rule refused under a final verdict (a user-owned
+/// subtree is said by the `escape` line).
+fn final_note(s: &mut String, cfg: &Config, h: &Hierarchy, dir: &Path, rule: Option<usize>) {
+    if let (Some(i), Some(p)) = (rule, h.rules_path(dir)) {
+        let form = match_form(&p);
+        if let Some((above, n)) = cfg.final_above(&form, &cfg.rules[i].target) {
+            let _ = writeln!(
+                s,
+                "final      refused: {above} has the final verdict {} (rules[{n}]), so this cgroup gets no element of its own and keeps that verdict",
+                cfg.rules[n].target
+            );
+        }
+    }
 }
 
 fn counter_text(c: Option<(u64, u64)>) -> String {

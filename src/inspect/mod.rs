@@ -253,6 +253,18 @@ pub fn ruleset_mark(cfg: &Config) -> Result<Option<u32>, Error> {
     Ok(rules::analyse(&live.rules()?, &cfg.map, &cfg.verdict_map).tproxy_mark)
 }
 
+/// The deepest level at which the live ruleset looks up the map `cfg.map`
+/// (`None` when it has no such lookup). The daemon follows cgroupfs down to
+/// this level and no further.
+pub fn deepest_level(cfg: &Config) -> Result<Option<u32>, Error> {
+    let mut live = Live::open(cfg)?;
+    let rules = live.rules()?;
+    Ok(rules::analyse(&rules, &cfg.map, &cfg.verdict_map)
+        .levels
+        .last()
+        .copied())
+}
+
 /// Loads the config and resolves the cgroup root (`--cgroup-root` first).
 fn load(opts: &Options) -> Result<(Config, Hierarchy), Error> {
     let (cfg, root) = crate::options::load(opts)?;

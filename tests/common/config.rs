@@ -75,11 +75,41 @@ impl Rules {
     }
 
     /// The verdict (as `nft` prints it) for a cgroup path, first match wins,
-    /// the match anchored to the whole path.
+    /// the match anchored to the whole path; what the daemon gives an
+    /// element. Two things refuse one: a cgroup below the deepest level the
+    /// shipped ruleset looks up (16; the test root is at level 1) is not
+    /// followed, and `drop` is final (the default of the `final` key), so
+    /// nothing below a cgroup listed `drop` gets anything else.
     pub fn verdict(&self, path: &str) -> Option<String> {
+        let own = self.first_match(path)?;
+        if path.split('/').filter(|c| !c.is_empty()).count() > DEEPEST_BELOW_TEST_ROOT {
+            return None;
+        }
+        if own != "drop" {
+            for (i, _) in path.match_indices('/') {
+                let above = if i == 0 { "/" } else { &path[..i] };
+                if above != path && self.first_match(above).as_deref() == Some("drop") {
+                    return None;
+                }
+            }
+        }
+        Some(own)
+    }
+
+    fn first_match(&self, path: &str) -> Option<String> {
+        thread_local! {
+            static COMPILED: std::cell::RefCell<std::collections::BTreeMap<String, regex_lite::Regex>> =
+                Default::default();
+        }
         for (m, t) in &self.0 {
-            let re = regex_lite::Regex::new(&format!("^(?:{m})$")).expect("test rule regex");
-            if re.is_match(path) {
+            let hit = COMPILED.with(|c| {
+                let mut c = c.borrow_mut();
+                let re = c.entry(m.clone()).or_insert_with(|| {
+                    regex_lite::Regex::new(&format!("^(?:{m})$")).expect("test rule regex")
+                });
+                re.is_match(path)
+            });
+            if hit {
                 return Some(if t == "drop" {
                     "drop".to_string()
                 } else {
@@ -90,6 +120,10 @@ impl Rules {
         None
     }
 }
+
+/// Levels below the test root the daemon follows: the shipped ruleset looks
+/// up levels 1 to 16, and the test root (`<mount>/cgtproxy-test-X`) is at 1.
+pub const DEEPEST_BELOW_TEST_ROOT: usize = 15;
 
 /// `route` in the config.
 #[derive(Clone, Debug)]
