@@ -18,7 +18,11 @@
 //! 5. packet path over a veth pair into a second netns, client in a `direct`
 //!    cgroup five levels deep, 10,000 elements in the map: iperf3 TCP bulk
 //!    and 64-byte UDP, and new TCP connections per second, against no table
-//!    and against a minimal stateful firewall, interleaved A/B pairs.
+//!    and against a minimal stateful firewall, interleaved A/B pairs;
+//! 6. hostile trees (issue 12): while a 10,000-deep chain of 200-byte names
+//!    and then a 100,000-mkdir storm are made in one subtree, the latency
+//!    of an element elsewhere, the daemon's CPU and peak RSS, and whether
+//!    the storm forced a rescan (BENCH_HOSTILE_DEPTH, BENCH_HOSTILE_STORM).
 //!
 //! Everything runs in private network namespaces (threads that
 //! unshare(CLONE_NEWNET), and processes they spawn) and in a private cgroup
@@ -36,7 +40,7 @@
 //! Knobs (environment): BENCH_QUICK=1 (a short smoke run, figures not
 //! meaningful), BENCH_PAIRS (A/B pairs, default 5), BENCH_IDLE_SECS (60),
 //! BENCH_BASELINE_BURST (cgroups in the baseline's burst, default 10000),
-//! BENCH_ONLY=latency,burst,cold,idle,size,packets (a subset of the phases),
+//! BENCH_ONLY=latency,burst,cold,idle,size,packets,hostile (a subset of the phases),
 //! BENCH_DAEMON=PATH (measure that cgtproxy binary instead of building the
 //! static one, e.g. a candidate fix), BENCH_SPIN=1 (busy-poll the event
 //! socket; see spin_for).
@@ -1706,6 +1710,242 @@ fn phase_packets(b: &Bench, rep: &mut Report) {
 // Helper modes (the bench re-executes itself as client and server)
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// 6. Hostile trees (issue 12)
+// ---------------------------------------------------------------------------
+
+/// A directory fd (O_PATH), for *at calls below PATH_MAX's reach.
+fn dir_fd(dir: Option<&OwnedFd>, name: &str) -> OwnedFd {
+    let c = std::ffi::CString::new(name).unwrap();
+    let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    // SAFETY: openat with a valid dirfd (or AT_FDCWD) and a C string.
+    let fd = unsafe {
+        libc::openat(
+            at,
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    assert!(fd >= 0, "openat {name}: {}", io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+fn mkdirat(dir: &OwnedFd, name: &std::ffi::CStr) -> bool {
+    // SAFETY: mkdirat with a valid dirfd and a C string.
+    unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) == 0 }
+}
+
+fn rmdirat(dir: &OwnedFd, name: &std::ffi::CStr) {
+    // SAFETY: unlinkat with a valid dirfd and a C string.
+    unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) };
+}
+
+/// mkdir of a fresh cgroup `dir`, then the time until its element is
+/// committed.
+fn element_after_mkdir(sock: &mut nl::Sock, dir: &Path) -> f64 {
+    sock.drain();
+    let t0 = Instant::now();
+    fs::create_dir(dir).unwrap();
+    let id = ino(dir);
+    match spin_for(sock, |e| e == Ev::Add(id), Duration::from_secs(60)) {
+        Some((t, _)) => (t - t0).as_secs_f64() * 1e6,
+        None => panic!("hostile: no element for {} within 60 s", dir.display()),
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    status_field(
+        &fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
+        "VmHWM:",
+    )
+}
+
+/// What one user's subtree can do to everyone else: a chain of
+/// BENCH_HOSTILE_DEPTH (10,000) nested cgroups with 200-byte names made
+/// through directory fds, then a storm of BENCH_HOSTILE_STORM (100,000)
+/// mkdirs in one directory, both while the daemon runs; meanwhile a cgroup
+/// elsewhere is made every so often and the time to its element measured.
+/// The config lists every cgroup (`/.*` → direct), so the storm's cgroups
+/// get elements too.
+fn phase_hostile(b: &Bench, rep: &mut Report) {
+    let depth = env_num("BENCH_HOSTILE_DEPTH", if quick() { 1000 } else { 10_000 }) as usize;
+    let storm = env_num(
+        "BENCH_HOSTILE_STORM",
+        if quick() { 10_000 } else { 100_000 },
+    ) as usize;
+    let h = b.root.join("h");
+    fs::create_dir_all(h.join("other")).unwrap();
+    fs::create_dir_all(h.join("user")).unwrap();
+    fs::create_dir_all(h.join("storm")).unwrap();
+    // SAFETY: raising our own fd limit (the chain holds one per level).
+    unsafe {
+        let r = libc::rlimit {
+            rlim_cur: (depth + 4096) as u64,
+            rlim_max: (depth + 4096) as u64,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    let r = in_netns(|| {
+        load_ruleset();
+        let mut sock = nl::Sock::new(true).expect("nf_tables event socket");
+        sock.set_timeout_ms(50);
+        let inst = Inst::spawn(b, Who::Cgt, &h, "hostile-cgt");
+        inst.wait_ready(Duration::from_secs(10));
+        let mut k = 0usize;
+        let mut sample = |sock: &mut nl::Sock| {
+            k += 1;
+            element_after_mkdir(sock, &h.join("other").join(format!("o{k}")))
+        };
+
+        // The chain.
+        progress(&format!(
+            "hostile: a chain of {depth} cgroups, 200-byte names"
+        ));
+        let built = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let cpu0 = inst.cpu_us();
+        let t0 = Instant::now();
+        let builder = {
+            let (built, user) = (built.clone(), h.join("user"));
+            thread::spawn(move || {
+                let name = std::ffi::CString::new("d".repeat(200)).unwrap();
+                let mut fds = vec![dir_fd(None, user.to_str().unwrap())];
+                for _ in 0..depth {
+                    assert!(
+                        mkdirat(fds.last().unwrap(), &name),
+                        "mkdirat: {}",
+                        io::Error::last_os_error()
+                    );
+                    let fd = dir_fd(fds.last(), name.to_str().unwrap());
+                    fds.push(fd);
+                    built.fetch_add(1, Ordering::Relaxed);
+                }
+                (fds, name)
+            })
+        };
+        let mut chain_lat = Vec::new();
+        while !builder.is_finished() {
+            thread::sleep(Duration::from_millis(200));
+            chain_lat.push(sample(&mut sock));
+        }
+        let (mut fds, name) = builder.join().unwrap();
+        let chain_time = t0.elapsed();
+        let chain_cpu = inst.cpu_us() - cpu0;
+        let chain_hwm = vm_hwm_kib(inst.pid());
+        // Removed bottom up through the fds (the paths are far past PATH_MAX).
+        while fds.len() > 1 {
+            drop(fds.pop());
+            rmdirat(fds.last().unwrap(), &name);
+        }
+
+        // The storm.
+        progress(&format!(
+            "hostile: a storm of {storm} mkdirs in one directory"
+        ));
+        let made = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let cpu0 = inst.cpu_us();
+        let t0 = Instant::now();
+        let maker = {
+            let (made, dir) = (made.clone(), h.join("storm"));
+            thread::spawn(move || {
+                let fd = dir_fd(None, dir.to_str().unwrap());
+                for i in 0..storm {
+                    let n = std::ffi::CString::new(format!("s{i}")).unwrap();
+                    assert!(
+                        mkdirat(&fd, &n),
+                        "storm mkdirat: {}",
+                        io::Error::last_os_error()
+                    );
+                    made.fetch_add(1, Ordering::Relaxed);
+                }
+                Instant::now()
+            })
+        };
+        let mut storm_lat = Vec::new();
+        while !maker.is_finished() {
+            thread::sleep(Duration::from_millis(200));
+            storm_lat.push(sample(&mut sock));
+        }
+        let t_last = maker.join().unwrap();
+        let storm_time = t_last - t0;
+        // Until the map holds every storm cgroup.
+        let want = storm + 1 + 1 + 1 + k + 1; // storm, h, other, user, samples, storm dir
+        let mut converged = None;
+        while t_last.elapsed() < Duration::from_secs(120) {
+            if dump_map().is_some_and(|m| m.len() >= want) {
+                converged = Some(t_last.elapsed());
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let storm_cpu = inst.cpu_us() - cpu0;
+        let storm_hwm = vm_hwm_kib(inst.pid());
+        let log = fs::read_to_string(&inst.log).unwrap_or_default();
+        let rescans = log.matches("rescanning").count();
+        inst.stop();
+        nft(&["flush", "map", "inet", TABLE, MAP]);
+        (
+            (chain_lat, chain_time, chain_cpu, chain_hwm),
+            (
+                storm_lat, storm_time, storm_cpu, storm_hwm, converged, rescans,
+            ),
+        )
+    });
+    let (
+        (chain_lat, chain_time, chain_cpu, chain_hwm),
+        (storm_lat, storm_time, storm_cpu, storm_hwm, converged, rescans),
+    ) = r;
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    rep.row(
+        &format!("hostile: chain of {depth} nested cgroups (200-byte names) being made: element elsewhere, p50 / max (n = {})", chain_lat.len()),
+        format!("{} / {}", us(median(&chain_lat)), us(max(&chain_lat))),
+        "–".into(),
+        "–".into(),
+        "≤ 100 ms",
+        Some(max(&chain_lat) <= 100_000.0),
+    );
+    rep.row(
+        &format!(
+            "hostile: chain of {depth}: daemon CPU during its {:.0} s build; peak RSS (VmHWM)",
+            chain_time.as_secs_f64()
+        ),
+        format!(
+            "{:.1} ms; {:.2} MiB",
+            chain_cpu as f64 / 1000.0,
+            chain_hwm as f64 / 1024.0
+        ),
+        "–".into(),
+        "–".into(),
+        "",
+        None,
+    );
+    rep.row(
+        &format!("hostile: storm of {storm} mkdirs in one directory: element elsewhere, p50 / max (n = {})", storm_lat.len()),
+        format!("{} / {}", us(median(&storm_lat)), us(max(&storm_lat))),
+        "–".into(),
+        "–".into(),
+        "≤ 100 ms",
+        Some(max(&storm_lat) <= 100_000.0),
+    );
+    rep.row(
+        &format!("hostile: storm of {storm} ({:.1} s): last mkdir → map holds all; daemon CPU per cgroup; peak RSS; rescans", storm_time.as_secs_f64()),
+        format!(
+            "{}; {:.1} µs; {:.2} MiB; {rescans}",
+            converged.map_or("not within 120 s".to_string(), |d| us(d.as_secs_f64() * 1e6)),
+            storm_cpu as f64 / storm as f64,
+            storm_hwm as f64 / 1024.0
+        ),
+        "–".into(),
+        "–".into(),
+        "0 rescans",
+        Some(rescans == 0 && converged.is_some()),
+    );
+    rep.note(format!(
+        "hostile: the chain is followed only down to the ruleset's deepest level (16), so its cost is the kernel's: mkdir at depth N takes O(N) in the kernel ({:.0} s for the chain here). Storm: the daemon's events are handled quiet directories first, so an element elsewhere waits for at most a slice of the storm.",
+        chain_time.as_secs_f64()
+    ));
+}
+
 fn connect_loop(addr: &str, secs: f64) {
     let a: std::net::SocketAddr = addr.parse().unwrap();
     let start = Instant::now();
@@ -1906,6 +2146,9 @@ fn main() {
     }
     if want("packets") {
         phase_packets(&b, &mut rep);
+    }
+    if want("hostile") {
+        phase_hostile(&b, &mut rep);
     }
     cg_remove(&root);
     let _ = fs::remove_dir_all(&tmp);

@@ -582,7 +582,7 @@ fn rule(v: &Value) -> Result<Rule, (String, String)> {
         if !KEYS.contains(&key.as_str()) {
             return Err((
                 format!(".{key}"),
-                "unknown key (expected match, app, unit or container, with target and optionally final; user with app or unit)".into(),
+                "unknown key (expected match, app, unit or container, with target; final; user with app or unit)".into(),
             ));
         }
     }
@@ -1025,7 +1025,7 @@ mod tests {
         );
         assert_eq!(
             msg(r#"{"rules":[{"match":"/a","target":"x","x":1}]}"#),
-            "c.json: rules[0].x: unknown key (expected match, app, unit or container, with target and optionally final; user with app or unit)"
+            "c.json: rules[0].x: unknown key (expected match, app, unit or container, with target; final; user with app or unit)"
         );
         assert_eq!(
             msg(r#"{"rules":{}}"#),

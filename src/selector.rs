@@ -141,9 +141,11 @@ pub fn unit_name_unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A regex matching `s` literally.
+/// A regex matching `s`, a piece of a cgroup path, literally in the form
+/// rules match ([`crate::cgroup::escape`]: the backslashes of systemd's
+/// `\x2d` are themselves escaped there).
 fn lit(s: &str) -> String {
-    regex_lite::escape(s)
+    regex_lite::escape(&crate::cgroup::escape(s.as_bytes()))
 }
 
 /// Where a unit lives: anywhere in the tree, or in one user's manager.
@@ -417,18 +419,28 @@ pub fn user_of(path: &str) -> Option<u32> {
 mod tests {
     use super::*;
 
-    fn rx(f: Form) -> Regex {
-        f.compile().unwrap()
+    /// A compiled form, matched as the daemon matches: against the path's
+    /// match form (a systemd `\x2d` is `\\x2d` there).
+    struct Rx(Regex);
+
+    impl Rx {
+        fn is_match(&self, path: &str) -> bool {
+            self.0.is_match(&crate::cgroup::escape(path.as_bytes()))
+        }
     }
 
-    fn app(id: &str) -> Regex {
+    fn rx(f: Form) -> Rx {
+        Rx(f.compile().unwrap())
+    }
+
+    fn app(id: &str) -> Rx {
         rx(Form::App {
             id: id.into(),
             user: None,
         })
     }
 
-    fn unit(n: &str) -> Regex {
+    fn unit(n: &str) -> Rx {
         rx(Form::Unit {
             name: n.into(),
             user: None,
