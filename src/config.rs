@@ -1069,6 +1069,52 @@ mod tests {
     }
 
     #[test]
+    fn final_verdicts_refuse_more_permissive_ones_below() {
+        let c = Config::parse("t", EMBEDDED_DEFAULT).unwrap();
+        assert!(c.rules[1].is_final && !c.rules[0].is_final && !c.rules[2].is_final);
+        let direct = Verdict::Goto("direct".into());
+        let proxy = Verdict::Goto("proxy".into());
+        let d = "/u/cgtproxy-drop.slice/run-u7.scope/cgtproxy-direct.slice";
+        assert_eq!(
+            c.final_above(d, &direct),
+            Some(("/u/cgtproxy-drop.slice", 1))
+        );
+        assert!(
+            c.final_above("/u/cgtproxy-drop.slice/x/cgtproxy-proxy.slice", &proxy)
+                .is_some()
+        );
+        // As restrictive or more: allowed; nothing final above: allowed.
+        assert_eq!(
+            c.final_above("/u/cgtproxy-drop.slice/cgtproxy-drop.slice", &Verdict::Drop),
+            None
+        );
+        assert_eq!(
+            c.final_above("/u/cgtproxy-proxy.slice/cgtproxy-direct.slice", &direct),
+            None
+        );
+        assert_eq!(c.final_above("/cgtproxy-direct.slice", &direct), None);
+        // Opt-out and opt-in.
+        let c = Config::parse(
+            "t",
+            r#"{"rules":[{"match":".*/d","target":"drop","final":false},{"match":".*/p","target":"proxy","final":true},{"match":".*/x","target":"direct"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.final_above("/d/x", &direct), None);
+        assert_eq!(c.final_above("/p/x", &direct), Some(("/p", 1)));
+        assert_eq!(c.final_above("/p/d", &Verdict::Drop), None);
+        assert_eq!(
+            Config::parse(
+                "c",
+                r#"{"rules":[{"match":"/a","target":"drop","final":1}]}"#
+            )
+            .unwrap_err()
+            .to_string(),
+            "c: rules[0].final: expected true or false, got a number"
+        );
+        assert!(Verdict::Drop.rank() < proxy.rank() && proxy.rank() < direct.rank());
+    }
+
+    #[test]
     fn literal_prefilter_is_conservative() {
         let l = |p: &str| {
             let x = Literal::of(p);
