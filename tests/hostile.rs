@@ -827,3 +827,76 @@ fn auto_root_takes_the_visible_cgroup2_mount() {
         );
     });
 }
+
+/// Issue 12 item 2: running out of inotify watches is retried, not
+/// forgotten. In a user namespace of its own whose root may hold two
+/// watches, the daemon watches the root and one child; cgroups made in the
+/// other children are not seen. Once the namespace allows more, the retry
+/// (1 s after the shortage, then doubling) watches them and finds what was
+/// made meanwhile, without a rescan of the whole tree.
+#[test]
+fn watches_that_ran_out_are_retried() {
+    e2e("watches_that_ran_out_are_retried", |env| {
+        let ns = UserNs::new(&[("max_inotify_watches", 2)]);
+        ns.join_net();
+        load_ruleset();
+        let rules = Rules::embedded_default();
+        env.cg.mkdir(&["a", "b", "c"]);
+        let cfg = env.write_config(&Config::new(&rules));
+        let d = Daemon::start_with(
+            &env.run_args(&cfg),
+            &Launch {
+                wrap: ns.wrap(),
+                ..Launch::default()
+            },
+        );
+        wait_log(|| d.log(), "out of inotify watches", 1, CONVERGE);
+        env.cg.mkdir(&[
+            "a/cgtproxy-drop.slice",
+            "b/cgtproxy-drop.slice",
+            "c/cgtproxy-drop.slice",
+        ]);
+        // One child is watched: its slice is followed; the others are not.
+        let seen = |map: &MapDump| {
+            ["a", "b", "c"]
+                .iter()
+                .filter(|c| map.contains_key(&env.cg.id(&format!("{c}/cgtproxy-drop.slice"))))
+                .count()
+        };
+        thread::sleep(Duration::from_millis(200));
+        let before = seen(&dump_map());
+        assert!(
+            before <= 1,
+            "with two watches, {before} of 3 slices followed"
+        );
+        // More watches: the retry follows the rest.
+        let f = run_cmd(
+            std::process::Command::new("nsenter")
+                .args([
+                    "--target",
+                    &ns.pid().to_string(),
+                    "--user",
+                    "--",
+                    "sh",
+                    "-c",
+                ])
+                .arg("echo 1000 > /proc/sys/user/max_inotify_watches"),
+            Duration::from_secs(10),
+        );
+        assert_eq!(f.code(), Some(0), "raising the limit: {}", f.describe());
+        env.wait_map(&rules);
+        wait_log(
+            || d.log(),
+            "inotify watches are available again",
+            1,
+            CONVERGE,
+        );
+        // And from now on, by events.
+        env.cg.mkdir(&["c/x/cgtproxy-proxy.slice"]);
+        env.wait_map(&rules);
+        let log = d.log();
+        assert!(!log.contains("rescanning"), "no full rescan:\n{log}");
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
