@@ -426,6 +426,11 @@ pub fn apps(opts: &Options, as_json: bool, watch: bool) -> Result<i32, Error> {
     let start = last;
     let mut first = true;
     loop {
+        // A socket that could not be opened (no table yet) is tried again
+        // each frame, so a watch started early shows verdicts once it can.
+        if live.is_none() {
+            live = Live::open(&cfg).ok();
+        }
         let s = snapshot(&cfg, &h, live.as_mut(), &facts);
         let now = Instant::now();
         let dt = now - last;
