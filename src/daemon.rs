@@ -405,9 +405,9 @@ pub fn run(opts: Options) -> Result<(), Error> {
     let synced = match d.sync() {
         Ok(s) => s,
         Err(e) => {
-            // Leave the kernel as it was: remove only routes this run created.
-            if let (Some(r), false) = (&d.routes, created.is_empty()) {
-                route::remove(r, None);
+            // Leave the kernel as it was: remove only what this run added.
+            if let Some(r) = &d.routes {
+                route::take_back(r, &created);
             }
             return Err(match e {
                 ApplyError::Missing(m) => Error::Config(m),

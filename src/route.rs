@@ -175,12 +175,7 @@ impl RuleInfo {
 impl std::fmt::Display for RuleInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         fn addr(a: &[u8], len: u8) -> String {
-            let ip = match a.len() {
-                4 => std::net::IpAddr::from(<[u8; 4]>::try_from(a).unwrap_or_default()),
-                16 => std::net::IpAddr::from(<[u8; 16]>::try_from(a).unwrap_or_default()),
-                _ => return "?".into(),
-            };
-            format!("{ip}/{len}")
+            format!("{}/{len}", ip_text(a))
         }
         write!(f, "{}:", self.priority)?;
         if self.invert {
@@ -215,6 +210,52 @@ impl std::fmt::Display for RuleInfo {
             a => write!(f, " action {a}"),
         }
     }
+}
+
+/// An address as `ip` prints it: dotted IPv4, or IPv6 groups with the
+/// longest run of zero groups (two or more) as `::`. By hand: std's
+/// formatter for IpAddr is several KiB of a static binary for one line of
+/// `check`.
+fn ip_text(a: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    match a.len() {
+        4 => {
+            let _ = write!(s, "{}.{}.{}.{}", a[0], a[1], a[2], a[3]);
+        }
+        16 => {
+            let g: Vec<u16> = a
+                .chunks(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
+            // The longest run of zero groups, the first of equals.
+            let (mut best, mut run) = ((0, 0), (0, 0));
+            for (i, &x) in g.iter().enumerate() {
+                run = if x == 0 {
+                    (run.0, run.1 + 1)
+                } else {
+                    (i + 1, 0)
+                };
+                if run.1 > best.1 {
+                    best = run;
+                }
+            }
+            let hex = |s: &mut String, gs: &[u16]| {
+                for (i, x) in gs.iter().enumerate() {
+                    let _ = write!(s, "{}{x:x}", if i == 0 { "" } else { ":" });
+                }
+            };
+            if best.1 >= 2 {
+                hex(&mut s, &g[..best.0]);
+                s.push_str("::");
+                hex(&mut s, &g[best.0 + best.1..]);
+            } else {
+                hex(&mut s, &g);
+            }
+        }
+        _ => s.push('?'),
+    }
+    s
 }
 
 /// One RTM_NEWRULE of a dump (or an event).
@@ -376,17 +417,33 @@ fn install_on<T: Transport>(
     let quiet = repair;
     let result = install_each(nl, r, lo, quiet, &mut made);
     if result.is_err() && !repair {
-        for (family, rule) in made.0.iter().rev() {
-            let seq = nl.seq();
-            let msg = if *rule {
-                rule_msg(seq, false, *family, r)
-            } else {
-                route_msg(seq, false, *family, r, lo)
-            };
-            let _ = nl.request(&msg, seq, false, |_| Ok(()));
-        }
+        undo(nl, r, lo, &made);
     }
     result.map(|()| made)
+}
+
+/// Deletes exactly what `made` says was added, newest first.
+fn undo<T: Transport>(nl: &mut Conn<T>, r: &Policy, lo: u32, made: &Made) {
+    for (family, rule) in made.0.iter().rev() {
+        let seq = nl.seq();
+        let msg = if *rule {
+            rule_msg(seq, false, *family, r)
+        } else {
+            route_msg(seq, false, *family, r, lo)
+        };
+        let _ = nl.request(&msg, seq, false, |_| Ok(()));
+    }
+}
+
+/// Takes back what an `install` added (and only that: a rule or route
+/// found in place was someone's before us), when the start fails later.
+pub fn take_back(r: &Policy, made: &Made) {
+    if made.is_empty() {
+        return;
+    }
+    if let Ok(mut nl) = socket() {
+        undo(&mut nl, r, loopback_index(), made);
+    }
 }
 
 fn install_each<T: Transport>(
@@ -705,6 +762,27 @@ mod tests {
                 .all(|(t, _)| *t != RTM_DELRULE && *t != RTM_DELROUTE),
             "{kinds:?}"
         );
+    }
+
+    /// What it proves: addresses print as `ip` prints them. How it can
+    /// fail: a wrong zero-run compression.
+    #[test]
+    fn addresses_as_ip_prints_them() {
+        let v6 = |s: &str| ip_text(&s.parse::<std::net::Ipv6Addr>().unwrap().octets());
+        for want in [
+            "2001:db8::1",
+            "::",
+            "::1",
+            "fe80::",
+            "1:0:2::3",
+            "1::2:0:0:3",
+            "1:2:3:4:5:6:7:8",
+            "1:0:2:3:4:5:6:7",
+        ] {
+            assert_eq!(v6(want), want);
+        }
+        assert_eq!(ip_text(&[198, 18, 0, 1]), "198.18.0.1");
+        assert_eq!(ip_text(&[1, 2, 3]), "?");
     }
 
     /// What it proves: the dump of `ip rule` is read back into what `check`
