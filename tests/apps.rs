@@ -499,9 +499,12 @@ fn parse_apps(line: &str, rates: bool) -> Vec<AppRow> {
         .collect()
 }
 
+/// The row of cgroup `cgroup` (a raw path): `apps` shows paths in the
+/// match form, where a backslash is written twice.
 fn app_at<'a>(rows: &'a [AppRow], cgroup: &str) -> &'a AppRow {
+    let shown = cgroup.replace('\\', "\\\\");
     rows.iter()
-        .find(|r| r.s("cgroup").as_deref() == Some(cgroup))
+        .find(|r| r.s("cgroup").as_deref() == Some(shown.as_str()))
         .unwrap_or_else(|| panic!("no app row for {cgroup} in {rows:?}"))
 }
 

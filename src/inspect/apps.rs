@@ -13,7 +13,6 @@ use super::rules::{Facts, analyse};
 use super::status::json_str;
 use super::table::{self, Align};
 use super::{Hierarchy, Live, load};
-use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
 use crate::error::Error;
 use crate::options::Options;
@@ -36,7 +35,7 @@ enum Kind {
 #[derive(Debug, Clone)]
 struct Row {
     kind: Kind,
-    /// The path rules see.
+    /// The path rules see, in the match form (`cgroup::escape`).
     path: String,
     id: u64,
     pids: Vec<u32>,
@@ -134,6 +133,9 @@ fn snapshot(cfg: &Config, h: &Hierarchy, live: Option<&mut Live>, facts: &Facts)
         let Some(p) = h.rules_path(&dir) else {
             continue;
         };
+        // Named from the raw name (systemd's `\x2d` is one backslash there);
+        // shown and matched in the match form (where it is `\\x2d`).
+        let raw = String::from_utf8_lossy(&p).into_owned();
         let path = match_form(&p).into_owned();
         let steps: Vec<Step> = lineage(h, cfg, &dir);
         let decider = if map_error.is_none() {
@@ -156,7 +158,7 @@ fn snapshot(cfg: &Config, h: &Hierarchy, live: Option<&mut Live>, facts: &Facts)
         };
         let npids = pids.len();
         rows.push(Row {
-            kind: classify(&path),
+            kind: classify(&raw),
             process: comm(pids[0]),
             pids: pids.into_iter().take(MAX_PIDS).collect(),
             npids,
@@ -188,7 +190,7 @@ fn name_text(r: &Row) -> String {
             }
             s
         }
-        Kind::Cgroup => format!("cgroup {}", cgroup::display(r.path.as_bytes())),
+        Kind::Cgroup => format!("cgroup {}", r.path),
     }
 }
 
@@ -211,7 +213,7 @@ fn by_text(r: &Row) -> String {
             if d.own {
                 rule
             } else {
-                format!("{rule} on {}", cgroup::display(d.path.as_bytes()))
+                format!("{rule} on {}", d.path)
             }
         }
     }
