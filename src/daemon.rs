@@ -74,8 +74,13 @@ enum Routing {
     /// A rule or route of ours was deleted (or events were lost): check
     /// and put back at the next turn.
     Missing,
-    /// Putting it back failed with `error` (said once); retried at the timer.
-    Failing { since: Instant, error: String },
+    /// Putting it back failed with `error` (said once) since `since`;
+    /// `retry`: the timer or an event says try again.
+    Failing {
+        since: Instant,
+        error: String,
+        retry: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -108,6 +113,14 @@ impl State {
         self.maps == Maps::InStep
     }
 
+    /// Whether the routing should be checked and repaired now.
+    fn repair_now(&self) -> bool {
+        matches!(
+            self.routing,
+            Routing::Missing | Routing::Failing { retry: true, .. }
+        )
+    }
+
     /// Whether the loop needs the retry timer.
     fn needs_timer(&self) -> bool {
         self.maps != Maps::InStep || matches!(self.routing, Routing::Failing { .. })
@@ -128,8 +141,8 @@ impl State {
         if self.maps != Maps::InStep {
             self.resync_due();
         }
-        if matches!(self.routing, Routing::Failing { .. }) {
-            self.routing = Routing::Missing;
+        if let Routing::Failing { retry, .. } = &mut self.routing {
+            *retry = true;
         }
     }
 
@@ -205,8 +218,10 @@ impl State {
 
     /// A rule or route of ours was deleted, or we may have missed it.
     fn routing_missing(&mut self) {
-        if self.routing == Routing::InPlace {
-            self.routing = Routing::Missing;
+        match &mut self.routing {
+            Routing::InPlace => self.routing = Routing::Missing,
+            Routing::Failing { retry, .. } => *retry = true,
+            Routing::Missing => {}
         }
     }
 
@@ -242,7 +257,7 @@ impl State {
     fn routing_failed(&mut self, e: Error) {
         let m = e.to_string();
         let since = match std::mem::replace(&mut self.routing, Routing::Missing) {
-            Routing::Failing { since, error } if error == m => since,
+            Routing::Failing { since, error, .. } if error == m => since,
             Routing::Failing { since, .. } => {
                 warn!(
                     "policy routing removed by someone else; putting it back: {m}; retrying every {} s",
@@ -258,7 +273,11 @@ impl State {
                 Instant::now()
             }
         };
-        self.routing = Routing::Failing { since, error: m };
+        self.routing = Routing::Failing {
+            since,
+            error: m,
+            retry: false,
+        };
     }
 }
 
@@ -466,7 +485,7 @@ impl Daemon {
     fn serve(&mut self, signals: &Signals) -> Result<(), Error> {
         let mut changes = Vec::new();
         loop {
-            if self.state.routing == Routing::Missing {
+            if self.state.repair_now() {
                 self.restore_routing();
             }
             if self.state.sync_now() {
@@ -547,9 +566,10 @@ impl Daemon {
                     }
                 }
             }
+            let failing = matches!(self.state.routing, Routing::Failing { .. });
             if route_ready
                 && let (Some(w), Some(p)) = (&mut self.watch, &self.routes)
-                && w.removed(p)
+                && w.removed(p, failing)
             {
                 self.state.routing_missing();
                 // Before the next batch of anything else: the routing is
@@ -1045,10 +1065,16 @@ mod tests {
         let mut s = state();
         s.routing_missing();
         assert_eq!(s.routing, Routing::Missing);
+        assert!(s.repair_now());
         s.routing_failed(Error::Runtime("no".into()));
-        assert!(matches!(s.routing, Routing::Failing { .. }) && s.needs_timer());
+        assert!(matches!(s.routing, Routing::Failing { retry: false, .. }) && s.needs_timer());
+        assert!(!s.repair_now(), "a failed repair waits");
         s.timer();
-        assert_eq!(s.routing, Routing::Missing, "the timer retries the repair");
+        assert!(s.repair_now(), "the timer retries the repair");
+        s.routing_failed(Error::Runtime("no".into()));
+        assert!(matches!(s.routing, Routing::Failing { retry: false, .. }));
+        s.routing_missing();
+        assert!(s.repair_now(), "an event retries the repair");
         s.routing_restored(&route::Made::default());
         assert_eq!(s.routing, Routing::InPlace);
     }

@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::netlink::{Conn, NlError, Socket, Transport};
 use crate::wire::{self, Msg, Writer};
 
+const RTM_NEWLINK: u16 = 16;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_GETROUTE: u16 = 26;
@@ -46,6 +47,7 @@ const RTN_LOCAL: u8 = 2;
 const RT_SCOPE_HOST: u8 = 254;
 const RTPROT_STATIC: u8 = 4;
 /// rtnetlink multicast groups (linux/rtnetlink.h, enum rtnetlink_groups).
+const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV4_RULE: u32 = 8;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
@@ -620,7 +622,15 @@ impl Watch {
     pub fn open() -> Result<Watch, Error> {
         let mut sock = Socket::subscribe(NlFamily::Route, RTNLGRP_IPV4_RULE, EVENT_RCVBUF)
             .map_err(|e| Error::Runtime(format!("rtnetlink event socket: {e}")))?;
-        for g in [RTNLGRP_IPV6_RULE, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE] {
+        // The link group: IPv6 refuses a route through a `lo` that is down
+        // (and deletes ours when it goes down), so a repair that failed for
+        // that is tried again the moment `lo` is up.
+        for g in [
+            RTNLGRP_IPV6_RULE,
+            RTNLGRP_IPV4_ROUTE,
+            RTNLGRP_IPV6_ROUTE,
+            RTNLGRP_LINK,
+        ] {
             // An IPv6-less kernel has no IPv6 groups to join; the IPv4 ones
             // still count.
             let _ = sock.join(g, EVENT_RCVBUF);
@@ -634,20 +644,34 @@ impl Watch {
 
     /// Reads every queued event. True when one of them removed a rule
     /// with our mark or table, or a route of our table, or events were lost
-    /// (ENOBUFS): then the routing must be checked.
-    pub fn removed(&mut self, r: &Policy) -> bool {
+    /// (ENOBUFS), or (`failing`: a repair failed) `lo` is up: then the
+    /// routing must be checked.
+    pub fn removed(&mut self, r: &Policy, failing: bool) -> bool {
         let mut hit = false;
+        let lo = loopback_index();
         let res = self.sock.drain(|m| {
             hit |= match m.ty {
                 RTM_DELRULE => parse_rule(m)
                     .map(|x| x.table == r.table || x.mark == Some(r.mark))
                     .unwrap_or(true),
                 RTM_DELROUTE => route_table(m).is_none_or(|t| t == r.table),
+                RTM_NEWLINK => failing && link_up(m, lo),
                 _ => false,
             };
         });
         hit | res.is_err()
     }
+}
+
+/// RTM_NEWLINK of interface `index` with IFF_UP set (struct ifinfomsg:
+/// family, pad, type u16, index i32, flags u32, change u32).
+fn link_up(m: &Msg<'_>, index: u32) -> bool {
+    let Some(h) = m.payload.get(..16) else {
+        return false;
+    };
+    let ifindex = u32::from_ne_bytes([h[4], h[5], h[6], h[7]]);
+    let flags = u32::from_ne_bytes([h[8], h[9], h[10], h[11]]);
+    ifindex == index && flags & libc::IFF_UP as u32 != 0
 }
 
 fn route_table(m: &Msg<'_>) -> Option<u32> {

@@ -530,3 +530,110 @@ fn the_rule_priority_is_honoured() {
         assert_eq!(d.stop().code(), Some(0));
     });
 }
+
+/// What it proves: the claim follows the config: after a SIGHUP that moves
+/// the daemon to another map, a `--once` for the new map is refused
+/// ("already running (pid N)", nothing written there by it) and one for the
+/// old map may run. How it can fail: a reload that keeps the old claim
+/// lets a second daemon write the new map; one that drops it without
+/// taking the new one does too.
+#[test]
+fn a_reload_to_another_map_moves_the_claim() {
+    sandbox(|env| {
+        load_ruleset();
+        nft_script(
+            "add map inet cgtproxy cgroups2 { type cgroupsv2 : mark; counter; }\n\
+             add map inet cgtproxy verdicts2 { type mark : verdict; }\n",
+        );
+        env.cg.mkdir(&["/p"]);
+        let rules = Rules::new(&[("/p", "proxy")]);
+        let first = Config::new(&rules);
+        let mut second = Config::new(&rules);
+        second.map = Some("cgroups2".into());
+        second.verdict_map = Some("verdicts2".into());
+        let config = env.write_config(&first);
+        let mut args = env.run_args(&config);
+        args.push("-v".into());
+        let mut d = Daemon::start(&args);
+        env.wait_map(&rules);
+        std::fs::write(&config, second.to_json()).unwrap();
+        d.signal(libc::SIGHUP);
+        wait_log(|| d.log(), "configuration reloaded from", 1, CONVERGE);
+
+        let once = |cfg: &Config| {
+            let path = env.write_config(cfg);
+            let mut a = env.run_args(&path);
+            a.push("--once".into());
+            run_daemon_to_exit(&a, Duration::from_secs(20))
+        };
+        let new_map = try_dump_raw("cgtproxy", "cgroups2", "verdicts2").unwrap();
+        let f = once(&second);
+        assert_eq!(
+            f.code(),
+            Some(1),
+            "--once for the new map: {}",
+            f.describe()
+        );
+        assert!(
+            f.stderr
+                .contains(&format!("already running (pid {})", d.pid())),
+            "{}",
+            f.describe()
+        );
+        assert_eq!(
+            try_dump_raw("cgtproxy", "cgroups2", "verdicts2")
+                .unwrap()
+                .compose(),
+            new_map.compose(),
+            "the refused --once wrote the new map"
+        );
+        let f = once(&first);
+        assert_eq!(
+            f.code(),
+            Some(0),
+            "--once for the old map: {}",
+            f.describe()
+        );
+        assert!(d.running(), "{}", d.log());
+        assert_eq!(d.stop().code(), Some(0));
+    });
+}
+
+/// What it proves: `lo` going down takes our IPv6 route with it (the kernel
+/// deletes it and refuses it back: ENETDOWN, said once); the moment `lo` is
+/// up again the daemon puts it back (within 0.5 s, not at its 2 s retry
+/// timer), and says the routing is in place again. How it can fail:
+/// without the link watch the repair waits for the timer, which every
+/// event restarts (well past 0.5 s), or a failure said at every retry.
+#[test]
+fn routing_lost_with_lo_comes_back_with_lo() {
+    sandbox(|env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let rules = Rules::new(&[("/p", "proxy")]);
+        let mut d = env.start(&Config::new(&rules));
+        env.wait_map(&rules);
+        ip(&["link", "set", "lo", "down"]);
+        let failing = "putting it back";
+        wait_log(|| d.log(), failing, 1, CONVERGE);
+        assert_eq!(policy_routing(ROUTE_MARK, ROUTE_TABLE)[1], (true, false));
+        // Longer than the retry timer: the failure is said once.
+        thread::sleep(Duration::from_millis(2500));
+        assert_eq!(count(&d.log(), failing), 1, "{}", d.log());
+        let t0 = Instant::now();
+        ip(&["link", "set", "lo", "up"]);
+        let back = wait_until(Duration::from_millis(500), Duration::from_millis(2), || {
+            policy_routing(ROUTE_MARK, ROUTE_TABLE) == [(true, true); 2]
+        });
+        assert!(
+            back,
+            "not back within 0.5 s of lo up: {:?}\n{}",
+            policy_routing(ROUTE_MARK, ROUTE_TABLE),
+            d.log()
+        );
+        eprintln!("lo up: routing back after {:?}", t0.elapsed());
+        wait_log(|| d.log(), "policy routing is in place again", 1, CONVERGE);
+        assert!(d.running(), "{}", d.log());
+        assert_eq!(d.stop().code(), Some(0));
+    });
+}
