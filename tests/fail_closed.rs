@@ -1096,7 +1096,7 @@ fn reload_window_strict_mode_leaks_nothing() {
 /// What it proves: the maps are authoritative only with the flag: after a
 /// load and before any fill, a proxied cgroup's connection is not recorded
 /// `direct` (in default mode it goes out unrecorded), and the first packet
-/// after the fill cuts it (TCP reset); an unlisted cgroup's connection
+/// after the fill cuts it at once (TCP reset); an unlisted cgroup's connection
 /// opened then is recorded direct and goes on. How it can fail: on 0.2.0
 /// both are recorded direct and go on.
 #[test]
@@ -1112,7 +1112,15 @@ fn connection_opened_before_fill_is_decided_again() {
         assert_eq!(early.send("one"), Ok("remote:one".into()));
         assert_eq!(control.send("one"), Ok("remote:one".into()));
         fill(env, &[("/p", "goto proxy")]);
+        // Cut with a reset: the program learns at once (a plain drop would
+        // leave it waiting for its timeout).
+        let t = Instant::now();
         assert!(early.send("two").is_err(), "the early connection went on");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "cut, but not reset: {:?}",
+            t.elapsed()
+        );
         assert!(remote.server.got("two").len() <= 1);
         assert_eq!(control.send("three"), Ok("remote:three".into()));
         assert_eq!(remote.server.got("three").len(), 1);
@@ -1320,7 +1328,7 @@ fn start_lan(remote: &Remote) -> NsThread {
 /// What it proves: with nft/cgtproxy-forward.nft, the LAN interface listed,
 /// no daemon and no proxy: a LAN client's TCP and UDP (IPv4 and IPv6) are
 /// never forwarded, neither with the policy routing in place (refused at
-/// once) nor without it (dropped by guard_forward); ICMP from it is not
+/// once) nor without it (dropped by guard_out); ICMP from it is not
 /// forwarded either. Unlisted, the same traffic is forwarded (the control).
 /// How it can fail: on 0.2.0, without the policy routing the marked
 /// packets are forwarded unproxied.

@@ -51,7 +51,6 @@ const INTERNAL_CHAINS: &[&str] = &[
     "input",
     "refused",
     "guard_out",
-    "guard_forward",
 ];
 
 // ---------------------------------------------------------------------------
