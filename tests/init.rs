@@ -314,7 +314,7 @@ fn runit_runs_the_daemon_unprivileged_and_stops_respawning_on_exit_2() {
         let mut path = std::ffi::OsString::from(Path::new(BIN).parent().unwrap());
         path.push(":");
         path.push(std::env::var_os("PATH").unwrap_or_default());
-        let mut runsv = Command::new("runsv")
+        let runsv = Command::new("runsv")
             .arg(&sv_dir)
             .env("PATH", &path)
             .stdin(Stdio::null())
@@ -322,24 +322,16 @@ fn runit_runs_the_daemon_unprivileged_and_stops_respawning_on_exit_2() {
             .stderr(log)
             .spawn()
             .expect("runsv");
-        let log = || fs::read_to_string(&log_path).unwrap_or_default();
-        let stop_runsv = |runsv: &mut std::process::Child| {
-            let _ = sv("exit", &sv_dir);
-            if !wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-                runsv.try_wait().ok().flatten().is_some()
-            }) {
-                let _ = runsv.kill();
-                let _ = runsv.wait();
-            }
+        let runsv = Runsv {
+            child: runsv,
+            dir: sv_dir.clone(),
         };
+        let log = || fs::read_to_string(&log_path).unwrap_or_default();
 
         let filled = wait_until(CONVERGE, Duration::from_millis(20), || {
             try_dump_map("cgtproxy", "cgroups").is_ok_and(|m| m == env.cg.truth(&rules))
         });
-        if !filled {
-            stop_runsv(&mut runsv);
-            panic!("under runsv: the map did not fill\n{}", log());
-        }
+        assert!(filled, "under runsv: the map did not fill\n{}", log());
         let pid = supervised_pid(&sv_dir).expect("supervise/pid");
         assert_eq!(
             fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -385,20 +377,52 @@ fn runit_runs_the_daemon_unprivileged_and_stops_respawning_on_exit_2() {
             log()
         );
         fs::write(&config, "{ \"rules\": [ }").unwrap();
-        let before = log();
+        let before = log().len();
         expect(sv("up", &sv_dir), 0, "sv up");
-        std::thread::sleep(Duration::from_secs(4));
-        let status = sv("status", &sv_dir);
-        let new = log()[before.len()..].to_string();
-        stop_runsv(&mut runsv);
-        let starts = new.matches(&format!("{}:1:", config.display())).count();
-        assert_eq!(starts, 1, "started {starts} times in 4 s:\n{new}");
+        let refused = "cgtproxy exited 2 (usage or configuration error): not restarting it";
         assert!(
-            new.contains("cgtproxy exited 2 (usage or configuration error): not restarting it"),
-            "{new}"
+            wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+                log()[before..].contains(refused)
+            }),
+            "finish did not see exit 2\n{}",
+            log()
         );
-        assert!(status.stdout.starts_with("down: "), "{}", status.describe());
+        // Without finish's `sv down`, runsv starts ./run again a second
+        // later: the status would say `run`.
+        std::thread::sleep(Duration::from_secs(3));
+        let status = sv("status", &sv_dir);
+        let new = log()[before..].to_string();
+        drop(runsv);
+        assert!(
+            status.stdout.starts_with("down: "),
+            "{}\n{new}",
+            status.describe()
+        );
+        let starts = new.matches(&format!("{}:1:", config.display())).count();
+        assert_eq!(starts, 1, "started {starts} times:\n{new}");
     });
+}
+
+/// runsv and what it supervises, stopped however the test ends.
+struct Runsv {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Drop for Runsv {
+    fn drop(&mut self) {
+        let _ = sv("exit", &self.dir);
+        if !wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            self.child.try_wait().ok().flatten().is_some()
+        }) {
+            if let Some(pid) = supervised_pid(&self.dir) {
+                // SAFETY: kill(2) of the daemon our runsv started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
