@@ -498,9 +498,12 @@ impl Daemon {
                 let mut fds = vec![
                     PollFd::new(&sfd, PollFlags::IN),
                     PollFd::new(&tfd, PollFlags::IN),
-                    PollFd::new(&ifd, PollFlags::IN),
                 ];
-                let (mut ei, mut ri) = (None, None);
+                let (mut ii, mut ei, mut ri) = (None, None, None);
+                if let Some(ifd) = &ifd {
+                    ii = Some(fds.len());
+                    fds.push(PollFd::new(ifd, PollFlags::IN));
+                }
                 if let Some(efd) = &efd {
                     ei = Some(fds.len());
                     fds.push(PollFd::new(efd, PollFlags::IN));
@@ -546,7 +549,7 @@ impl Daemon {
                     ready(Some(1)),
                     ready(ei),
                     ready(ri),
-                    ready(Some(2)),
+                    ready(ii),
                 )
             };
             if asked {

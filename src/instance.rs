@@ -6,6 +6,14 @@
 //! the kernel fills in at `listen`) for its message. Whoever holds the claim
 //! is the only process that may write the maps and the routes; everyone else
 //! touches nothing.
+//!
+//! Anyone in the network namespace can bind an abstract name, so a holder
+//! is believed only when it could be a cgtproxy daemon: root, our own uid,
+//! or a process with CAP_NET_ADMIN in our user namespace (a daemon under a
+//! uid of its own, systemd's `DynamicUser=`). A squatter that could not
+//! write the maps anyway does not keep the daemon from starting — that
+//! would leave the maps unfilled after a boot, which is a window, not a
+//! guard: the daemon says so once and runs without the claim.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -20,7 +28,8 @@ const NAME_MAX: usize = 107;
 /// The claim, held until dropped (or the process dies).
 #[derive(Debug)]
 pub struct Instance {
-    listener: UnixListener,
+    /// None: the name is squatted (see the module comment).
+    listener: Option<UnixListener>,
 }
 
 /// `cgtproxy/TABLE/MAP`, or a hash of the two when that does not fit (names
@@ -50,30 +59,27 @@ pub fn claim(table: &str, map: &str, hint: &str) -> Result<Instance, Error> {
             listener
                 .set_nonblocking(true)
                 .map_err(|e| Error::Runtime(format!("{what}: instance lock: {e}")))?;
-            Ok(Instance { listener })
+            Ok(Instance {
+                listener: Some(listener),
+            })
         }
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            let (pid, squat) = match owner(&n) {
-                Some(p) => {
-                    // The name is open to anyone in the namespace: say so
-                    // when its holder is not a cgtproxy.
-                    let comm = std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .map(|c| c.trim_end().to_string())
-                        .unwrap_or_default();
-                    let squat = if comm.is_empty() || comm == "cgtproxy" {
-                        String::new()
-                    } else {
-                        format!(
-                            " (pid {p} is {comm:?}, not cgtproxy: it holds @{} in its place)",
-                            String::from_utf8_lossy(&n)
-                        )
-                    };
-                    (format!("pid {p}"), squat)
-                }
-                None => ("pid unknown".to_string(), String::new()),
-            };
+            let cred = holder(&n);
+            if let Some(c) = cred.filter(|c| !could_be_a_daemon(c)) {
+                let comm = std::fs::read_to_string(format!("/proc/{}/comm", c.pid))
+                    .map(|s| s.trim_end().to_string())
+                    .unwrap_or_default();
+                crate::warn!(
+                    "{what}: the instance lock @{} is held by pid {} ({comm:?}, uid {}), which cannot be a cgtproxy daemon (no CAP_NET_ADMIN here): running without the one-daemon guard",
+                    String::from_utf8_lossy(&n),
+                    c.pid,
+                    c.uid
+                );
+                return Ok(Instance { listener: None });
+            }
+            let pid = cred.map_or("pid unknown".to_string(), |c| format!("pid {}", c.pid));
             Err(Error::Runtime(format!(
-                "already running ({pid}) for {what}{hint}{squat}"
+                "already running ({pid}) for {what}{hint}"
             )))
         }
         Err(e) => Err(Error::Runtime(format!(
@@ -84,9 +90,40 @@ pub fn claim(table: &str, map: &str, hint: &str) -> Result<Instance, Error> {
     }
 }
 
-/// The pid of whoever listens on the abstract name `n`. The connect does
-/// not block (a full backlog is EAGAIN), so asking never hangs.
+/// The pid of whoever listens on the abstract name `n`.
 pub fn owner(n: &[u8]) -> Option<i32> {
+    holder(n).map(|c| c.pid)
+}
+
+/// Whether the holder of the name could be a cgtproxy daemon: root, our own
+/// uid, or CAP_NET_ADMIN in our user namespace. (SO_PEERCRED translates the
+/// uid into our namespace, so root of a user's own namespace reads as that
+/// user; reading another uid's `ns/user` needs privilege, and an unreadable
+/// one counts as foreign.)
+fn could_be_a_daemon(c: &libc::ucred) -> bool {
+    if c.uid == 0 || c.uid == rustix::process::geteuid().as_raw() {
+        return true;
+    }
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
+    let same_ns = ns("self").is_some() && ns(&c.pid.to_string()) == ns("self");
+    same_ns && net_admin(c.pid)
+}
+
+/// CAP_NET_ADMIN (bit 12) in the effective set of `pid`.
+fn net_admin(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+/// The credentials of whoever listens on the abstract name `n`. The connect
+/// does not block (a full backlog is EAGAIN), so asking never hangs.
+fn holder(n: &[u8]) -> Option<libc::ucred> {
     // SAFETY: plain syscalls on a descriptor we own; sockaddr_un is plain
     // data, filled within its bounds.
     unsafe {
@@ -125,20 +162,23 @@ pub fn owner(n: &[u8]) -> Option<i32> {
         {
             return None;
         }
-        Some(cred.pid)
+        Some(cred)
     }
 }
 
 impl Instance {
-    /// Polled by the daemon: someone asking who holds the claim.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.listener.as_fd()
+    /// Polled by the daemon: someone asking who holds the claim (none when
+    /// the name is squatted).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.listener.as_ref().map(|l| l.as_fd())
     }
 
     /// Accepts and closes the askers' connections (they already read our
     /// pid at connect), so the backlog never fills.
     pub fn drain(&self) {
-        while self.listener.accept().is_ok() {}
+        if let Some(l) = &self.listener {
+            while l.accept().is_ok() {}
+        }
     }
 }
 

@@ -232,6 +232,53 @@ fn a_second_instance_touches_nothing() {
     });
 }
 
+/// What it proves: a process that could not be a cgtproxy daemon (uid
+/// nobody, no CAP_NET_ADMIN) binding the lock name first does not keep the
+/// daemon off — which would leave the maps unfilled, a window without end
+/// after a boot — : the daemon says so once and fills the map. How it can
+/// fail: a claim that believes any holder (the daemon exits 1 "already
+/// running").
+#[test]
+fn a_squatter_on_the_lock_name_does_not_keep_the_daemon_off() {
+    sandbox(|env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let rules = Rules::new(&[("/p", "proxy")]);
+        let config = env.write_config(&Config::new(&rules));
+        let name = "cgtproxy/cgtproxy/cgroups";
+        let mut squatter = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args([
+                "socat",
+                &format!("ABSTRACT-LISTEN:{name},fork"),
+                "EXEC:/bin/true",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("setpriv socat");
+        let bound = wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            std::fs::read_to_string("/proc/thread-self/net/unix")
+                .is_ok_and(|t| t.lines().any(|l| l.ends_with(&format!(" @{name}"))))
+        });
+        assert!(bound, "the squatter never bound @{name}");
+        let mut d = Daemon::start(&env.run_args(&config));
+        env.wait_map(&rules);
+        let log = d.log();
+        assert!(
+            log.contains("cannot be a cgtproxy daemon") && log.contains("uid 65534"),
+            "the squat is not logged:\n{log}"
+        );
+        assert!(d.running(), "the daemon stopped:\n{log}");
+        // It still follows cgroupfs.
+        env.cg.mkdir(&["/p/child"]);
+        env.wait_map(&rules);
+        let _ = squatter.kill();
+        let _ = squatter.wait();
+        assert_eq!(d.stop().code(), Some(0));
+    });
+}
+
 /// What it proves: stopping (SIGTERM) or killing (SIGKILL) the daemon and
 /// starting it again changes no verdict: a `drop` cgroup that opens a new
 /// UDP flow every millisecond to the remote (IPv4 and IPv6) gets nothing
