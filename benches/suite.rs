@@ -26,7 +26,7 @@
 //!
 //! Everything runs in private network namespaces (threads that
 //! unshare(CLONE_NEWNET), and processes they spawn) and in a private cgroup
-//! subtree `<cgroup2 mount>/cgtproxy-bench-<hex>` that is removed at the end;
+//! subtree `<cgroup2 mount>/cgtproxy-bench-<pid>-<hex>` that is removed at the end;
 //! addresses are 198.18.0.1/.2 on a veth pair between two private
 //! namespaces. The host's ruleset, routes and cgroups are never touched.
 //!
@@ -1742,16 +1742,14 @@ fn rmdirat(dir: &OwnedFd, name: &std::ffi::CStr) {
 }
 
 /// mkdir of a fresh cgroup `dir`, then the time until its element is
-/// committed.
-fn element_after_mkdir(sock: &mut nl::Sock, dir: &Path) -> f64 {
+/// committed (µs); `None` past 60 s.
+fn element_after_mkdir(sock: &mut nl::Sock, dir: &Path) -> Option<f64> {
     sock.drain();
     let t0 = Instant::now();
     fs::create_dir(dir).unwrap();
     let id = ino(dir);
-    match spin_for(sock, |e| e == Ev::Add(id), Duration::from_secs(60)) {
-        Some((t, _)) => (t - t0).as_secs_f64() * 1e6,
-        None => panic!("hostile: no element for {} within 60 s", dir.display()),
-    }
+    spin_for(sock, |e| e == Ev::Add(id), Duration::from_secs(60))
+        .map(|(t, _)| (t - t0).as_secs_f64() * 1e6)
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
@@ -1793,9 +1791,17 @@ fn phase_hostile(b: &Bench, rep: &mut Report) {
         let inst = Inst::spawn(b, Who::Cgt, &h, "hostile-cgt");
         inst.wait_ready(Duration::from_secs(10));
         let mut k = 0usize;
+        let log = inst.log.clone();
         let mut sample = |sock: &mut nl::Sock| {
             k += 1;
-            element_after_mkdir(sock, &h.join("other").join(format!("o{k}")))
+            let dir = h.join("other").join(format!("o{k}"));
+            element_after_mkdir(sock, &dir).unwrap_or_else(|| {
+                panic!(
+                    "hostile: no element for {} within 60 s; daemon log:\n{}",
+                    dir.display(),
+                    fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
         };
 
         // The chain.
@@ -2051,23 +2057,28 @@ fn main() {
     HOST_NETNS.set(netns_ino()).unwrap();
     progress("start");
 
-    // Leftovers of an interrupted run.
+    // Leftovers of an interrupted run — not those of a run going on now
+    // (the name carries the runner's pid): on a shared machine another
+    // suite may be running, and removing its tree kills its daemons.
+    let leftover = |name: &str| {
+        name.strip_prefix("cgtproxy-bench-").is_some_and(|rest| {
+            let alive = rest
+                .split_once('-')
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            !alive
+        })
+    };
     if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
         for e in rd.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("cgtproxy-bench-")
-            {
+            if leftover(&e.file_name().to_string_lossy()) {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
     }
     if let Ok(rd) = fs::read_dir(&mount) {
         for e in rd.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("cgtproxy-bench-")
-            {
+            if leftover(&e.file_name().to_string_lossy()) {
                 cg_remove(&e.path());
             }
         }
@@ -2079,8 +2090,9 @@ fn main() {
             .map_or(0, |d| d.subsec_nanos() as u64)
             ^ ((std::process::id() as u64) << 32)
     );
-    let root = mount.join(format!("cgtproxy-bench-{hex}"));
-    let tmp = std::env::temp_dir().join(format!("cgtproxy-bench-{hex}"));
+    let me = std::process::id();
+    let root = mount.join(format!("cgtproxy-bench-{me}-{hex}"));
+    let tmp = std::env::temp_dir().join(format!("cgtproxy-bench-{me}-{hex}"));
     fs::create_dir_all(root.join("w")).unwrap();
     fs::create_dir_all(root.join("run")).unwrap();
     fs::create_dir_all(&tmp).unwrap();
