@@ -26,7 +26,7 @@
 //!
 //! Everything runs in private network namespaces (threads that
 //! unshare(CLONE_NEWNET), and processes they spawn) and in a private cgroup
-//! subtree `<cgroup2 mount>/cgtproxy-bench-<pid>-<hex>` that is removed at the end;
+//! subtree `<cgroup2 mount>/cgtproxy-suite-<pid>-<hex>` that is removed at the end;
 //! addresses are 198.18.0.1/.2 on a veth pair between two private
 //! namespaces. The host's ruleset, routes and cgroups are never touched.
 //!
@@ -2057,17 +2057,17 @@ fn main() {
     HOST_NETNS.set(netns_ino()).unwrap();
     progress("start");
 
-    // Leftovers of an interrupted run — not those of a run going on now
-    // (the name carries the runner's pid): on a shared machine another
-    // suite may be running, and removing its tree kills its daemons.
+    // Leftovers of an interrupted run — not those of a run going on now:
+    // the name carries the runner's pid, and on a shared machine another
+    // suite may be running (removing its tree kills its daemons). Trees of
+    // the old unmarked form (`cgtproxy-bench-<hex>`) are left alone: they
+    // may be another, older suite's, running now.
     let leftover = |name: &str| {
-        name.strip_prefix("cgtproxy-bench-").is_some_and(|rest| {
-            let alive = rest
-                .split_once('-')
-                .and_then(|(pid, _)| pid.parse::<u32>().ok())
-                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-            !alive
-        })
+        let pid = name
+            .strip_prefix("cgtproxy-suite-")
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     };
     if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
         for e in rd.flatten() {
@@ -2091,8 +2091,9 @@ fn main() {
             ^ ((std::process::id() as u64) << 32)
     );
     let me = std::process::id();
-    let root = mount.join(format!("cgtproxy-bench-{me}-{hex}"));
-    let tmp = std::env::temp_dir().join(format!("cgtproxy-bench-{me}-{hex}"));
+    // Not `cgtproxy-bench-`: older suites remove every such tree at start.
+    let root = mount.join(format!("cgtproxy-suite-{me}-{hex}"));
+    let tmp = std::env::temp_dir().join(format!("cgtproxy-suite-{me}-{hex}"));
     fs::create_dir_all(root.join("w")).unwrap();
     fs::create_dir_all(root.join("run")).unwrap();
     fs::create_dir_all(&tmp).unwrap();
