@@ -720,6 +720,43 @@ fn proxy_mark_exempts_no_one() {
     });
 }
 
+/// What it proves: an element whose verdict number has no verdict (someone
+/// deleted it from `verdicts`; the daemon repairs that, but not at once)
+/// lets nothing out — TCP and UDP, IPv4 and IPv6 — while an unlisted
+/// cgroup's traffic arrives. How it can fail: `dispatch` ending in `goto
+/// direct`, as it did until this test, sends a proxied app out direct.
+#[test]
+fn a_number_without_a_verdict_lets_nothing_out() {
+    e2e("a_number_without_a_verdict_lets_nothing_out", |env| {
+        load_ruleset();
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let remote = Remote::start();
+        let log = Logger::start(&remote);
+        let _proxy = start_proxy();
+        env.cg.mkdir(&["/n", "/u"]);
+        fill(env, &[("/n", "goto proxy")]);
+        let numbers: Vec<u32> = dump_raw().verdicts.keys().copied().collect();
+        assert_eq!(numbers.len(), 1, "one verdict number bound: {numbers:?}");
+        nft_script(&format!(
+            "delete element inet cgtproxy {VERDICT_MAP} {{ {} }}\n",
+            numbers[0]
+        ));
+        assert!(dump_raw().verdicts.is_empty(), "the number is still bound");
+        for (i, dst) in remote_at(9241).iter().enumerate() {
+            let name = format!("to{i}");
+            log.watch_port(&name, *dst);
+            for kind in [Kind::Udp, Kind::Tcp] {
+                Client::new(&env.cg.path("/n"), kind, *dst).run();
+            }
+            thread::sleep(Duration::from_millis(50));
+            assert_eq!(log.count(&name), 0, "/n without a verdict reached {dst}");
+            Client::new(&env.cg.path("/u"), Kind::Udp, *dst).run();
+            thread::sleep(Duration::from_millis(50));
+            assert!(log.count(&name) > 0, "/u (unlisted) did not reach {dst}");
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------
 // drop means no network
 // ---------------------------------------------------------------------------
