@@ -90,7 +90,7 @@ pub fn to_wire(v: &Verdict) -> NftVerdict {
         Verdict::Goto(c) => (NFT_GOTO, Some(c.clone())),
         Verdict::Other(code, chain) => (*code, chain.clone()),
         // Never a rule's target; `continue` does what the ruleset does
-        // with a number that has no verdict (on to `goto direct`).
+        // with a number that has no verdict (on to `dispatch`'s drop).
         Verdict::Unbound(_) => (NFT_CONTINUE, None),
     };
     NftVerdict { code, chain }

@@ -93,7 +93,8 @@ fn ruleset_steers_by_cgroup() {
 /// What it proves: the ruleset puts the socket's own mark (SO_MARK) back
 /// after the lookup used the packet mark for the verdict number, for
 /// `direct` and `proxy`, and leaves it alone for unlisted cgroups and for a
-/// number without a verdict (`dispatch` falls back to `direct`). How it can
+/// number without a verdict gets nothing through (`dispatch` drops it: a
+/// verdict the ruleset cannot read fails closed). How it can
 /// fail: without the restore the packet leaves with the number as its
 /// mark, is routed again by the main table, which black-holes the
 /// destination (see [`marked_server`]), and the exchange fails.
@@ -114,7 +115,7 @@ fn ruleset_keeps_the_socket_mark() {
                 (&c.path("/p"), "goto proxy"),
             ],
         );
-        // A number nobody defined (someone else's edit): direct.
+        // A number nobody defined (someone else's edit): dropped.
         let lost = format!(
             "add element inet cgtproxy cgroups {{ {} : 999 }}",
             json_str(
@@ -143,7 +144,7 @@ fn ruleset_keeps_the_socket_mark() {
         );
         for proto in [Proto::Tcp, Proto::Udp] {
             for dst in dsts {
-                for cg in ["/d", "/other", "/lost"] {
+                for cg in ["/d", "/other"] {
                     let msg = env.token("m");
                     let r = exchange_marked(
                         &c.path(cg),
@@ -156,6 +157,11 @@ fn ruleset_keeps_the_socket_mark() {
                     assert_eq!(r, Ok(format!("marked:{msg}")), "{cg} {proto:?} {dst}");
                     assert_eq!(marked.got(&msg).len(), 1);
                 }
+                let msg = env.token("l");
+                let r =
+                    exchange_marked(&c.path("/lost"), proto, dst, &msg, Some(SOCKET_MARK), QUICK);
+                assert!(r.is_err(), "/lost {proto:?} {dst}: got through: {r:?}");
+                assert!(marked.got(&msg).is_empty(), "/lost {proto:?} {dst} arrived");
                 let msg = env.token("u");
                 let r = exchange_marked(&c.path("/d"), proto, dst, &msg, None, QUICK);
                 assert!(
