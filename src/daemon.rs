@@ -307,6 +307,9 @@ struct Daemon {
     watch: Option<route::Watch>,
     instance: Instance,
     state: State,
+    /// The nf_tables transaction being read touched our table or maps (its
+    /// NEWGEN may come in a later read).
+    txn_touched: bool,
 }
 
 /// The routing the daemon keeps for `cfg`: the mark is the live ruleset's;
@@ -419,6 +422,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
             routing: Routing::InPlace,
             said_restored: None,
         },
+        txn_touched: false,
     };
     // The initial sync is the full sync; only its failure is fatal.
     let synced = match d.sync() {
@@ -733,7 +737,9 @@ impl Daemon {
             self.cfg.map.as_str(),
             self.cfg.verdict_map.as_str(),
         );
-        let mut touched = false;
+        // A transaction's events may arrive over several wakeups: whether it
+        // touched our table is kept until its NEWGEN, not per read.
+        let mut touched = self.txn_touched;
         let mut resync = false;
         let r = ev.drain(|m| {
             if m.ty >> 8 != NFNL_SUBSYS_NFTABLES {
@@ -761,7 +767,9 @@ impl Daemon {
                 _ => false,
             };
         });
+        self.txn_touched = touched;
         if let Err(e) = r {
+            self.txn_touched = false;
             // Lost events (ENOBUFS): we can't know what changed.
             if !e.outcome_unknown() {
                 warn!("nf_tables events: {e}");
