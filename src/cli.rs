@@ -233,18 +233,11 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     let mut version = false;
     let mut targets = Vec::new();
     while let Some(arg) = p.next()? {
+        if let Some(o) = Shared::of(&arg) {
+            o.take(&mut p, &mut opts, &mut verdict, &mut help)?;
+            continue;
+        }
         match arg {
-            Short('c') | Long("config") => opts.config = Some(PathBuf::from(p.value()?)),
-            Long("cgroup-root") => {
-                let d = PathBuf::from(p.value()?);
-                if !d.is_absolute() {
-                    return Err(Error::Usage(format!(
-                        "--cgroup-root {}: must be an absolute path",
-                        d.display()
-                    )));
-                }
-                opts.cgroup_root = Some(d);
-            }
             Long("once") => {
                 restricted.push("--once");
                 opts.once = true;
@@ -279,15 +272,8 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                 check_only.push("--config-only");
                 check.config_only = true;
             }
-            Long("verdict") => {
-                let v = p.value()?;
-                verdict = Some(v.into_string().map_err(|v| {
-                    Error::Usage(format!("--verdict {}: not a verdict", v.to_string_lossy()))
-                })?);
-            }
             Short('v') | Long("verbose") => verbosity = crate::log::DEBUG,
             Short('q') | Long("quiet") => verbosity = crate::log::QUIET,
-            Short('h') | Long("help") => help = true,
             Short('V') | Long("version") => version = true,
             Value(v) if command.is_none() => {
                 command = Some(v.to_str().and_then(command_named).ok_or_else(|| {
@@ -387,6 +373,60 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     })
 }
 
+/// The options `exec`'s own loop shares with the main one, parsed here
+/// once. `Shared::of` only looks at the option (it holds nothing of the
+/// parser's), so `take` can then borrow the parser for the value.
+#[derive(Clone, Copy)]
+enum Shared {
+    Config,
+    CgroupRoot,
+    Verdict,
+    Help,
+}
+
+impl Shared {
+    fn of(arg: &lexopt::Arg<'_>) -> Option<Shared> {
+        Some(match arg {
+            Short('c') | Long("config") => Shared::Config,
+            Long("cgroup-root") => Shared::CgroupRoot,
+            Long("verdict") => Shared::Verdict,
+            Short('h') | Long("help") => Shared::Help,
+            _ => return None,
+        })
+    }
+
+    /// Reads the option's value (if it takes one) into where it belongs.
+    fn take(
+        self,
+        p: &mut lexopt::Parser,
+        opts: &mut Options,
+        verdict: &mut Option<String>,
+        help: &mut bool,
+    ) -> Result<(), Error> {
+        match self {
+            Shared::Config => opts.config = Some(PathBuf::from(p.value()?)),
+            Shared::CgroupRoot => {
+                let d = PathBuf::from(p.value()?);
+                if !d.is_absolute() {
+                    return Err(Error::Usage(format!(
+                        "--cgroup-root {}: must be an absolute path",
+                        d.display()
+                    )));
+                }
+                opts.cgroup_root = Some(d);
+            }
+            Shared::Verdict => {
+                let v = p.value()?;
+                *verdict = Some(v.into_string().map_err(|v| {
+                    Error::Usage(format!("--verdict {}: not a verdict", v.to_string_lossy()))
+                })?);
+            }
+            Shared::Help => *help = true,
+        }
+        Ok(())
+    }
+}
+
 /// `exec`'s own options, then the command line (raw, never parsed as ours).
 fn exec_args(
     p: &mut lexopt::Parser,
@@ -406,25 +446,11 @@ fn exec_args(
             return Ok(());
         }
         let Some(arg) = p.next()? else { return Ok(()) };
+        if let Some(o) = Shared::of(&arg) {
+            o.take(p, opts, verdict, help)?;
+            continue;
+        }
         match arg {
-            Short('c') | Long("config") => opts.config = Some(PathBuf::from(p.value()?)),
-            Long("cgroup-root") => {
-                let d = PathBuf::from(p.value()?);
-                if !d.is_absolute() {
-                    return Err(Error::Usage(format!(
-                        "--cgroup-root {}: must be an absolute path",
-                        d.display()
-                    )));
-                }
-                opts.cgroup_root = Some(d);
-            }
-            Long("verdict") => {
-                let v = p.value()?;
-                *verdict = Some(v.into_string().map_err(|v| {
-                    Error::Usage(format!("--verdict {}: not a verdict", v.to_string_lossy()))
-                })?);
-            }
-            Short('h') | Long("help") => *help = true,
             Value(v) => {
                 // After `--`: the command and its arguments, whatever they are.
                 targets.push(v);
@@ -586,5 +612,15 @@ mod tests {
         let a = p(&["exec", "-c", "f.json", "--", "-dash"]).unwrap();
         assert_eq!(a.targets, ["-dash"]);
         assert_eq!(a.opts.config, Some(PathBuf::from("f.json")));
+        // exec's loop takes the shared options as the main one does.
+        let a = p(&["exec", "--cgroup-root", "/r", "-h"]).unwrap();
+        assert_eq!(a.command, Command::Help);
+        let a = p(&["--verdict", "direct", "exec", "--cgroup-root", "/r", "x"]).unwrap();
+        assert_eq!(a.opts.cgroup_root, Some(PathBuf::from("/r")));
+        assert_eq!(a.verdict.as_deref(), Some("direct"));
+        let e = p(&["exec", "--cgroup-root", "rel", "x"]).unwrap_err();
+        assert_eq!(e.to_string(), "--cgroup-root rel: must be an absolute path");
+        let e = p(&["status", "--cgroup-root", "rel"]).unwrap_err();
+        assert_eq!(e.to_string(), "--cgroup-root rel: must be an absolute path");
     }
 }
