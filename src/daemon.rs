@@ -26,11 +26,10 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::instance::{self, Instance};
 use crate::netlink::Socket;
-use crate::nftables::{self, NFNL_SUBSYS_NFTABLES};
 use crate::options::{Options, load};
 use crate::reconcile::{self, Numbers, Ops, Renumber};
 use crate::route::{self, Policy};
-use crate::ruleset::{ApplyError, Ruleset};
+use crate::ruleset::{ApplyError, Monitor, Ruleset};
 use crate::signals::{Signal, Signals};
 use crate::watch::{Change, Status, Tree};
 use crate::{info, warn};
@@ -307,9 +306,8 @@ struct Daemon {
     watch: Option<route::Watch>,
     instance: Instance,
     state: State,
-    /// The nf_tables transaction being read touched our table or maps (its
-    /// NEWGEN may come in a later read).
-    txn_touched: bool,
+    /// Other processes' transactions on our table, across reads.
+    monitor: Monitor,
 }
 
 /// The routing the daemon keeps for `cfg`: the mark is the live ruleset's;
@@ -422,7 +420,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
             routing: Routing::InPlace,
             said_restored: None,
         },
-        txn_touched: false,
+        monitor: Monitor::default(),
     };
     // The initial sync is the full sync; only its failure is fatal.
     let synced = match d.sync() {
@@ -728,54 +726,21 @@ impl Daemon {
     }
 
     /// nf_tables events: someone else's transaction that touched our table,
-    /// either map or their elements means the map may be wrong now.
+    /// either map or their elements means the map may be wrong now
+    /// (`ruleset::Monitor` decides).
     fn ruleset_events(&mut self) {
         let Some(ev) = &mut self.events else { return };
         let me = std::process::id();
-        let (table, map, verdicts) = (
-            self.cfg.table.as_str(),
-            self.cfg.map.as_str(),
-            self.cfg.verdict_map.as_str(),
-        );
-        // A transaction's events may arrive over several wakeups: whether it
-        // touched our table is kept until its NEWGEN, not per read.
-        let mut touched = self.txn_touched;
-        let mut resync = false;
-        let r = ev.drain(|m| {
-            if m.ty >> 8 != NFNL_SUBSYS_NFTABLES {
-                return;
-            }
-            let kind = (m.ty & 0xff) as u8;
-            if kind == nftables::NFT_MSG_NEWGEN {
-                // The end of one transaction; its committer's pid.
-                if touched && nftables::parse_newgen_pid(m).ok().flatten() != Some(me) {
-                    resync = true;
+        let resync = match self.monitor.read(ev, &self.rs.map, &self.rs.verdicts, me) {
+            Ok(resync) => resync,
+            Err(e) => {
+                // Lost events (ENOBUFS): we can't know what changed.
+                if !e.outcome_unknown() {
+                    warn!("nf_tables events: {e}");
                 }
-                touched = false;
-                return;
+                true
             }
-            let Ok((a, b)) = nftables::parse_names(m) else {
-                return;
-            };
-            touched |= match kind {
-                nftables::NFT_MSG_NEWTABLE | nftables::NFT_MSG_DELTABLE => a == table,
-                nftables::NFT_MSG_NEWSET
-                | nftables::NFT_MSG_DELSET
-                | nftables::NFT_MSG_NEWSETELEM
-                | nftables::NFT_MSG_DELSETELEM
-                | nftables::NFT_MSG_DESTROYSETELEM => a == table && (b == map || b == verdicts),
-                _ => false,
-            };
-        });
-        self.txn_touched = touched;
-        if let Err(e) = r {
-            self.txn_touched = false;
-            // Lost events (ENOBUFS): we can't know what changed.
-            if !e.outcome_unknown() {
-                warn!("nf_tables events: {e}");
-            }
-            resync = true;
-        }
+        };
         if resync {
             self.state.resync_due();
         }

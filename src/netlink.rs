@@ -501,7 +501,7 @@ pub mod fake {
         pub groups: Vec<u32>,
         /// The largest `reserve` asked for.
         pub reserved: usize,
-        queue: VecDeque<Vec<u8>>,
+        queue: VecDeque<Result<Vec<u8>, NlError>>,
         script: Script,
     }
 
@@ -520,7 +520,13 @@ pub mod fake {
 
         /// Queues a datagram as if the kernel had sent it unasked (an event).
         pub fn push(&mut self, datagram: Vec<u8>) {
-            self.queue.push_back(datagram);
+            self.queue.push_back(Ok(datagram));
+        }
+
+        /// Queues a failure of `recv()` (ENOBUFS: `NlError::Lost`) as if
+        /// the kernel had dropped what came here.
+        pub fn push_error(&mut self, e: NlError) {
+            self.queue.push_back(Err(e));
         }
     }
 
@@ -528,13 +534,14 @@ pub mod fake {
         fn send(&mut self, bytes: &[u8]) -> Result<(), NlError> {
             self.sent.push(bytes.to_vec());
             let replies = (self.script)(bytes)?;
-            self.queue.extend(replies);
+            self.queue.extend(replies.into_iter().map(Ok));
             Ok(())
         }
 
         fn recv(&mut self, buf: &mut [u8], block: bool) -> Result<Option<usize>, NlError> {
             match self.queue.pop_front() {
-                Some(d) => {
+                Some(Err(e)) => Err(e),
+                Some(Ok(d)) => {
                     // Truncated like a real socket's datagram.
                     let n = d.len().min(buf.len());
                     buf[..n].copy_from_slice(&d[..n]);

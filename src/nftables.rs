@@ -25,6 +25,7 @@ pub const FAMILY_INET: u8 = 1;
 pub const NFT_MSG_NEWTABLE: u8 = 0;
 pub const NFT_MSG_GETTABLE: u8 = 1;
 pub const NFT_MSG_DELTABLE: u8 = 2;
+pub const NFT_MSG_NEWCHAIN: u8 = 3;
 pub const NFT_MSG_GETCHAIN: u8 = 4;
 pub const NFT_MSG_NEWRULE: u8 = 6;
 pub const NFT_MSG_GETRULE: u8 = 7;
@@ -68,6 +69,8 @@ const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_COUNTER_BYTES: u16 = 1;
 const NFTA_COUNTER_PACKETS: u16 = 2;
+#[cfg(test)]
+const NFTA_GEN_ID: u16 = 1;
 const NFTA_GEN_PROC_PID: u16 = 2;
 
 const NFT_SET_MAP: u32 = 0x8;

@@ -402,6 +402,73 @@ impl<T: Transport> Ruleset<T> {
     }
 }
 
+/// Someone else's transactions on our table, read from the nf_tables
+/// events: a transaction that touched the table, either map or their
+/// elements means the maps may be wrong now. The kernel sends one event
+/// per object changed, then NEWGEN with the committer's pid; a big
+/// transaction (`flush ruleset` + include, as nftables.service does)
+/// arrives over several reads, so whether it touched ours is kept until
+/// its NEWGEN, not per read.
+#[derive(Debug, Default)]
+pub struct Monitor {
+    /// The transaction being read touched our table or maps.
+    touched: bool,
+}
+
+impl Monitor {
+    /// One event message: true when it ends (NEWGEN) a transaction of a
+    /// process other than `me` that touched `map`'s table or either map.
+    pub fn feed(&mut self, m: &Msg<'_>, map: &MapRef, verdicts: &MapRef, me: u32) -> bool {
+        if m.ty >> 8 != nftables::NFNL_SUBSYS_NFTABLES {
+            return false;
+        }
+        let kind = (m.ty & 0xff) as u8;
+        if kind == nftables::NFT_MSG_NEWGEN {
+            let theirs = nftables::parse_newgen_pid(m).ok().flatten() != Some(me);
+            return std::mem::take(&mut self.touched) && theirs;
+        }
+        let Ok((a, b)) = nftables::parse_names(m) else {
+            return false;
+        };
+        self.touched |= match kind {
+            nftables::NFT_MSG_NEWTABLE | nftables::NFT_MSG_DELTABLE => a == map.table,
+            nftables::NFT_MSG_NEWSET
+            | nftables::NFT_MSG_DELSET
+            | nftables::NFT_MSG_NEWSETELEM
+            | nftables::NFT_MSG_DELSETELEM
+            | nftables::NFT_MSG_DESTROYSETELEM => {
+                a == map.table && (b == map.map || b == verdicts.map)
+            }
+            _ => false,
+        };
+        false
+    }
+
+    /// Events were lost (ENOBUFS): the transaction read so far is
+    /// forgotten; the caller resyncs, which covers it.
+    pub fn lost(&mut self) {
+        self.touched = false;
+    }
+
+    /// Every event queued on `events` now, never blocking: true when a
+    /// resync is due. An error (lost events) forgets the transaction read
+    /// so far; the caller resyncs.
+    pub fn read<T: Transport>(
+        &mut self,
+        events: &mut Conn<T>,
+        map: &MapRef,
+        verdicts: &MapRef,
+        me: u32,
+    ) -> Result<bool, NlError> {
+        let mut resync = false;
+        let r = events.drain(|m| resync |= self.feed(m, map, verdicts, me));
+        if r.is_err() {
+            self.lost();
+        }
+        r.map(|()| resync)
+    }
+}
+
 /// DESTROYSETELEM arrived in Linux 6.3. Older kernels (and odd version
 /// strings) get plain deletes of known elements. `CGTPROXY_NO_DESTROY=1`
 /// forces the older way, for kernels whose backports misbehave and for
@@ -706,6 +773,147 @@ mod tests {
             ("garbage", false),
         ] {
             assert_eq!(kernel_has_destroy(r), has, "{r}");
+        }
+    }
+
+    /// Events of other processes' transactions, as the kernel multicasts
+    /// them, fed to a `Monitor` through the fake transport, one wakeup per
+    /// `Monitor::read`.
+    mod monitor {
+        use super::*;
+        use crate::netlink::NlError;
+        use crate::nftables::fake::{elements_msg, event, newgen};
+        use crate::nftables::{
+            NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWTABLE,
+        };
+
+        const ME: u32 = 4242;
+        const NFT: u32 = 777;
+
+        fn maps() -> (MapRef, MapRef) {
+            let rs = Ruleset::on(Conn::with_seq(Fake::new(|_| Ok(vec![])), 1), &cfg(), true);
+            (rs.map, rs.verdicts)
+        }
+
+        fn events() -> Conn<Fake> {
+            Conn::with_seq(Fake::new(|_| Ok(vec![])), 1)
+        }
+
+        /// One wakeup: `datagrams` queued, then everything queued read.
+        fn wakeup(
+            mon: &mut Monitor,
+            ev: &mut Conn<Fake>,
+            datagrams: Vec<Vec<u8>>,
+        ) -> Result<bool, NlError> {
+            let (map, verdicts) = maps();
+            for d in datagrams {
+                ev.transport().push(d);
+            }
+            mon.read(ev, &map, &verdicts, ME)
+        }
+
+        /// `flush ruleset` + the ruleset's include, as nftables.service
+        /// runs it: its events over two wakeups, the part after the split
+        /// naming only another table's set and chains. The refill is due
+        /// at NEWGEN all the same (a7411ba); with the flag kept per read it
+        /// never came, and the emptied maps stayed empty.
+        #[test]
+        fn a_transaction_split_over_two_reads_still_resyncs() {
+            let mut mon = Monitor::default();
+            let mut ev = events();
+            let first = [
+                event(NFT_MSG_DELTABLE, "cgtproxy", None),
+                event(NFT_MSG_NEWTABLE, "cgtproxy", None),
+                event(NFT_MSG_NEWSET, "cgtproxy", Some("cgroups")),
+                event(NFT_MSG_NEWSET, "cgtproxy", Some("verdicts")),
+            ]
+            .concat();
+            assert!(!wakeup(&mut mon, &mut ev, vec![first]).unwrap());
+            let second = [
+                event(NFT_MSG_NEWTABLE, "filter", None),
+                event(NFT_MSG_NEWSET, "filter", Some("blocked")),
+                event(NFT_MSG_NEWCHAIN, "filter", Some("input")),
+                newgen(2, Some(NFT)),
+            ]
+            .concat();
+            assert!(wakeup(&mut mon, &mut ev, vec![second]).unwrap());
+            // Once: the next transaction starts untouched.
+            let other = [
+                event(NFT_MSG_NEWSET, "filter", Some("blocked")),
+                newgen(3, Some(NFT)),
+            ]
+            .concat();
+            assert!(!wakeup(&mut mon, &mut ev, vec![other]).unwrap());
+        }
+
+        /// Two datagrams queued before one wakeup: two recv() calls in one
+        /// read, the transaction's touch in the first, its NEWGEN in the
+        /// second.
+        #[test]
+        fn a_transaction_in_two_datagrams_of_one_read_resyncs() {
+            let mut mon = Monitor::default();
+            let mut ev = events();
+            let touch = elements_msg(
+                0,
+                0,
+                ("cgtproxy", "verdicts"),
+                1,
+                &ElemData::Verdict(to_wire(&Verdict::Drop)),
+                None,
+            );
+            let end = newgen(2, Some(NFT));
+            assert!(wakeup(&mut mon, &mut ev, vec![touch, end]).unwrap());
+            assert!(
+                ev.transport().sent.is_empty(),
+                "reading events sends nothing"
+            );
+        }
+
+        /// What is not a change to our maps by someone else: our own
+        /// commits, another table's set of the same name, rules and chains
+        /// of our table (the ruleset's business, not the maps'), other
+        /// subsystems' messages. A NEWGEN without a pid is someone else's.
+        #[test]
+        fn our_own_commits_and_other_objects_do_not_resync() {
+            let mut mon = Monitor::default();
+            let mut ev = events();
+            let add =
+                |set: &str| elements_msg(0, 0, ("cgtproxy", set), 7, &ElemData::Mark(1), None);
+            let ours = [add("cgroups"), newgen(2, Some(ME))].concat();
+            assert!(!wakeup(&mut mon, &mut ev, vec![ours]).unwrap());
+            let elsewhere = [
+                event(NFT_MSG_NEWSET, "other", Some("cgroups")),
+                event(NFT_MSG_NEWTABLE, "other", None),
+                event(NFT_MSG_NEWSET, "cgtproxy", Some("dns")),
+                event(NFT_MSG_NEWCHAIN, "cgtproxy", Some("verdicts")),
+                event(NFT_MSG_NEWRULE, "cgtproxy", Some("cgroups")),
+                newgen(3, Some(NFT)),
+            ]
+            .concat();
+            assert!(!wakeup(&mut mon, &mut ev, vec![elsewhere]).unwrap());
+            let mut foreign = add("cgroups");
+            foreign[5] = 6; // NFNL_SUBSYS_IPSET, not nf_tables (10)
+            let anonymous = [foreign, newgen(4, None)].concat();
+            assert!(!wakeup(&mut mon, &mut ev, vec![anonymous]).unwrap());
+            let anonymous = [add("cgroups"), newgen(5, None)].concat();
+            assert!(wakeup(&mut mon, &mut ev, vec![anonymous]).unwrap());
+        }
+
+        /// ENOBUFS: the read fails (the caller resyncs), and what was read
+        /// of the transaction before it is forgotten, so its NEWGEN after
+        /// the loss does not ask for a second resync.
+        #[test]
+        fn lost_events_fail_the_read_and_forget_the_transaction() {
+            let mut mon = Monitor::default();
+            let mut ev = events();
+            let touch = event(NFT_MSG_NEWSET, "cgtproxy", Some("cgroups"));
+            ev.transport().push(touch);
+            ev.transport().push_error(NlError::Lost);
+            let (map, verdicts) = maps();
+            let e = mon.read(&mut ev, &map, &verdicts, ME).unwrap_err();
+            assert!(matches!(e, NlError::Lost) && e.outcome_unknown());
+            let end = newgen(2, Some(NFT));
+            assert!(!wakeup(&mut mon, &mut ev, vec![end]).unwrap());
         }
     }
 }

@@ -322,3 +322,37 @@ pub fn elements_msg(
     w.end_msg();
     w.buf
 }
+
+/// An nf_tables event as the kernel multicasts it for a table, chain, set
+/// or rule change (`kind`: NFT_MSG_NEWTABLE ...): attribute 1 the table,
+/// attribute 2 (a set's, a rule's chain) or 3 (a chain's) the name.
+pub fn event(kind: u8, table: &str, name: Option<&str>) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.begin_msg(msg_type(kind), 0, 0);
+    nfgenmsg(&mut w, FAMILY_INET, 0);
+    w.attr_str(NFTA_TABLE_NAME, table);
+    if let Some(n) = name {
+        let ty = if kind == NFT_MSG_NEWCHAIN {
+            NFTA_CHAIN_NAME
+        } else {
+            NFTA_SET_NAME
+        };
+        w.attr_str(ty, n);
+    }
+    w.end_msg();
+    w.buf
+}
+
+/// The NEWGEN event that ends a transaction: generation `id`, committed
+/// by `pid` (absent when the kernel does not say).
+pub fn newgen(id: u32, pid: Option<u32>) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.begin_msg(msg_type(NFT_MSG_NEWGEN), 0, 0);
+    nfgenmsg(&mut w, 0, (id & 0xffff) as u16);
+    w.attr_be32(NFTA_GEN_ID, id);
+    if let Some(p) = pid {
+        w.attr_be32(NFTA_GEN_PROC_PID, p);
+    }
+    w.end_msg();
+    w.buf
+}
