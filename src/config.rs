@@ -392,6 +392,20 @@ impl Config {
         best
     }
 
+    /// Whether whoever can create cgroups below a cgroup that rule `i`
+    /// decides can give them a more permissive verdict than rule `i`'s:
+    /// the rule is not final and another rule names a more permissive
+    /// target (one that may list the new cgroup: whether it does depends on
+    /// the name, which the creator picks). The first such rule, or `None`.
+    pub fn overridable(&self, i: usize) -> Option<usize> {
+        let r = self.rules.get(i)?;
+        if r.is_final {
+            return None;
+        }
+        let rank = r.target.rank();
+        self.rules.iter().position(|o| o.target.rank() > rank)
+    }
+
     /// Chains the rules name, each with the first rule that names it.
     pub fn chains(&self) -> Vec<(&str, usize)> {
         let mut out: Vec<(&str, usize)> = Vec::new();
@@ -1112,6 +1126,25 @@ mod tests {
             "c: rules[0].final: expected true or false, got a number"
         );
         assert!(Verdict::Drop.rank() < proxy.rank() && proxy.rank() < direct.rank());
+    }
+
+    #[test]
+    fn overridable_names_a_more_permissive_rule_unless_final() {
+        let c = Config::parse("t", EMBEDDED_DEFAULT).unwrap();
+        // proxy (not final) -> direct; drop (final); direct (nothing wider).
+        assert_eq!(c.overridable(0), Some(2));
+        assert_eq!(c.overridable(1), None);
+        assert_eq!(c.overridable(2), None);
+        assert_eq!(c.overridable(3), None);
+        let c = Config::parse(
+            "t",
+            r#"{"rules":[{"match":"/d","target":"drop","final":false},{"match":"/p","target":"proxy","final":true},{"match":"/q","target":"proxy"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.overridable(0), Some(1));
+        assert_eq!(c.overridable(1), None);
+        // Only as permissive as itself: nothing to gain.
+        assert_eq!(c.overridable(2), None);
     }
 
     #[test]

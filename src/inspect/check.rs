@@ -169,6 +169,7 @@ pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
     }
     if let Some(h) = &h {
         check_delegated(&mut c, &cfg, h, &cgroups, els.as_deref());
+        check_overridable(&mut c, &cfg, h, &cgroups, facts.as_ref());
     }
     check_namespace(&mut c);
     // Bridged frames only meet cgtproxy's rules through the forward file's
@@ -638,6 +639,63 @@ fn check_delegated(
                 "{n} listed cgroup{} with a drop or proxy verdict {} in a subtree delegated to uid {uid} ({example}): that user's processes can move themselves out of the verdict",
                 if n == 1 { "" } else { "s" },
                 if n == 1 { "is" } else { "are" }
+            ),
+        );
+    }
+}
+
+/// The levels the contract has the shipped ruleset look up (16 to 1), for
+/// when the live ruleset cannot be read.
+const MAX_LEVELS: usize = 16;
+
+/// User-owned cgroups where a rule that is not final decides: their owner
+/// can create a child that a more permissive rule lists (a
+/// `cgtproxy-direct.slice` inside a proxied scope) and move into it. One
+/// warning per uid and rule. Only cgroups above the deepest level the
+/// ruleset looks up count (a child below it gets no lookup of its own),
+/// which also bounds each lineage.
+fn check_overridable(
+    c: &mut Checklist,
+    cfg: &Config,
+    h: &Hierarchy,
+    cgroups: &[(PathBuf, u64)],
+    facts: Option<&Facts>,
+) {
+    if !(0..cfg.rules.len()).any(|i| cfg.overridable(i).is_some()) {
+        return;
+    }
+    let none = Facts::default();
+    let f = facts.unwrap_or(&none);
+    let deepest = f.levels.last().map_or(MAX_LEVELS, |&l| l as usize);
+    // (uid, rule) -> (count, an example, the wider rule)
+    let mut found: BTreeMap<(u32, usize), (usize, String, usize)> = BTreeMap::new();
+    for (dir, _) in cgroups {
+        if h.level(dir).is_none_or(|l| l >= deepest) {
+            continue;
+        }
+        // A cgroup removed meanwhile is simply not there.
+        match std::fs::metadata(dir) {
+            Ok(m) if m.uid() != 0 => {}
+            _ => continue,
+        }
+        let steps = lineage(h, cfg, dir);
+        if let Some(o) = super::explain::overridable_by(cfg, h, &steps, f) {
+            let e = found
+                .entry((o.uid, o.rule))
+                .or_insert((0, h.name(dir), o.wider));
+            e.0 += 1;
+        }
+    }
+    for ((uid, rule), (n, example, wider)) in found {
+        c.add(
+            Mark::Warn,
+            format!(
+                "uid {uid} owns {n} cgroup{} that {} decides ({example}{}) and can give {} a more permissive verdict (a cgroup it creates there that rules[{wider}] lists gets {}): add \"final\": true to rules[{rule}], or run it in a root-owned cgroup",
+                if n == 1 { "" } else { "s" },
+                cfg.rules[rule].describe(rule),
+                if n == 1 { "" } else { ", ..." },
+                if n == 1 { "it" } else { "them" },
+                cfg.rules[wider].target,
             ),
         );
     }

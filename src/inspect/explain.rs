@@ -64,6 +64,57 @@ pub(super) fn delegated_above(steps: &[Step], from: usize) -> Option<(&Step, u32
         })
 }
 
+/// A user who can make cgroups where rule `rule` decides, and the more
+/// permissive rule such a cgroup could match (see [`overridable_by`]).
+pub(super) struct Override<'s> {
+    /// The deepest cgroup of the rule's subtree in the lineage whose
+    /// directory a user other than root owns.
+    pub(super) owned: &'s Step,
+    pub(super) uid: u32,
+    /// The rule that decides the cgroup (its nearest listed cgroup's).
+    pub(super) rule: usize,
+    /// A rule with a more permissive target.
+    pub(super) wider: usize,
+}
+
+/// Whether a user can give the cgroup of `steps[0]` (or cgroups below it)
+/// a more permissive verdict than the rule that decides it: creating a
+/// cgroup needs write access to its parent's directory, so the owner of a
+/// directory from the cgroup up to the cgroup the deciding rule lists can
+/// `mkdir` a child whose name a more permissive rule matches (say
+/// `cgtproxy-direct.slice`) and move its processes there. Nothing to say
+/// when the rule is final (the daemon refuses such a child its element),
+/// when a final verdict above already decides, or when no rule is more
+/// permissive. Levels the ruleset does not look up decide nothing.
+pub(super) fn overridable_by<'s>(
+    cfg: &Config,
+    h: &Hierarchy,
+    steps: &'s [Step],
+    facts: &Facts,
+) -> Option<Override<'s>> {
+    use std::os::unix::fs::MetadataExt;
+    let (k, rule) = steps
+        .iter()
+        .enumerate()
+        .filter(|(_, st)| st.under_root && facts.looks_up(st.level))
+        .find_map(|(k, st)| st.rule.map(|i| (k, i)))?;
+    let wider = cfg.overridable(rule)?;
+    let listed = h.rules_path(&steps[k].dir)?;
+    let listed = match_form(&listed);
+    if cfg.final_above(&listed, &cfg.rules[rule].target).is_some() {
+        return None;
+    }
+    steps[..=k].iter().find_map(|st| {
+        let uid = std::fs::metadata(&st.dir).ok()?.uid();
+        (uid != 0).then_some(Override {
+            owned: st,
+            uid,
+            rule,
+            wider,
+        })
+    })
+}
+
 /// Which step's element the kernel uses now (deepest looked-up level that
 /// has one).
 pub(super) fn deciding<'s, 'e>(
@@ -309,6 +360,17 @@ fn explain_dir(
             None => "no rule lists it or an ancestor below the cgroup root".to_string(),
         }
     );
+    if let Some(o) = overridable_by(cfg, h, &steps, facts) {
+        let _ = writeln!(
+            s,
+            "override   uid {} owns {} and can give this subtree a more permissive verdict (a cgroup it creates there that rules[{}] lists gets {}): add \"final\": true to rules[{}], or run it in a root-owned cgroup",
+            o.uid,
+            h.name(&o.owned.dir),
+            o.wider,
+            cfg.rules[o.wider].target,
+            o.rule
+        );
+    }
     final_note(&mut s, cfg, h, &dir, me.rule.filter(|_| me.under_root));
     Ok(s)
 }

@@ -1,0 +1,330 @@
+//! What a verdict confines (issue 12): a program that runs as an
+//! unprivileged uid in a cgroup that uid owns can make a child cgroup that a
+//! more permissive rule lists and move into it. Here the uid is real (the
+//! processes run as uid 1000 through `setpriv`), the ownership is what
+//! systemd's `Delegate=yes` makes (a chowned directory and cgroup.procs
+//! below a root-owned slice), and where the traffic arrives is what counts:
+//! with the shipped default rules the program's TCP and UDP (IPv4 and IPv6)
+//! go out direct, and `check` and `explain` say so; with `"final": true` on
+//! the proxy rule the daemon refuses the child its element and the same
+//! traffic reaches the TPROXY listener; a root-owned cgroup refuses the
+//! uid's `mkdir` outright, and a root-owned slice above keeps it from
+//! moving out.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::os::unix::fs::chown;
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+/// The unprivileged user of these tests (no passwd entry needed).
+const UID: u32 = 1000;
+
+/// The proxied service as `Delegate=yes` lays it out: a root-owned slice
+/// the rule lists, and the service's own cgroup owned by its user.
+const SLICE: &str = "system.slice/cgtproxy-proxy.slice";
+const SERVICE: &str = "system.slice/cgtproxy-proxy.slice/app.service";
+/// What the program makes inside its own cgroup.
+const ESCAPE: &str = "system.slice/cgtproxy-proxy.slice/app.service/cgtproxy-direct.slice";
+
+fn rules_json(proxy_final: bool) -> String {
+    let f = if proxy_final { ", \"final\": true" } else { "" };
+    format!(
+        r#"{{"rules": [
+  {{"match": ".*/cgtproxy-proxy\\.slice", "target": "proxy"{f}}},
+  {{"match": ".*/cgtproxy-drop\\.slice", "target": "drop"}},
+  {{"match": ".*/cgtproxy-direct\\.slice", "target": "direct"}}
+]}}"#
+    )
+}
+
+/// chown the cgroup's directory and the files systemd delegates.
+fn delegate(dir: &Path, uid: u32) {
+    for f in [
+        "",
+        "cgroup.procs",
+        "cgroup.subtree_control",
+        "cgroup.threads",
+    ] {
+        let p = if f.is_empty() {
+            dir.to_path_buf()
+        } else {
+            dir.join(f)
+        };
+        chown(&p, Some(uid), Some(uid)).unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+    }
+}
+
+/// Runs `script` with bash as uid [`UID`] (no groups, no capabilities),
+/// started by root in cgroup `start`. Returns the exit code and output.
+fn as_user(start: &Path, script: &str, env: &[(&str, String)], limit: Duration) -> Finished {
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.args(["-s", "KILL"])
+        .arg(format!("{:.3}", limit.as_secs_f64()))
+        .args([
+            "bash",
+            "-c",
+            "echo $$ > \"$START/cgroup.procs\" || exit 20\nexec setpriv --reuid=\"$U\" --regid=\"$U\" --clear-groups --inh-caps=-all --bounding-set=-all -- bash -c \"$SCRIPT\"",
+        ])
+        .env("START", start)
+        .env("U", UID.to_string())
+        .env("SCRIPT", script);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_cmd(&mut cmd, limit + Duration::from_secs(5))
+}
+
+/// As the user, from its service's cgroup: move itself into `sub` (a child
+/// it owns; "" stays), connect to `dst`, send `msg`, print the one-line reply.
+fn user_exchange(
+    start: &Path,
+    sub: &str,
+    proto: Proto,
+    dst: SocketAddr,
+    msg: &str,
+    limit: Duration,
+) -> Result<String, String> {
+    let script = r#"
+[ "$(id -u)" = "$U" ] || exit 21
+if [ -n "$SUB" ]; then echo $$ > "$START/$SUB/cgroup.procs" || exit 22; fi
+exec 3<>"/dev/$PROTO/$HOST/$PORT" || exit 11
+printf '%s\n' "$MSG" >&3 || exit 12
+R=$(timeout 3 head -n 1 <&3) || exit 13
+[ -n "$R" ] || exit 13
+printf '%s\n' "$R"
+"#;
+    let f = as_user(
+        start,
+        script,
+        &[
+            ("SUB", sub.to_string()),
+            ("PROTO", proto.name().to_string()),
+            ("HOST", dst.ip().to_string()),
+            ("PORT", dst.port().to_string()),
+            ("MSG", msg.to_string()),
+        ],
+        limit,
+    );
+    if f.code() == Some(0) {
+        Ok(f.stdout.trim_end().to_string())
+    } else {
+        Err(f.describe())
+    }
+}
+
+enum Arrives {
+    Proxy,
+    Remote,
+}
+
+/// Sends a fresh token as the user from `sub` and asserts where it arrived
+/// (and that the other server got nothing).
+fn assert_arrives(
+    env: &Env,
+    proxy: &Server,
+    remote: &Remote,
+    sub: &str,
+    want: Arrives,
+    what: &str,
+) {
+    let start = env.cg.path(SERVICE);
+    for proto in [Proto::Tcp, Proto::Udp] {
+        for dst in [Remote::v4(), Remote::v6()] {
+            let msg = env.token("user");
+            let r = user_exchange(&start, sub, proto, dst, &msg, Duration::from_secs(6));
+            let (tag, hit, miss) = match want {
+                Arrives::Proxy => ("proxy", &proxy.got(&msg), &remote.server.got(&msg)),
+                Arrives::Remote => ("remote", &remote.server.got(&msg), &proxy.got(&msg)),
+            };
+            assert_eq!(
+                r,
+                Ok(format!("{tag}:{msg}")),
+                "{what}: {proto:?} to {dst} from {SERVICE}/{sub} as uid {UID}"
+            );
+            assert_eq!(hit.len(), 1, "{what}: {tag} events for {msg}: {hit:?}");
+            assert!(
+                miss.is_empty(),
+                "{what}: {msg} also reached the other server"
+            );
+        }
+    }
+}
+
+/// `cgtproxy CMD -c CFG --cgroup-root ROOT ARGS...`.
+fn cli(env: &Env, cfg: &Path, cmd: &str, args: &[&str]) -> Finished {
+    let root = env.cg.root.to_str().unwrap().to_string();
+    let mut a = vec![cmd, "-c", cfg.to_str().unwrap(), "--cgroup-root", &root];
+    a.extend_from_slice(args);
+    run(BIN, &a)
+}
+
+#[test]
+fn a_delegated_cgroup_under_proxy_can_go_direct_unless_the_rule_is_final() {
+    sandbox(|env| {
+        load_ruleset();
+        let remote = Remote::start();
+        let proxy = start_proxy();
+        env.cg.mkdir(&[SERVICE]);
+        let service = env.cg.path(SERVICE);
+
+        // Root-owned: the uid can neither make a child nor leave.
+        let cfg = env.write_file("default.json", &rules_json(false));
+        let mut args = env.run_args(&cfg);
+        args.push("-v".into());
+        let d = Daemon::start(&args);
+        let slice = env.cg.id(SLICE);
+        let want: MapDump = [(slice, "goto proxy".to_string())].into_iter().collect();
+        env.wait_map_eq(|| want.clone(), "the proxy slice's element");
+        let f = as_user(
+            &service,
+            "mkdir \"$START/cgtproxy-direct.slice\"",
+            &[],
+            Duration::from_secs(5),
+        );
+        assert_ne!(
+            f.code(),
+            Some(0),
+            "mkdir in a root-owned cgroup as uid {UID}: {}",
+            f.describe()
+        );
+        assert!(f.stderr.contains("Permission denied"), "{}", f.describe());
+        let check = cli(env, &cfg, "check", &[]);
+        assert!(
+            !check.stdout.contains("more permissive verdict"),
+            "root-owned: no override warning:\n{}",
+            check.stdout
+        );
+        assert_arrives(
+            env,
+            &proxy,
+            &remote,
+            "",
+            Arrives::Proxy,
+            "root-owned service",
+        );
+
+        // Delegated (Delegate=yes): the uid makes cgtproxy-direct.slice in
+        // its own cgroup, the default rules give it direct.
+        delegate(&service, UID);
+        let f = as_user(
+            &service,
+            "mkdir \"$START/cgtproxy-direct.slice\"",
+            &[],
+            Duration::from_secs(5),
+        );
+        assert_eq!(f.code(), Some(0), "mkdir as the owner: {}", f.describe());
+        let escape = env.cg.id(ESCAPE);
+        let mut with_escape = want.clone();
+        with_escape.insert(escape, "goto direct".to_string());
+        env.wait_map_eq(|| with_escape.clone(), "the nested direct element");
+        assert_arrives(
+            env,
+            &proxy,
+            &remote,
+            "cgtproxy-direct.slice",
+            Arrives::Remote,
+            "default rules: the owner's nested direct",
+        );
+        // It cannot leave the proxied slice: its parent is root's.
+        let f = as_user(
+            &service,
+            "echo $$ > \"$START/../../cgroup.procs\"",
+            &[],
+            Duration::from_secs(5),
+        );
+        assert_ne!(
+            f.code(),
+            Some(0),
+            "moving out as uid {UID}: {}",
+            f.describe()
+        );
+        // check and explain say what the owner can do, and what helps.
+        let check = cli(env, &cfg, "check", &[]);
+        let want_line = format!(
+            "uid {UID} owns 1 cgroup that rules[0] \".*/cgtproxy-proxy\\\\.slice\" -> goto proxy decides (/{SERVICE}) and can give it a more permissive verdict (a cgroup it creates there that rules[2] lists gets goto direct): add \"final\": true to rules[0], or run it in a root-owned cgroup"
+        );
+        assert!(
+            check.stdout.contains(&want_line),
+            "check warns about the override:\n{}{}\nwanted: {want_line}",
+            check.stdout,
+            check.stderr
+        );
+        assert_eq!(check.code(), Some(0), "only warnings: {}", check.describe());
+        assert_eq!(
+            cli(env, &cfg, "check", &["--strict"]).code(),
+            Some(1),
+            "--strict fails on it"
+        );
+        assert!(
+            !check.stdout.contains("delegated to uid"),
+            "the slice above is root's: no escape warning:\n{}",
+            check.stdout
+        );
+        let e = cli(env, &cfg, "explain", &[&format!("/{SERVICE}")]);
+        assert!(
+            e.stdout.contains(&format!(
+                "override   uid {UID} owns /{SERVICE} and can give this subtree a more permissive verdict (a cgroup it creates there that rules[2] lists gets goto direct): add \"final\": true to rules[0], or run it in a root-owned cgroup"
+            )),
+            "explain warns:\n{}{}",
+            e.stdout,
+            e.stderr
+        );
+        drop(d.stop());
+
+        // "final": true on the proxy rule: the same child gets no element
+        // and its traffic is proxied; check has nothing to say.
+        let cfg = env.write_file("final.json", &rules_json(true));
+        let mut args = env.run_args(&cfg);
+        args.push("-v".into());
+        let d = Daemon::start(&args);
+        env.wait_map_eq(
+            || want.clone(),
+            "the slice only: the nested direct is refused",
+        );
+        // Give a wrong add time to land, then look again.
+        thread::sleep(Duration::from_millis(300));
+        env.wait_map_eq(|| want.clone(), "the slice only, still");
+        assert!(
+            d.log().contains("has the final verdict goto proxy"),
+            "{}",
+            d.log()
+        );
+        // A fresh child made while it runs is refused too.
+        let f = as_user(
+            &service,
+            "mkdir \"$START/x\" \"$START/x/cgtproxy-direct.slice\"",
+            &[],
+            Duration::from_secs(5),
+        );
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        thread::sleep(Duration::from_millis(300));
+        env.wait_map_eq(|| want.clone(), "a new nested direct is refused");
+        assert_arrives(
+            env,
+            &proxy,
+            &remote,
+            "cgtproxy-direct.slice",
+            Arrives::Proxy,
+            "final proxy: the owner's nested direct",
+        );
+        assert_arrives(
+            env,
+            &proxy,
+            &remote,
+            "x/cgtproxy-direct.slice",
+            Arrives::Proxy,
+            "final proxy: a nested direct made while it runs",
+        );
+        let check = cli(env, &cfg, "check", &[]);
+        assert!(
+            !check.stdout.contains("more permissive verdict"),
+            "final: no override warning:\n{}",
+            check.stdout
+        );
+        drop(d.stop());
+    });
+}
