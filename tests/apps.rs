@@ -167,7 +167,7 @@ fn make_tree(env: &Env, tree: &[(String, Option<&str>)]) -> BTreeMap<u64, String
 
 #[test]
 fn rule_forms_select_real_trees() {
-    e2e("rule_forms_select_real_trees", |env| {
+    sandbox(|env| {
         load_ruleset();
         let tree = realistic_tree();
         let expected = make_tree(env, &tree);
@@ -300,7 +300,7 @@ fn rule_forms_select_real_trees() {
 
 #[test]
 fn an_app_rule_proxies_its_traffic() {
-    e2e("an_app_rule_proxies_its_traffic", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let proxy = start_proxy();
@@ -530,7 +530,7 @@ fn apps_config(env: &Env) -> std::path::PathBuf {
 
 #[test]
 fn apps_lists_what_runs_with_verdicts_and_traffic() {
-    e2e("apps_lists_what_runs_with_verdicts_and_traffic", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let _proxy = start_proxy();
@@ -692,7 +692,7 @@ fn apps_lists_what_runs_with_verdicts_and_traffic() {
 
 #[test]
 fn apps_watch_shows_rates_and_stops_on_sigterm() {
-    e2e("apps_watch_shows_rates_and_stops_on_sigterm", |env| {
+    sandbox(|env| {
         use std::io::BufRead;
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
@@ -824,189 +824,181 @@ fn exec_from(
 
 #[test]
 fn exec_as_root_applies_the_verdict_from_the_first_packet() {
-    e2e(
-        "exec_as_root_applies_the_verdict_from_the_first_packet",
-        |env| {
-            load_ruleset();
-            add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
-            let proxy = start_proxy();
-            let remote = Remote::start();
-            env.cg.mkdir(&["/session"]);
-            let config = slices_config(env);
+    sandbox(|env| {
+        load_ruleset();
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let proxy = start_proxy();
+        let remote = Remote::start();
+        env.cg.mkdir(&["/session"]);
+        let config = slices_config(env);
 
-            // No daemon: exec refuses to run the command without the element.
-            let marker = env.tmp.join("ran");
-            let f = run_cmd(
-                Command::new("sh")
-                    .arg("-c")
-                    .arg("echo $$ > \"$CG/cgroup.procs\" && exec \"$@\"")
-                    .arg("sh")
-                    .arg(BIN)
-                    .args(["exec", "-c"])
-                    .arg(&config)
-                    .arg("--cgroup-root")
-                    .arg(&env.cg.root)
-                    .args(["--", "touch"])
-                    .arg(&marker)
-                    .env("CG", env.cg.path("/session"))
-                    .env("CGTPROXY_EXEC", "cgroupfs"),
-                LIMIT,
-            );
-            assert_eq!(f.code(), Some(1), "{}", f.describe());
-            assert!(
-                f.stderr.contains("is `cgtproxy run` running"),
-                "{}",
-                f.describe()
-            );
-            assert!(!marker.exists(), "the command ran without its verdict");
+        // No daemon: exec refuses to run the command without the element.
+        let marker = env.tmp.join("ran");
+        let f = run_cmd(
+            Command::new("sh")
+                .arg("-c")
+                .arg("echo $$ > \"$CG/cgroup.procs\" && exec \"$@\"")
+                .arg("sh")
+                .arg(BIN)
+                .args(["exec", "-c"])
+                .arg(&config)
+                .arg("--cgroup-root")
+                .arg(&env.cg.root)
+                .args(["--", "touch"])
+                .arg(&marker)
+                .env("CG", env.cg.path("/session"))
+                .env("CGTPROXY_EXEC", "cgroupfs"),
+            LIMIT,
+        );
+        assert_eq!(f.code(), Some(1), "{}", f.describe());
+        assert!(
+            f.stderr.contains("is `cgtproxy run` running"),
+            "{}",
+            f.describe()
+        );
+        assert!(!marker.exists(), "the command ran without its verdict");
 
-            let mut daemon = Daemon::start(&env.run_args(&config));
-            for (verdict, want) in [("proxy", "proxy"), ("direct", "remote"), ("drop", "")] {
-                let msg = env.token(verdict);
-                let f = exec_from(
-                    env,
-                    "/session",
-                    None,
-                    &config,
-                    &["--verdict", verdict],
-                    &msg,
+        let mut daemon = Daemon::start(&env.run_args(&config));
+        for (verdict, want) in [("proxy", "proxy"), ("direct", "remote"), ("drop", "")] {
+            let msg = env.token(verdict);
+            let f = exec_from(
+                env,
+                "/session",
+                None,
+                &config,
+                &["--verdict", verdict],
+                &msg,
+            );
+            if want.is_empty() {
+                assert_ne!(f.code(), Some(0), "drop: {}", f.describe());
+                assert!(proxy.got(&msg).is_empty() && remote.server.got(&msg).is_empty());
+            } else {
+                assert_eq!(f.code(), Some(0), "{verdict}: {}", f.describe());
+                let mut lines = f.stdout.lines();
+                assert_eq!(
+                    lines.next(),
+                    Some(format!("{want}:{msg}").as_str()),
+                    "{verdict}: {}",
+                    f.describe()
                 );
-                if want.is_empty() {
-                    assert_ne!(f.code(), Some(0), "drop: {}", f.describe());
-                    assert!(proxy.got(&msg).is_empty() && remote.server.got(&msg).is_empty());
-                } else {
-                    assert_eq!(f.code(), Some(0), "{verdict}: {}", f.describe());
-                    let mut lines = f.stdout.lines();
-                    assert_eq!(
-                        lines.next(),
-                        Some(format!("{want}:{msg}").as_str()),
-                        "{verdict}: {}",
-                        f.describe()
-                    );
-                    let cg = lines.next().unwrap_or_default();
-                    let slice = format!("/session/cgtproxy-{verdict}.slice/exec-");
-                    assert!(
-                        cg.contains(&slice),
-                        "{verdict}: ran in {cg}, not in {slice}PID"
-                    );
-                }
+                let cg = lines.next().unwrap_or_default();
+                let slice = format!("/session/cgtproxy-{verdict}.slice/exec-");
+                assert!(
+                    cg.contains(&slice),
+                    "{verdict}: ran in {cg}, not in {slice}PID"
+                );
             }
-            // The slice got its element; the exec cgroups inherit it.
-            let map = dump_map();
-            assert_eq!(
-                map.get(&env.cg.id("/session/cgtproxy-proxy.slice"))
-                    .map(String::as_str),
-                Some("goto proxy")
-            );
-            // A verdict no rule lists, and one that is no word: exit 2.
-            let f = exec_from(env, "/session", None, &config, &["--verdict", "mine"], "x");
-            assert_eq!(f.code(), Some(2), "{}", f.describe());
-            assert!(f.stderr.contains("cgtproxy-mine.slice"), "{}", f.describe());
-            let f = exec_from(env, "/session", None, &config, &["--verdict", "a/b"], "x");
-            assert_eq!(f.code(), Some(2), "{}", f.describe());
-            assert!(daemon.running());
-            daemon.stop();
-        },
-    );
+        }
+        // The slice got its element; the exec cgroups inherit it.
+        let map = dump_map();
+        assert_eq!(
+            map.get(&env.cg.id("/session/cgtproxy-proxy.slice"))
+                .map(String::as_str),
+            Some("goto proxy")
+        );
+        // A verdict no rule lists, and one that is no word: exit 2.
+        let f = exec_from(env, "/session", None, &config, &["--verdict", "mine"], "x");
+        assert_eq!(f.code(), Some(2), "{}", f.describe());
+        assert!(f.stderr.contains("cgtproxy-mine.slice"), "{}", f.describe());
+        let f = exec_from(env, "/session", None, &config, &["--verdict", "a/b"], "x");
+        assert_eq!(f.code(), Some(2), "{}", f.describe());
+        assert!(daemon.running());
+        daemon.stop();
+    });
 }
 
 #[test]
 fn exec_in_a_delegated_subtree_as_an_unprivileged_user() {
-    e2e(
-        "exec_in_a_delegated_subtree_as_an_unprivileged_user",
-        |env| {
-            load_ruleset();
-            add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
-            let proxy = start_proxy();
-            let remote = Remote::start();
-            const NOBODY: u32 = 65534;
-            env.cg.mkdir(&["/delegated", "/not-mine"]);
-            // Delegation as systemd does it (Delegate=yes): the directory and
-            // its cgroup.procs, cgroup.threads, cgroup.subtree_control.
-            let d = env.cg.path("/delegated");
-            for p in [
-                d.clone(),
-                d.join("cgroup.procs"),
-                d.join("cgroup.threads"),
-                d.join("cgroup.subtree_control"),
-            ] {
-                std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
-            }
-            let config = slices_config(env);
-            std::fs::set_permissions(
-                &env.tmp,
-                std::os::unix::fs::PermissionsExt::from_mode(0o755),
-            )
-            .unwrap();
-            let mut daemon = Daemon::start(&env.run_args(&config));
-            let msg = env.token("nobody");
-            let f = exec_from(env, "/delegated", Some(NOBODY), &config, &[], &msg);
-            assert_eq!(f.code(), Some(0), "{}", f.describe());
-            let mut lines = f.stdout.lines();
-            assert_eq!(
-                lines.next(),
-                Some(format!("proxy:{msg}").as_str()),
-                "{}",
-                f.describe()
-            );
-            assert!(remote.server.got(&msg).is_empty());
-            assert_eq!(proxy.got(&msg).len(), 1);
-            assert!(
-                lines
-                    .next()
-                    .unwrap_or_default()
-                    .contains("/delegated/cgtproxy-proxy.slice/exec-"),
-                "{}",
-                f.describe()
-            );
-            // It could not read the map, and said so.
-            assert!(
-                f.stderr.contains("without CAP_NET_ADMIN"),
-                "{}",
-                f.describe()
-            );
-            let owner = std::fs::metadata(env.cg.path("/delegated/cgtproxy-proxy.slice")).unwrap();
-            assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), NOBODY);
-            // explain and check say that this user can leave the verdict.
-            let out = expect(
-                cli(
-                    env,
-                    &config,
-                    &["explain", "/delegated/cgtproxy-proxy.slice"],
-                ),
-                0,
-                "explain",
-            );
-            assert!(
-                out.contains(
-                    "escape     uid 65534 owns /delegated/cgroup.procs (a delegated subtree)"
-                ),
-                "{out}"
-            );
-            let out = expect(cli(env, &config, &["check"]), 0, "check");
-            assert!(
+    sandbox(|env| {
+        load_ruleset();
+        add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
+        let proxy = start_proxy();
+        let remote = Remote::start();
+        const NOBODY: u32 = 65534;
+        env.cg.mkdir(&["/delegated", "/not-mine"]);
+        // Delegation as systemd does it (Delegate=yes): the directory and
+        // its cgroup.procs, cgroup.threads, cgroup.subtree_control.
+        let d = env.cg.path("/delegated");
+        for p in [
+            d.clone(),
+            d.join("cgroup.procs"),
+            d.join("cgroup.threads"),
+            d.join("cgroup.subtree_control"),
+        ] {
+            std::os::unix::fs::chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+        let config = slices_config(env);
+        std::fs::set_permissions(
+            &env.tmp,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut daemon = Daemon::start(&env.run_args(&config));
+        let msg = env.token("nobody");
+        let f = exec_from(env, "/delegated", Some(NOBODY), &config, &[], &msg);
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        let mut lines = f.stdout.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("proxy:{msg}").as_str()),
+            "{}",
+            f.describe()
+        );
+        assert!(remote.server.got(&msg).is_empty());
+        assert_eq!(proxy.got(&msg).len(), 1);
+        assert!(
+            lines
+                .next()
+                .unwrap_or_default()
+                .contains("/delegated/cgtproxy-proxy.slice/exec-"),
+            "{}",
+            f.describe()
+        );
+        // It could not read the map, and said so.
+        assert!(
+            f.stderr.contains("without CAP_NET_ADMIN"),
+            "{}",
+            f.describe()
+        );
+        let owner = std::fs::metadata(env.cg.path("/delegated/cgtproxy-proxy.slice")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), NOBODY);
+        // explain and check say that this user can leave the verdict.
+        let out = expect(
+            cli(
+                env,
+                &config,
+                &["explain", "/delegated/cgtproxy-proxy.slice"],
+            ),
+            0,
+            "explain",
+        );
+        assert!(
+            out.contains("escape     uid 65534 owns /delegated/cgroup.procs (a delegated subtree)"),
+            "{out}"
+        );
+        let out = expect(cli(env, &config, &["check"]), 0, "check");
+        assert!(
                 out.contains("WARN  1 listed cgroup with a drop or proxy verdict is in a subtree delegated to uid 65534 (/delegated)"),
                 "{out}"
             );
 
-            // Without delegation: a clear refusal, nothing created.
-            let f = exec_from(env, "/not-mine", Some(NOBODY), &config, &[], "x");
-            assert_eq!(f.code(), Some(1), "{}", f.describe());
-            assert!(
-                f.stderr.contains("may not create a cgroup"),
-                "{}",
-                f.describe()
-            );
-            assert!(!env.cg.path("/not-mine/cgtproxy-proxy.slice").exists());
-            assert!(daemon.running());
-            daemon.stop();
-        },
-    );
+        // Without delegation: a clear refusal, nothing created.
+        let f = exec_from(env, "/not-mine", Some(NOBODY), &config, &[], "x");
+        assert_eq!(f.code(), Some(1), "{}", f.describe());
+        assert!(
+            f.stderr.contains("may not create a cgroup"),
+            "{}",
+            f.describe()
+        );
+        assert!(!env.cg.path("/not-mine/cgtproxy-proxy.slice").exists());
+        assert!(daemon.running());
+        daemon.stop();
+    });
 }
 
 #[test]
 fn verbose_logs_unlisted_and_inheriting_cgroups() {
-    e2e("verbose_logs_unlisted_and_inheriting_cgroups", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         let config = env.write_file(
@@ -1041,79 +1033,70 @@ fn verbose_logs_unlisted_and_inheriting_cgroups() {
 
 #[test]
 fn check_warns_about_a_one_family_listener_without_capabilities() {
-    if !need(
-        "check_warns_about_a_one_family_listener_without_capabilities",
-        "socat",
-        "-V",
-    ) {
+    if !need("socat", "-V") {
         return;
     }
-    e2e(
-        "check_warns_about_a_one_family_listener_without_capabilities",
-        |env| {
-            load_ruleset();
-            env.cg.mkdir(&["/p"]);
-            let config = env.write_file(
-                "c.json",
-                r#"{"route": false, "rules": [{"match": "/p", "target": "proxy"}]}"#,
-            );
-            // A proxy as an unprivileged user, on IPv4 TCP only.
-            let mut socat = Command::new("setpriv")
-                .args([
-                    "--reuid",
-                    "65534",
-                    "--regid",
-                    "65534",
-                    "--clear-groups",
-                    "socat",
-                    "-u",
-                ])
-                .arg(format!("TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr"))
-                .arg("OPEN:/dev/null")
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn socat");
-            let listening = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
-                std::fs::read_to_string("/proc/thread-self/net/tcp").is_ok_and(|t| {
-                    t.contains(&format!("0100007F:{PROXY_PORT:04X} 00000000:0000 0A"))
-                })
-            });
-            assert!(listening, "socat did not listen");
-            let out = expect(cli(env, &config, &["check"]), 0, "check");
-            let pid = socat.id();
-            for want in [
-            "WARN  nothing on port 7893 takes TCP IPv6 (::1), UDP IPv4 (127.0.0.1), UDP IPv6 (::1)".to_string(),
-            format!("WARN  the proxy (pid {pid} socat, port 7893) has neither CAP_NET_ADMIN nor CAP_NET_RAW"),
+    sandbox(|env| {
+        load_ruleset();
+        env.cg.mkdir(&["/p"]);
+        let config = env.write_file(
+            "c.json",
+            r#"{"route": false, "rules": [{"match": "/p", "target": "proxy"}]}"#,
+        );
+        // A proxy as an unprivileged user, on IPv4 TCP only.
+        let mut socat = Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "socat",
+                "-u",
+            ])
+            .arg(format!("TCP-LISTEN:{PROXY_PORT},bind=127.0.0.1,reuseaddr"))
+            .arg("OPEN:/dev/null")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn socat");
+        let listening = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+            std::fs::read_to_string("/proc/thread-self/net/tcp")
+                .is_ok_and(|t| t.contains(&format!("0100007F:{PROXY_PORT:04X} 00000000:0000 0A")))
+        });
+        assert!(listening, "socat did not listen");
+        let out = expect(cli(env, &config, &["check"]), 0, "check");
+        let pid = socat.id();
+        for want in [
+            "WARN  nothing on port 7893 takes TCP IPv6 (::1), UDP IPv4 (127.0.0.1), UDP IPv6 (::1)"
+                .to_string(),
+            format!(
+                "WARN  the proxy (pid {pid} socat, port 7893) has neither CAP_NET_ADMIN nor CAP_NET_RAW"
+            ),
         ] {
             assert!(out.contains(&want), "missing {want:?} in:\n{out}");
         }
-            let _ = socat.kill();
-            let _ = socat.wait();
-            // The harness's proxy: root, TCP and UDP on 127.0.0.1 and ::1.
-            let _proxy = start_proxy();
-            let out = expect(cli(env, &config, &["check"]), 0, "check");
-            assert!(
-                out.contains("ok    the listener on port 7893 takes TCP and UDP, IPv4 and IPv6"),
-                "{out}"
-            );
-            assert!(
-                out.contains("has CAP_NET_ADMIN or CAP_NET_RAW for IP_TRANSPARENT"),
-                "{out}"
-            );
-        },
-    );
+        let _ = socat.kill();
+        let _ = socat.wait();
+        // The harness's proxy: root, TCP and UDP on 127.0.0.1 and ::1.
+        let _proxy = start_proxy();
+        let out = expect(cli(env, &config, &["check"]), 0, "check");
+        assert!(
+            out.contains("ok    the listener on port 7893 takes TCP and UDP, IPv4 and IPv6"),
+            "{out}"
+        );
+        assert!(
+            out.contains("has CAP_NET_ADMIN or CAP_NET_RAW for IP_TRANSPARENT"),
+            "{out}"
+        );
+    });
 }
 
 #[test]
 fn apps_watch_redraws_with_ansi_on_a_terminal_only() {
-    if !need(
-        "apps_watch_redraws_with_ansi_on_a_terminal_only",
-        "script",
-        "--version",
-    ) {
+    if !need("script", "--version") {
         return;
     }
-    e2e("apps_watch_redraws_with_ansi_on_a_terminal_only", |env| {
+    sandbox(|env| {
         load_ruleset();
         env.cg.mkdir(&[TG]);
         let config = apps_config(env);

@@ -591,7 +591,7 @@ fn nft_load_ok(file: &Path, etc: Option<&str>) {
 /// table and arrive.
 #[test]
 fn routing_gone_marked_packets_never_leave() {
-    e2e("routing_gone_marked_packets_never_leave", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let log = Logger::start(&remote);
@@ -621,7 +621,7 @@ fn routing_gone_marked_packets_never_leave() {
 /// non-local address).
 #[test]
 fn proxy_down_is_refused_fast() {
-    e2e("proxy_down_is_refused_fast", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let remote = Remote::start();
@@ -644,7 +644,7 @@ fn proxy_down_is_refused_fast() {
 /// How it can fail: on 0.2.0 `proxy` sends other protocols out direct.
 #[test]
 fn proxy_drops_other_protocols() {
-    e2e("proxy_drops_other_protocols", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         allow_ping();
@@ -681,7 +681,7 @@ fn proxy_drops_other_protocols() {
 /// is accepted before any lookup.
 #[test]
 fn proxy_mark_exempts_no_one() {
-    e2e("proxy_mark_exempts_no_one", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let remote = Remote::start();
@@ -727,7 +727,7 @@ fn proxy_mark_exempts_no_one() {
 /// direct`, as it did until this test, sends a proxied app out direct.
 #[test]
 fn a_number_without_a_verdict_lets_nothing_out() {
-    e2e("a_number_without_a_verdict_lets_nothing_out", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let remote = Remote::start();
@@ -769,7 +769,7 @@ fn a_number_without_a_verdict_lets_nothing_out() {
 /// them.
 #[test]
 fn drop_reaches_no_destination() {
-    e2e("drop_reaches_no_destination", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         let log = Logger::start(&remote);
@@ -864,7 +864,7 @@ fn drop_reaches_no_destination() {
 /// fail: on 0.2.0 nothing looks at incoming connections.
 #[test]
 fn drop_accepts_no_inbound_connection() {
-    e2e("drop_accepts_no_inbound_connection", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         env.cg.mkdir(&["/x", "/d", "/u"]);
@@ -919,7 +919,7 @@ fn drop_accepts_no_inbound_connection() {
 /// fail: on 0.2.0 the later socket inherits the recorded `direct`.
 #[test]
 fn reused_tuple_does_not_inherit_direct() {
-    e2e("reused_tuple_does_not_inherit_direct", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         allow_ping();
@@ -1094,7 +1094,7 @@ fn window(env: &Env, etc: Option<&str>) -> Window {
 /// arriving after the refill.
 #[test]
 fn reload_window_default_mode_cuts_what_leaked() {
-    e2e("reload_window_default_mode_cuts_what_leaked", |env| {
+    sandbox(|env| {
         let w = window(env, None);
         assert_eq!(
             w.long_after, 0,
@@ -1123,7 +1123,7 @@ fn reload_window_default_mode_cuts_what_leaked() {
 /// each window.
 #[test]
 fn reload_window_strict_mode_leaks_nothing() {
-    e2e("reload_window_strict_mode_leaks_nothing", |env| {
+    sandbox(|env| {
         let w = window(env, Some("redefine CGTPROXY_STRICT = 1"));
         assert_eq!((w.flood, w.long, w.plong), (0, 0, 0), "strict mode leaked");
         assert!(w.control > 2500, "control: {}", w.control);
@@ -1138,7 +1138,7 @@ fn reload_window_strict_mode_leaks_nothing() {
 /// both are recorded direct and go on.
 #[test]
 fn connection_opened_before_fill_is_decided_again() {
-    e2e("connection_opened_before_fill_is_decided_again", |env| {
+    sandbox(|env| {
         load_ruleset();
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let remote = Remote::start();
@@ -1176,7 +1176,7 @@ fn connection_opened_before_fill_is_decided_again() {
 /// the squatter holds, and it receives the queries.
 #[test]
 fn dns_resolver_cannot_be_squatted() {
-    e2e("dns_resolver_cannot_be_squatted", |env| {
+    sandbox(|env| {
         let both = wrapper(env, &["cgtproxy.nft", "cgtproxy-dns.nft"]);
         nft_load_ok(&both, None);
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
@@ -1371,7 +1371,7 @@ fn start_lan(remote: &Remote) -> NsThread {
 /// packets are forwarded unproxied.
 #[test]
 fn forwarded_traffic_never_leaves_unproxied() {
-    e2e("forwarded_traffic_never_leaves_unproxied", |env| {
+    sandbox(|env| {
         let files = wrapper(env, &["cgtproxy.nft", "cgtproxy-forward.nft"]);
         nft_load_ok(&files, None);
         let remote = Remote::start();
@@ -1430,7 +1430,7 @@ fn forwarded_traffic_never_leaves_unproxied() {
 /// can fail: on 0.2.0 the files read nothing from /etc.
 #[test]
 fn settings_from_etc_override_the_shipped_defines() {
-    e2e("settings_from_etc_override_the_shipped_defines", |env| {
+    sandbox(|env| {
         nft_load_ok(
             &shipped("cgtproxy.nft"),
             Some(
@@ -1469,60 +1469,57 @@ fn settings_from_etc_override_the_shipped_defines() {
 /// resolver port check that reads the wrong value, the lines are missing.
 #[test]
 fn check_and_status_report_the_flag_and_the_resolver_port() {
-    e2e(
-        "check_and_status_report_the_flag_and_the_resolver_port",
-        |env| {
-            let both = wrapper(env, &["cgtproxy.nft", "cgtproxy-dns.nft"]);
-            nft_load_ok(&both, None);
-            env.cg.mkdir(&["/p"]);
-            let rules = Rules::new(&[("/p", "proxy")]);
-            let mut cfg = Config::new(&rules);
-            cfg.route = RouteCfg::Off;
-            let config = env.write_config(&cfg);
-            let root = env.cg.path("/");
-            let cli = |args: &[&str]| {
-                let mut a: Vec<&str> = args.to_vec();
-                a.extend(["-c", config.to_str().unwrap()]);
-                a.extend(["--cgroup-root", root.to_str().unwrap()]);
-                run(BIN, &a)
-            };
-            let check = cli(&["check"]).stdout;
-            assert!(check.contains("maps not yet filled"), "{check}");
-            assert!(
-                check.contains("the DNS hijack's resolver port 53 is privileged"),
-                "{check}"
-            );
-            let status = cli(&["status"]).stdout;
-            assert!(status.contains("maps not yet filled"), "{status}");
+    sandbox(|env| {
+        let both = wrapper(env, &["cgtproxy.nft", "cgtproxy-dns.nft"]);
+        nft_load_ok(&both, None);
+        env.cg.mkdir(&["/p"]);
+        let rules = Rules::new(&[("/p", "proxy")]);
+        let mut cfg = Config::new(&rules);
+        cfg.route = RouteCfg::Off;
+        let config = env.write_config(&cfg);
+        let root = env.cg.path("/");
+        let cli = |args: &[&str]| {
+            let mut a: Vec<&str> = args.to_vec();
+            a.extend(["-c", config.to_str().unwrap()]);
+            a.extend(["--cgroup-root", root.to_str().unwrap()]);
+            run(BIN, &a)
+        };
+        let check = cli(&["check"]).stdout;
+        assert!(check.contains("maps not yet filled"), "{check}");
+        assert!(
+            check.contains("the DNS hijack's resolver port 53 is privileged"),
+            "{check}"
+        );
+        let status = cli(&["status"]).stdout;
+        assert!(status.contains("maps not yet filled"), "{status}");
 
-            let f = env.once(&cfg);
-            assert!(f.status.success(), "{}", f.describe());
-            let check = cli(&["check"]).stdout;
-            assert!(
-                check.contains("maps filled (map verdicts holds the flag 0 : drop)"),
-                "{check}"
-            );
-            let status = cli(&["status"]).stdout;
-            assert!(!status.contains("not yet filled"), "{status}");
+        let f = env.once(&cfg);
+        assert!(f.status.success(), "{}", f.describe());
+        let check = cli(&["check"]).stdout;
+        assert!(
+            check.contains("maps filled (map verdicts holds the flag 0 : drop)"),
+            "{check}"
+        );
+        let status = cli(&["status"]).stdout;
+        assert!(!status.contains("not yet filled"), "{status}");
 
-            let f = nft_load_etc(
-                &both,
-                &[(
-                    "cgtproxy-dns.nft.d",
-                    "redefine CGTPROXY_RESOLVER_PORT = 1053",
-                )],
-            );
-            assert!(f.status.success(), "{}", f.describe());
-            let out = cli(&["check"]);
-            assert!(
-                out.stdout
-                    .contains("the DNS hijack sends queries to port 1053, which any user may bind"),
-                "{}",
-                out.stdout
-            );
-            assert_eq!(out.code(), Some(0), "only a warning: exit 0");
-            let strict = cli(&["check", "--strict"]);
-            assert_eq!(strict.code(), Some(1), "a warning with --strict: exit 1");
-        },
-    );
+        let f = nft_load_etc(
+            &both,
+            &[(
+                "cgtproxy-dns.nft.d",
+                "redefine CGTPROXY_RESOLVER_PORT = 1053",
+            )],
+        );
+        assert!(f.status.success(), "{}", f.describe());
+        let out = cli(&["check"]);
+        assert!(
+            out.stdout
+                .contains("the DNS hijack sends queries to port 1053, which any user may bind"),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(out.code(), Some(0), "only a warning: exit 0");
+        let strict = cli(&["check", "--strict"]);
+        assert_eq!(strict.code(), Some(1), "a warning with --strict: exit 1");
+    });
 }

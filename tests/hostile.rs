@@ -212,9 +212,9 @@ fn element_latency(sock: &mut nl::Sock, dir: &Path, limit: Duration) -> Duration
 /// A daemon with the embedded default rules, a chain of `depth` levels
 /// being built below `/user` meanwhile; a `cgtproxy-drop.slice` elsewhere
 /// must get its element within [`FAIR`], during the build and after it.
-fn deep_chain(name: &'static str, depth: usize) {
+fn deep_chain(depth: usize) {
     raise_nofile(4 * depth as u64 + 4096);
-    e2e(name, move |env| {
+    sandbox(move |env| {
         let _g = heavy();
         load_ruleset();
         let rules = Rules::embedded_default();
@@ -249,7 +249,8 @@ fn deep_chain(name: &'static str, depth: usize) {
         assert!(d.running(), "daemon died:\n{}", d.log());
         let hwm = vm_hwm_kib(d.pid());
         eprintln!(
-            "{name}: chain of {depth} built in {build_time:?}; element elsewhere {during:?} after its mkdir (at level {at} of the chain), {after:?} after; daemon VmHWM {hwm} KiB"
+            "{}: chain of {depth} built in {build_time:?}; element elsewhere {during:?} after its mkdir (at level {at} of the chain), {after:?} after; daemon VmHWM {hwm} KiB",
+            env.name
         );
         // The map is right for everything the ruleset can look up.
         let want: MapDump = [
@@ -286,12 +287,12 @@ fn deep_chain(name: &'static str, depth: usize) {
 
 #[test]
 fn chain_1000_deep_never_delays_other_cgroups() {
-    deep_chain("chain_1000_deep_never_delays_other_cgroups", 1000);
+    deep_chain(1000);
 }
 
 #[test]
 fn chain_10000_deep_never_delays_other_cgroups() {
-    deep_chain("chain_10000_deep_never_delays_other_cgroups", 10_000);
+    deep_chain(10_000);
 }
 
 /// 100,000 cgroups made as fast as two threads can in one subtree, while a
@@ -300,104 +301,101 @@ fn chain_10000_deep_never_delays_other_cgroups() {
 fn storm_of_100000_cgroups_never_delays_other_cgroups() {
     const N: usize = 100_000;
     const MAKERS: usize = 2;
-    e2e(
-        "storm_of_100000_cgroups_never_delays_other_cgroups",
-        |env| {
-            let _g = heavy();
-            load_ruleset();
-            let rules = Rules::embedded_default();
-            env.cg.mkdir(&["storm", "elsewhere"]);
-            let mut d = env.start(&Config::new(&rules));
-            let mut sock = events();
-            let made = Arc::new(AtomicUsize::new(0));
-            let t_storm = Instant::now();
-            // As fast as the machine allows: one maker per CPU, all in the
-            // one directory (the kernel serialises them on cgroup_mutex).
-            let makers: Vec<_> = (0..MAKERS)
-                .map(|m| {
-                    let dir = env.cg.path("storm");
-                    let made = made.clone();
-                    thread::spawn(move || {
-                        let fd = open_dir(&dir);
-                        for i in (m..N).step_by(MAKERS) {
-                            mkdir_at(fd.as_raw_fd(), &cstr(&format!("s{i}"))).expect("storm mkdir");
-                            made.fetch_add(1, Ordering::Relaxed);
-                        }
-                    })
+    sandbox(|env| {
+        let _g = heavy();
+        load_ruleset();
+        let rules = Rules::embedded_default();
+        env.cg.mkdir(&["storm", "elsewhere"]);
+        let mut d = env.start(&Config::new(&rules));
+        let mut sock = events();
+        let made = Arc::new(AtomicUsize::new(0));
+        let t_storm = Instant::now();
+        // As fast as the machine allows: one maker per CPU, all in the
+        // one directory (the kernel serialises them on cgroup_mutex).
+        let makers: Vec<_> = (0..MAKERS)
+            .map(|m| {
+                let dir = env.cg.path("storm");
+                let made = made.clone();
+                thread::spawn(move || {
+                    let fd = open_dir(&dir);
+                    for i in (m..N).step_by(MAKERS) {
+                        mkdir_at(fd.as_raw_fd(), &cstr(&format!("s{i}"))).expect("storm mkdir");
+                        made.fetch_add(1, Ordering::Relaxed);
+                    }
                 })
-                .collect();
-            let mut lat = Vec::new();
-            for k in 1..=3 {
-                assert!(wait_until(
-                    Duration::from_secs(120),
-                    Duration::from_millis(1),
-                    || made.load(Ordering::Relaxed) >= k * N / 4
-                ));
-                let dir = env.cg.path(&format!("elsewhere/{k}"));
-                fs::create_dir(&dir).unwrap();
-                lat.push((
-                    made.load(Ordering::Relaxed),
-                    element_latency(
-                        &mut sock,
-                        &dir.join("cgtproxy-drop.slice"),
-                        Duration::from_secs(60),
-                    ),
-                ));
-            }
-            for m in makers {
-                m.join().expect("storm maker");
-            }
-            let storm_time = t_storm.elapsed();
-            assert!(d.running(), "daemon died:\n{}", d.log());
-            let hwm = vm_hwm_kib(d.pid());
-            let cpu = cpu_time(d.pid());
-            // Every cgroup followed (the map check below needs them all seen:
-            // the storm's cgroups are unlisted, so watch the log instead).
-            let total = made.load(Ordering::Relaxed);
-            eprintln!(
-                "storm: {total} cgroups in {storm_time:?}; elements elsewhere (at storm count, latency): {lat:?}; daemon VmHWM {hwm} KiB, CPU {cpu:?}"
-            );
-            let want: MapDump = (1..=3)
-                .map(|k| {
-                    (
-                        env.cg.id(&format!("elsewhere/{k}/cgtproxy-drop.slice")),
-                        "drop".to_string(),
-                    )
-                })
-                .collect();
-            env.wait_map_eq(|| want.clone(), "three drop slices");
-            // A drop slice made at the storm's last level is followed too.
-            let last = env.cg.path("storm/s7/cgtproxy-drop.slice");
-            let l = element_latency(&mut sock, &last, Duration::from_secs(60));
-            eprintln!("storm: element in the storm subtree after it: {l:?}");
-            let log = d.log();
+            })
+            .collect();
+        let mut lat = Vec::new();
+        for k in 1..=3 {
+            assert!(wait_until(
+                Duration::from_secs(120),
+                Duration::from_millis(1),
+                || made.load(Ordering::Relaxed) >= k * N / 4
+            ));
+            let dir = env.cg.path(&format!("elsewhere/{k}"));
+            fs::create_dir(&dir).unwrap();
+            lat.push((
+                made.load(Ordering::Relaxed),
+                element_latency(
+                    &mut sock,
+                    &dir.join("cgtproxy-drop.slice"),
+                    Duration::from_secs(60),
+                ),
+            ));
+        }
+        for m in makers {
+            m.join().expect("storm maker");
+        }
+        let storm_time = t_storm.elapsed();
+        assert!(d.running(), "daemon died:\n{}", d.log());
+        let hwm = vm_hwm_kib(d.pid());
+        let cpu = cpu_time(d.pid());
+        // Every cgroup followed (the map check below needs them all seen:
+        // the storm's cgroups are unlisted, so watch the log instead).
+        let total = made.load(Ordering::Relaxed);
+        eprintln!(
+            "storm: {total} cgroups in {storm_time:?}; elements elsewhere (at storm count, latency): {lat:?}; daemon VmHWM {hwm} KiB, CPU {cpu:?}"
+        );
+        let want: MapDump = (1..=3)
+            .map(|k| {
+                (
+                    env.cg.id(&format!("elsewhere/{k}/cgtproxy-drop.slice")),
+                    "drop".to_string(),
+                )
+            })
+            .collect();
+        env.wait_map_eq(|| want.clone(), "three drop slices");
+        // A drop slice made at the storm's last level is followed too.
+        let last = env.cg.path("storm/s7/cgtproxy-drop.slice");
+        let l = element_latency(&mut sock, &last, Duration::from_secs(60));
+        eprintln!("storm: element in the storm subtree after it: {l:?}");
+        let log = d.log();
+        assert!(
+            !log.contains("rescanning"),
+            "the storm forced a rescan:\n{}",
+            log.lines()
+                .filter(|l| l.contains("rescan"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        drop(d.stop());
+        for (at, l) in &lat {
             assert!(
-                !log.contains("rescanning"),
-                "the storm forced a rescan:\n{}",
-                log.lines()
-                    .filter(|l| l.contains("rescan"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                *l < FAIR,
+                "an element elsewhere took {l:?} with {at} storm cgroups made; bound {FAIR:?}"
             );
-            drop(d.stop());
-            for (at, l) in &lat {
-                assert!(
-                    *l < FAIR,
-                    "an element elsewhere took {l:?} with {at} storm cgroups made; bound {FAIR:?}"
-                );
-            }
-            assert!(
-                hwm < MAX_HWM_KIB,
-                "daemon VmHWM {hwm} KiB over {MAX_HWM_KIB} KiB"
-            );
-            // Removal through the directory fd (the harness's walk is slower).
-            let _ = fs::remove_dir(env.cg.path("storm/s7/cgtproxy-drop.slice"));
-            let fd = open_dir(&env.cg.path("storm"));
-            for i in 0..total {
-                rmdir_at(fd.as_raw_fd(), &cstr(&format!("s{i}")));
-            }
-        },
-    );
+        }
+        assert!(
+            hwm < MAX_HWM_KIB,
+            "daemon VmHWM {hwm} KiB over {MAX_HWM_KIB} KiB"
+        );
+        // Removal through the directory fd (the harness's walk is slower).
+        let _ = fs::remove_dir(env.cg.path("storm/s7/cgtproxy-drop.slice"));
+        let fd = open_dir(&env.cg.path("storm"));
+        for i in 0..total {
+            rmdir_at(fd.as_raw_fd(), &cstr(&format!("s{i}")));
+        }
+    });
 }
 
 /// Issue 11 item 15: a listed cgroup deeper than the ruleset's levels is
@@ -405,46 +403,43 @@ fn storm_of_100000_cgroups_never_delays_other_cgroups() {
 /// once that it does not follow that subtree.
 #[test]
 fn listed_cgroup_below_the_deepest_level_is_warned_not_added() {
-    e2e(
-        "listed_cgroup_below_the_deepest_level_is_warned_not_added",
-        |env| {
-            load_ruleset();
-            let rules = Rules::embedded_default();
-            // The test root is at level 1: `deep` is at level 15.
-            let mut deep = String::from("l");
-            for i in 2..=14 {
-                deep.push_str(&format!("/l{i}"));
-            }
-            env.cg.mkdir(&[&deep]);
-            let d = env.start(&Config::new(&rules));
-            // Level 16 is listed (it is looked up); level 17 is not followed.
-            let at16 = format!("{deep}/cgtproxy-proxy.slice");
-            let at17 = format!("{at16}/cgtproxy-drop.slice");
-            env.cg.mkdir(&[&at16]);
-            let want: MapDump = [(env.cg.id(&at16), "goto proxy".to_string())]
-                .into_iter()
-                .collect();
-            env.wait_map_eq(|| want.clone(), "the level-16 slice");
-            env.cg.mkdir(&[&at17]);
-            // A barrier: once this level-16 sibling has its element, the
-            // level-17 mkdir (made before it) was seen, if it ever will be.
-            env.cg.mkdir(&[&format!("{deep}/cgtproxy-drop.slice")]);
-            let id_x = env.cg.id(&format!("{deep}/cgtproxy-drop.slice"));
-            let mut want = want;
-            want.insert(id_x, "drop".to_string());
-            env.wait_map_eq(|| want.clone(), "level-16 slices only");
-            let log = d.log();
-            assert!(
-                !log.contains("cgtproxy-proxy.slice/cgtproxy-drop.slice"),
-                "a cgroup at level 17 was handled:\n{log}"
-            );
-            assert!(
-                log.contains("cgtproxy-proxy.slice is at the deepest level the ruleset looks up"),
-                "the depth limit is said:\n{log}"
-            );
-            drop(d.stop());
-        },
-    );
+    sandbox(|env| {
+        load_ruleset();
+        let rules = Rules::embedded_default();
+        // The test root is at level 1: `deep` is at level 15.
+        let mut deep = String::from("l");
+        for i in 2..=14 {
+            deep.push_str(&format!("/l{i}"));
+        }
+        env.cg.mkdir(&[&deep]);
+        let d = env.start(&Config::new(&rules));
+        // Level 16 is listed (it is looked up); level 17 is not followed.
+        let at16 = format!("{deep}/cgtproxy-proxy.slice");
+        let at17 = format!("{at16}/cgtproxy-drop.slice");
+        env.cg.mkdir(&[&at16]);
+        let want: MapDump = [(env.cg.id(&at16), "goto proxy".to_string())]
+            .into_iter()
+            .collect();
+        env.wait_map_eq(|| want.clone(), "the level-16 slice");
+        env.cg.mkdir(&[&at17]);
+        // A barrier: once this level-16 sibling has its element, the
+        // level-17 mkdir (made before it) was seen, if it ever will be.
+        env.cg.mkdir(&[&format!("{deep}/cgtproxy-drop.slice")]);
+        let id_x = env.cg.id(&format!("{deep}/cgtproxy-drop.slice"));
+        let mut want = want;
+        want.insert(id_x, "drop".to_string());
+        env.wait_map_eq(|| want.clone(), "level-16 slices only");
+        let log = d.log();
+        assert!(
+            !log.contains("cgtproxy-proxy.slice/cgtproxy-drop.slice"),
+            "a cgroup at level 17 was handled:\n{log}"
+        );
+        assert!(
+            log.contains("cgtproxy-proxy.slice is at the deepest level the ruleset looks up"),
+            "the depth limit is said:\n{log}"
+        );
+        drop(d.stop());
+    });
 }
 
 /// Writes a config with the embedded default rules, the drop rule with
@@ -469,7 +464,7 @@ fn default_rules_json(drop_final: Option<bool>) -> String {
 /// `"final": false` opts out.
 #[test]
 fn nested_override_under_a_final_drop_is_refused() {
-    e2e("nested_override_under_a_final_drop_is_refused", |env| {
+    sandbox(|env| {
         load_ruleset();
         let scope = "user@1000.service/cgtproxy-drop.slice/run-u7.scope";
         env.cg.mkdir(&[scope]);
@@ -544,7 +539,7 @@ fn nested_override_under_a_final_drop_is_refused() {
 /// verdict there confines nothing that uid runs; root-owned ones are fine.
 #[test]
 fn check_and_explain_warn_about_a_user_owned_subtree() {
-    e2e("check_and_explain_warn_about_a_user_owned_subtree", |env| {
+    sandbox(|env| {
         load_ruleset();
         let user = "user.slice/user-1000.slice/user@1000.service";
         let listed = format!("{user}/app.slice/cgtproxy-drop.slice");
@@ -611,7 +606,7 @@ fn check_and_explain_warn_about_a_user_owned_subtree() {
 /// shown escaped.
 #[test]
 fn escaped_names_are_injective() {
-    e2e("escaped_names_are_injective", |env| {
+    sandbox(|env| {
         load_ruleset();
         use std::os::unix::ffi::OsStrExt;
         let raw = env
@@ -682,94 +677,88 @@ fn mkfifo(p: &Path) {
 /// refused at once with exit 2 and a message that says what it is.
 #[test]
 fn config_that_is_a_fifo_a_device_or_huge_is_refused_at_start() {
-    e2e(
-        "config_that_is_a_fifo_a_device_or_huge_is_refused_at_start",
-        |env| {
-            load_ruleset();
-            let fifo = env.tmp.join("fifo.json");
-            mkfifo(&fifo);
-            let huge = env.write_file("huge.json", &" ".repeat(2 << 20));
-            for (path, what) in [
-                (fifo.as_path(), "not a regular file (a FIFO)"),
-                (
-                    Path::new("/dev/zero"),
-                    "not a regular file (a character device)",
-                ),
-                (huge.as_path(), "larger than 1 MiB"),
-            ] {
-                let t = Instant::now();
-                let f = run_daemon_to_exit(&env.run_args(path), Duration::from_secs(10));
-                assert_eq!(f.code(), Some(2), "{}: {}", path.display(), f.describe());
-                assert!(
-                    f.stderr.contains(&format!("{}: {what}", path.display())),
-                    "{}: the message says {what:?}:\n{}",
-                    path.display(),
-                    f.stderr
-                );
-                assert!(
-                    t.elapsed() < Duration::from_secs(5),
-                    "{}: took {:?}",
-                    path.display(),
-                    t.elapsed()
-                );
-            }
-            // check reads it the same way.
-            let f = run(BIN, &["check", "-c", fifo.to_str().unwrap()]);
-            assert_eq!(f.code(), Some(2), "check -c FIFO: {}", f.describe());
-        },
-    );
+    sandbox(|env| {
+        load_ruleset();
+        let fifo = env.tmp.join("fifo.json");
+        mkfifo(&fifo);
+        let huge = env.write_file("huge.json", &" ".repeat(2 << 20));
+        for (path, what) in [
+            (fifo.as_path(), "not a regular file (a FIFO)"),
+            (
+                Path::new("/dev/zero"),
+                "not a regular file (a character device)",
+            ),
+            (huge.as_path(), "larger than 1 MiB"),
+        ] {
+            let t = Instant::now();
+            let f = run_daemon_to_exit(&env.run_args(path), Duration::from_secs(10));
+            assert_eq!(f.code(), Some(2), "{}: {}", path.display(), f.describe());
+            assert!(
+                f.stderr.contains(&format!("{}: {what}", path.display())),
+                "{}: the message says {what:?}:\n{}",
+                path.display(),
+                f.stderr
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{}: took {:?}",
+                path.display(),
+                t.elapsed()
+            );
+        }
+        // check reads it the same way.
+        let f = run(BIN, &["check", "-c", fifo.to_str().unwrap()]);
+        assert_eq!(f.code(), Some(2), "check -c FIFO: {}", f.describe());
+    });
 }
 
 /// The same at SIGHUP: the reload is refused, the old config keeps
 /// serving, and SIGTERM still stops the daemon.
 #[test]
 fn config_replaced_by_a_fifo_or_device_at_sighup_is_refused() {
-    e2e(
-        "config_replaced_by_a_fifo_or_device_at_sighup_is_refused",
-        |env| {
-            load_ruleset();
-            let rules = Rules::embedded_default();
-            let cfg = env.write_config(&Config::new(&rules));
-            let mut args = env.run_args(&cfg);
-            args.push("-v".into());
-            let d = Daemon::start(&args);
-            for (k, (what, make)) in [
-                ("a FIFO", &(|p: &Path| mkfifo(p)) as &dyn Fn(&Path)),
-                ("a character device", &|p: &Path| {
-                    std::os::unix::fs::symlink("/dev/zero", p).unwrap()
-                }),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                fs::remove_file(&cfg).unwrap();
-                make(&cfg);
-                d.signal(libc::SIGHUP);
-                let said = format!(
-                    "reload refused, keeping the running configuration: {}: not a regular file ({what})",
-                    cfg.display()
-                );
-                assert!(
-                    wait_until(Duration::from_secs(5), Duration::from_millis(20), || d
-                        .log()
-                        .contains(&said)),
-                    "SIGHUP with {what} as config: no refusal:\n{}",
-                    d.log()
-                );
-                // Still serving with the old rules.
-                let slice = format!("s{k}/cgtproxy-drop.slice");
-                env.cg.mkdir(&[&slice]);
-                env.wait_map(&rules);
-            }
-            let f = d.stop();
-            assert_eq!(
-                f.code(),
-                Some(0),
-                "SIGTERM after the refused reloads: {}",
-                f.describe()
+    sandbox(|env| {
+        load_ruleset();
+        let rules = Rules::embedded_default();
+        let cfg = env.write_config(&Config::new(&rules));
+        let mut args = env.run_args(&cfg);
+        args.push("-v".into());
+        let d = Daemon::start(&args);
+        for (k, (what, make)) in [
+            ("a FIFO", &(|p: &Path| mkfifo(p)) as &dyn Fn(&Path)),
+            ("a character device", &|p: &Path| {
+                std::os::unix::fs::symlink("/dev/zero", p).unwrap()
+            }),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            fs::remove_file(&cfg).unwrap();
+            make(&cfg);
+            d.signal(libc::SIGHUP);
+            let said = format!(
+                "reload refused, keeping the running configuration: {}: not a regular file ({what})",
+                cfg.display()
             );
-        },
-    );
+            assert!(
+                wait_until(Duration::from_secs(5), Duration::from_millis(20), || d
+                    .log()
+                    .contains(&said)),
+                "SIGHUP with {what} as config: no refusal:\n{}",
+                d.log()
+            );
+            // Still serving with the old rules.
+            let slice = format!("s{k}/cgtproxy-drop.slice");
+            env.cg.mkdir(&[&slice]);
+            env.wait_map(&rules);
+        }
+        let f = d.stop();
+        assert_eq!(
+            f.code(),
+            Some(0),
+            "SIGTERM after the refused reloads: {}",
+            f.describe()
+        );
+    });
 }
 
 /// Issue 12 item 6: in a mount namespace where a cgroup2 mount over
@@ -777,7 +766,7 @@ fn config_replaced_by_a_fifo_or_device_at_sighup_is_refused() {
 /// visible one (the daemon runs, `explain PID` finds the process there).
 #[test]
 fn auto_root_takes_the_visible_cgroup2_mount() {
-    e2e("auto_root_takes_the_visible_cgroup2_mount", |env| {
+    sandbox(|env| {
         load_ruleset();
         let name = env
             .cg
@@ -843,7 +832,7 @@ fn auto_root_takes_the_visible_cgroup2_mount() {
 /// made meanwhile, without a rescan of the whole tree.
 #[test]
 fn watches_that_ran_out_are_retried() {
-    e2e("watches_that_ran_out_are_retried", |env| {
+    sandbox(|env| {
         let ns = UserNs::new(&[("max_inotify_watches", 2)]);
         ns.join_net();
         load_ruleset();

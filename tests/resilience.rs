@@ -852,10 +852,9 @@ fn inotify_overflow_while_sigstopped_converges() {
         // so a test may not lower it: past 100,000 the overflow would take
         // too many cgroups, and under CI that is a failure, not a skip.
         if max_queued > 100_000 {
-            skip(
-                &env.name,
-                &format!("max_queued_events is {max_queued}; too many cgroups to make"),
-            );
+            skip(&format!(
+                "max_queued_events is {max_queued}; too many cgroups to make"
+            ));
             return;
         }
         let rules = Rules::new(&[("/p(/.*)?", "proxy"), ("/d", "direct"), ("/x", "drop")]);
@@ -1027,7 +1026,7 @@ fn out_of_inotify_watches_is_reported_once_and_survived() {
 #[test]
 fn runs_as_nobody_with_only_cap_net_admin() {
     sandbox(|env| {
-        if !need(&env.name, "setpriv", "--version") {
+        if !need("setpriv", "--version") {
             return;
         }
         load_ruleset();

@@ -12,8 +12,12 @@ const QUICK: Duration = Duration::from_millis(1500);
 #[test]
 fn ruleset_loads_and_reloads() {
     sandbox(|env| {
-        // The harness names the test after its function, once.
-        assert_eq!(env.name, test_name!(), "the name sandbox() derived");
+        // The harness names the test after its function, once (the one
+        // place a test spells its own name: to check that).
+        assert_eq!(
+            env.name, "ruleset_loads_and_reloads",
+            "the name sandbox() derived"
+        );
         load_ruleset();
         env.cg.mkdir(&["/p"]);
         nft_add_elements(&env.mount, &[(&env.cg.path("/p"), "goto proxy")]);

@@ -93,14 +93,10 @@ impl Drop for V2ray {
 
 #[test]
 fn v2ray_recipe_carries_tcp_and_udp_both_families() {
-    if !need(
-        "v2ray_recipe_carries_tcp_and_udp_both_families",
-        "v2ray",
-        "-version",
-    ) {
+    if !need("v2ray", "-version") {
         return;
     }
-    e2e("v2ray_recipe_carries_tcp_and_udp_both_families", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         // The apps are proxied; v2ray's own cgroup is listed direct.
@@ -178,14 +174,10 @@ fn v2ray_recipe_carries_tcp_and_udp_both_families() {
 fn v2ray_among_the_proxied_apps_never_reaches_out() {
     // The control: v2ray in the proxied cgroup, without its mark, captures
     // its own connections; nothing reaches the server (and check says why).
-    if !need(
-        "v2ray_among_the_proxied_apps_never_reaches_out",
-        "v2ray",
-        "-version",
-    ) {
+    if !need("v2ray", "-version") {
         return;
     }
-    e2e("v2ray_among_the_proxied_apps_never_reaches_out", |env| {
+    sandbox(|env| {
         load_ruleset();
         let remote = Remote::start();
         env.cg.mkdir(&["/apps/client", "/apps/v2ray"]);

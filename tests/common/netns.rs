@@ -44,53 +44,30 @@ fn net_setup() {
     }
 }
 
-/// The test's name from the type name of an item defined in it: the last
-/// path segment that is not a closure (`e2e::proxy_cgroup_works::{{closure}}`
-/// gives `proxy_cgroup_works`). `std::any::type_name` promises no format,
-/// so a name it cannot find fails loudly rather than naming a test wrong.
-pub fn name_from_type(type_name: &'static str, item: &str) -> &'static str {
-    let path = type_name.strip_suffix(item).unwrap_or(type_name);
-    let name = path
-        .rsplit("::")
-        .find(|s| !s.is_empty() && !s.starts_with('{'))
-        .unwrap_or_else(|| panic!("no test name in the type name {type_name:?}"));
-    assert!(
-        name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-        "no test name in the type name {type_name:?}"
-    );
-    name
-}
-
-/// The name of the test function this is written in (for messages and
-/// skips outside [`sandbox`]).
-#[macro_export]
-macro_rules! test_name {
-    () => {{
-        fn here() {}
-        $crate::common::name_from_type(std::any::type_name_of_val(&here), "::here")
-    }};
+/// The name of the running test: libtest runs each test on a thread named
+/// for it (the test's path, `proxy_cgroup_works`), and [`sandbox`] names
+/// its own thread the same, so the name is the function's, spelled once,
+/// also when a helper asks. Anywhere else (a thread without a name, or
+/// `main`) it fails loudly rather than naming a test wrong.
+pub fn test_name() -> String {
+    let thread = thread::current();
+    match thread.name() {
+        Some(name) if name != "main" => name.to_string(),
+        other => panic!("test_name() outside a test's thread (thread {other:?})"),
+    }
 }
 
 /// Runs `body` on a fresh thread in its own network namespace with its own
 /// cgroup subtree; skips (see [`gate`]) when prerequisites are missing.
 /// Panics in `body` fail the test after everything was cleaned up. The
-/// test's name (`env.name`) is that of the function the closure is written
-/// in, so it is spelled once.
+/// test's name (`env.name`) is [`test_name`], that of the test function
+/// this runs in (also through a helper).
 pub fn sandbox<F>(body: F)
 where
     F: FnOnce(&mut Env) + Send + 'static,
 {
-    let name = name_from_type(std::any::type_name::<F>(), "");
-    e2e(name, body)
-}
-
-/// As [`sandbox`], with the test's name given (prefer [`sandbox`]).
-pub fn e2e<F>(name: &str, body: F)
-where
-    F: FnOnce(&mut Env) + Send + 'static,
-{
-    let Some(mount) = gate(name) else { return };
-    let name = name.to_string();
+    let Some(mount) = gate() else { return };
+    let name = test_name();
     let handle = thread::Builder::new()
         .name(name.clone())
         .spawn(move || {

@@ -1,6 +1,7 @@
 //! Prerequisites: root, the tools, a cgroup2 mount. A missing one skips
 //! the test with a printed reason, or fails it under `CI=true`.
 
+use super::netns::test_name;
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -79,9 +80,11 @@ fn prerequisites() -> Result<PathBuf, String> {
         .clone()
 }
 
-/// Skips `test` for `why` (printed), or, with `CI=true`, fails it: every
-/// skip goes through here, so none passes under CI.
-pub fn skip(test: &str, why: &str) {
+/// Skips the running test ([`test_name`]) for `why` (printed), or, with
+/// `CI=true`, fails it: every skip goes through here, so none passes under
+/// CI.
+pub fn skip(why: &str) {
+    let test = test_name();
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{test}: cannot run here (CI=true makes this a failure): {why}");
     }
@@ -90,11 +93,11 @@ pub fn skip(test: &str, why: &str) {
 
 /// Checks the prerequisites: `Some(cgroup2 mount)` to go on, `None` to skip
 /// (with a printed reason). With `CI=true` a missing prerequisite panics.
-pub fn gate(test: &str) -> Option<PathBuf> {
+pub fn gate() -> Option<PathBuf> {
     match prerequisites() {
         Ok(mount) => Some(mount),
         Err(why) => {
-            skip(test, &format!("missing prerequisite: {why}"));
+            skip(&format!("missing prerequisite: {why}"));
             None
         }
     }
@@ -102,7 +105,7 @@ pub fn gate(test: &str) -> Option<PathBuf> {
 
 /// Prerequisite tools this file needs beyond the harness's: skip with a
 /// reason, or fail with CI=true.
-pub fn need(test: &str, tool: &str, arg: &str) -> bool {
+pub fn need(tool: &str, arg: &str) -> bool {
     let ok = Command::new(tool)
         .arg(arg)
         .stdin(Stdio::null())
@@ -111,21 +114,21 @@ pub fn need(test: &str, tool: &str, arg: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        skip(test, &format!("`{tool}` is missing"));
+        skip(&format!("`{tool}` is missing"));
     }
     ok
 }
 
 /// A tool that a non-kernel test needs, found in PATH: `false` means skip
 /// (printed), and with `CI=true` a missing tool fails the test.
-pub fn have(test: &str, tool: &str) -> bool {
+pub fn have(tool: &str) -> bool {
     let ok = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| {
         fs::metadata(d.join(tool)).is_ok_and(|m| {
             m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
         })
     });
     if !ok {
-        skip(test, &format!("`{tool}` is missing"));
+        skip(&format!("`{tool}` is missing"));
     }
     ok
 }
