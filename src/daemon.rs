@@ -27,6 +27,7 @@ use crate::error::Error;
 use crate::instance::{self, Instance};
 use crate::netlink::Socket;
 use crate::options::{Options, load};
+use crate::query::{self, Queries};
 use crate::reconcile::{self, Numbers, Ops, Renumber};
 use crate::route::{self, Policy};
 use crate::ruleset::{ApplyError, Monitor, Ruleset};
@@ -305,6 +306,8 @@ struct Daemon {
     routes: Option<Policy>,
     watch: Option<route::Watch>,
     instance: Instance,
+    /// Clients asking which element decides a cgroup (`cgtproxy exec`).
+    queries: Queries,
     state: State,
     /// Other processes' transactions on our table, across reads.
     monitor: Monitor,
@@ -415,6 +418,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
         routes,
         watch,
         instance,
+        queries: Queries::default(),
         state: State {
             maps: Maps::ResyncDue,
             routing: Routing::InPlace,
@@ -493,6 +497,11 @@ impl Daemon {
             if self.state.sync_now() {
                 self.full_sync();
             }
+            // Answered after this turn's events and any due sync, so an
+            // answer says what is committed now.
+            if self.queries.due() {
+                self.answer_queries();
+            }
             let (sig_ready, tree_ready, nft_ready, route_ready, asked) = {
                 let (sfd, tfd, ifd) = (signals.fd(), self.tree.fd(), self.instance.fd());
                 let efd = self.events.as_ref().map(|e| e.fd());
@@ -514,6 +523,9 @@ impl Daemon {
                     ri = Some(fds.len());
                     fds.push(PollFd::new(rfd, PollFlags::IN));
                 }
+                let qi = fds.len();
+                let qfds: Vec<_> = self.queries.fds().collect();
+                fds.extend(qfds.iter().map(|q| PollFd::new(q, PollFlags::IN)));
                 // Out of watches: the retry of the missing ones is due then.
                 let watch_wait = self.watch_retry.map(|(at, _)| {
                     let left = at.saturating_duration_since(std::time::Instant::now());
@@ -551,12 +563,10 @@ impl Daemon {
                     ready(Some(1)),
                     ready(ei),
                     ready(ri),
-                    ready(ii),
+                    ready(ii) || fds[qi..].iter().any(|f| !f.revents().is_empty()),
                 )
             };
-            if asked {
-                self.instance.drain();
-            }
+            self.queries.wake(asked);
             if sig_ready {
                 for s in signals.pending() {
                     match s {
@@ -621,6 +631,29 @@ impl Daemon {
                 });
             }
         }
+    }
+
+    /// Answers the waiting queries from the tree, the rules and the
+    /// committed numbers (see `query`): the truth of the maps while they
+    /// are in step, "not in step" otherwise.
+    fn answer_queries(&mut self) {
+        let not_in_step = match &self.state.maps {
+            Maps::InStep => None,
+            Maps::ResyncDue => Some("a resync of the maps is due".to_string()),
+            Maps::WaitingForTable { .. } => Some(format!(
+                "table inet {} or its maps are missing; the daemon waits for them",
+                self.cfg.table
+            )),
+            Maps::Failing { error, .. } => Some(format!("transactions fail: {error}")),
+        };
+        let view = query::View {
+            cfg: &self.cfg,
+            tree: &self.tree,
+            numbers: &self.numbers,
+            not_in_step,
+            root_level: self.queries.root_level(&self.root),
+        };
+        self.queries.serve(self.instance.listener(), &view);
     }
 
     /// Puts back whatever part of the policy routing is gone.

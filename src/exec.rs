@@ -10,30 +10,34 @@
 //! Without systemd it creates `cgtproxy-V.slice/exec-PID` where the caller
 //! may write, moves itself in, waits, and executes CMD.
 //!
-//! The wait: the verdict applies from the first socket only once the slice
-//! has its element in the map. With CAP_NET_ADMIN the map is read until the
-//! cgroup's deciding element has the verdict. Without it (nfnetlink refuses
-//! every request from an unprivileged process) the map cannot be read: exec
-//! then waits until the slice is `UNVERIFIED_AGE` old — the daemon adds an
-//! element within milliseconds of a mkdir — and says once that it could
-//! not verify.
+//! The wait: the verdict applies from the first socket only once the
+//! element that decides the new cgroup (the slice's, under the default
+//! rules) is in the map. With CAP_NET_ADMIN exec reads the map until it
+//! is. Without (nfnetlink refuses every request of an unprivileged process)
+//! it asks the daemon on its instance socket ([`crate::query`]), which
+//! handles the cgroup events it has not read yet before it answers, and
+//! answers from what it committed; the answer is believed only from a peer
+//! that could be the daemon (root, or CAP_NET_ADMIN). Either way the wait
+//! is bounded (`WAIT`), and CMD never runs on a timeout, a refusal or a
+//! wrong verdict: there is no fixed delay that stands in for the check.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::cgroup;
 use crate::config::{Config, Verdict, match_form};
 use crate::error::Error;
 use crate::options::Options;
+use crate::query::{self, Answer, AskError};
 use crate::ruleset::Ruleset;
 
 /// How long exec waits for the element.
 const WAIT: Duration = Duration::from_secs(5);
-/// Without CAP_NET_ADMIN: the age the slice must reach (see the module doc).
-const UNVERIFIED_AGE: Duration = Duration::from_secs(1);
+/// How often the map is read, or the daemon asked, while waiting.
+const POLL: Duration = Duration::from_millis(10);
 /// Set for the command systemd-run starts: this binary, in its new scope.
 const STAGE_ENV: &str = "CGTPROXY_EXEC_STAGE";
 /// `systemd`, `cgroupfs`, or unset (systemd when a user session is there).
@@ -84,14 +88,14 @@ pub fn exec(opts: &Options, verdict: Option<&str>, cmd: &[OsString]) -> Result<i
         // SAFETY: single-threaded here; nothing else reads the environment.
         unsafe { std::env::remove_var(STAGE_ENV) };
         let here = own_cgroup_dir()?;
-        let slice = ancestor_named(&here, &slice_name(verdict)).ok_or_else(|| {
+        ancestor_named(&here, &slice_name(verdict)).ok_or_else(|| {
             Error::Runtime(format!(
                 "exec: systemd put the command in {}, not below {}",
                 here.display(),
                 slice_name(verdict)
             ))
         })?;
-        wait_for_verdict(&cfg, &root, &here, &slice, verdict, None)?;
+        wait_for_verdict(&cfg, &root, &here, verdict)?;
         return Ok(execvp(cmd));
     }
     let mode = std::env::var(MODE_ENV).unwrap_or_default();
@@ -233,9 +237,9 @@ fn via_cgroupfs(cfg: &Config, root: &Path, verdict: &str, cmd: &[OsString]) -> R
             )));
         }
     }
-    let created = match std::fs::create_dir(&slice) {
-        Ok(()) => Some(Instant::now()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+    match std::fs::create_dir(&slice) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => {
             return Err(Error::Runtime(format!(
                 "exec: mkdir {}: {}",
@@ -243,7 +247,7 @@ fn via_cgroupfs(cfg: &Config, root: &Path, verdict: &str, cmd: &[OsString]) -> R
                 crate::error::io(&e)
             )));
         }
-    };
+    }
     collect_leftovers(&slice);
     let pid = std::process::id();
     let mine = slice.join(format!("exec-{pid}"));
@@ -264,17 +268,7 @@ fn via_cgroupfs(cfg: &Config, root: &Path, verdict: &str, cmd: &[OsString]) -> R
             here.display()
         )));
     }
-    // A slice that was there before had its element long ago (if the
-    // daemon runs): only a new one needs the unverified wait.
-    let since = created.or_else(|| Instant::now().checked_sub(UNVERIFIED_AGE));
-    wait_for_verdict(
-        cfg,
-        root,
-        &mine,
-        &slice,
-        verdict,
-        Some(since.unwrap_or_else(Instant::now)),
-    )?;
+    wait_for_verdict(cfg, root, &mine, verdict)?;
     Ok(execvp(cmd))
 }
 
@@ -310,42 +304,72 @@ fn denied(e: &Error) -> bool {
     m.contains("not permitted") || m.contains("permission denied")
 }
 
-/// Waits until the verdict the kernel applies to `dir` (its deepest
-/// element up the tree) is `verdict`. `created`: when the slice came to be
-/// (unknown under systemd: then its mtime).
-fn wait_for_verdict(
+/// The ids of `dir` and of its ancestors in the hierarchy, deepest first;
+/// when there are more than `query::MAX_IDS`, the shallowest ones (no
+/// ruleset looks up deeper).
+fn lineage_ids(dir: &Path) -> Result<Vec<u64>, Error> {
+    let mut ids = Vec::new();
+    for a in dir.ancestors() {
+        // Above the cgroup2 mount there is no cgroup.
+        if !a.join("cgroup.procs").exists() {
+            break;
+        }
+        ids.push(cgroup::id_of(a).map_err(|e| {
+            Error::Runtime(format!("exec: {}: {}", a.display(), crate::error::io(&e)))
+        })?);
+    }
+    let skip = ids.len().saturating_sub(query::MAX_IDS);
+    Ok(ids.split_off(skip))
+}
+
+/// Waits (at most `WAIT`) until the element that decides `dir` (its own
+/// or its nearest listed ancestor's) has `verdict` in the map. With
+/// CAP_NET_ADMIN it reads the map; without (nfnetlink refuses every
+/// request of an unprivileged process) it asks the daemon (`query`), and
+/// believes only a peer that could be the daemon.
+fn wait_for_verdict(cfg: &Config, root: &Path, dir: &Path, verdict: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + WAIT;
+    match Ruleset::open(cfg) {
+        Ok(rs) => match read_map(cfg, rs, root, dir, verdict, deadline) {
+            Err(e) if denied(&e) => {}
+            r => return r,
+        },
+        Err(e) if denied(&e) => {}
+        Err(e) => return Err(e.context("exec")),
+    }
+    ask_daemon(cfg, dir, verdict, deadline)
+}
+
+/// The timeout's error: what the last look found.
+fn timed_out(dir: &Path, verdict: &str, got: &str) -> Error {
+    Error::Runtime(format!(
+        "exec: after {} s, the verdict of {} is still not {}: {got}; is `cgtproxy run` running with rules that list {}?",
+        WAIT.as_secs(),
+        dir.display(),
+        wanted(verdict),
+        slice_name(verdict)
+    ))
+}
+
+/// With CAP_NET_ADMIN: reads the map until the deciding element of `dir`
+/// has the verdict.
+fn read_map(
     cfg: &Config,
+    mut rs: Ruleset,
     root: &Path,
     dir: &Path,
-    slice: &Path,
     verdict: &str,
-    created: Option<Instant>,
+    deadline: Instant,
 ) -> Result<(), Error> {
     let want = wanted(verdict);
-    let deadline = Instant::now() + WAIT;
     let lineage: Vec<PathBuf> = dir
         .ancestors()
         .take_while(|a| a.starts_with(root))
         .map(Path::to_path_buf)
         .collect();
-    let unverified = || {
-        crate::warn!(
-            "exec: without CAP_NET_ADMIN the map cannot be read: not verified that the daemon gave {} the verdict {want}; waiting until the slice is {} s old",
-            slice.display(),
-            UNVERIFIED_AGE.as_secs()
-        );
-    };
-    let mut rs = match Ruleset::open(cfg) {
-        Ok(rs) => Some(rs),
-        Err(e) if denied(&e) => {
-            unverified();
-            None
-        }
-        Err(e) => return Err(e.context("exec")),
-    };
     loop {
-        let got = match rs.as_mut().map(|r| r.dump()) {
-            Some(Ok(Some(els))) => {
+        let got = match rs.dump() {
+            Ok(Some(els)) => {
                 let deciding = lineage.iter().find_map(|d| {
                     let id = cgroup::id_of(d).ok()?;
                     els.elements
@@ -356,42 +380,69 @@ fn wait_for_verdict(
                 match deciding {
                     Some((_, v)) if *v == want => return Ok(()),
                     Some((d, v)) => format!("the element of {} says {v}", d.display()),
-                    None => format!("no element for {} or above yet", slice.display()),
+                    None => format!("no element for {} or above yet", dir.display()),
                 }
             }
-            Some(Ok(None)) => format!(
+            Ok(None) => format!(
                 "table inet {} or its maps do not exist (load nft/cgtproxy.nft, start cgtproxy)",
                 cfg.table
             ),
-            Some(Err(e)) if denied(&e) => {
-                rs = None;
-                unverified();
-                continue;
-            }
-            Some(Err(e)) => e.to_string(),
-            None => {
-                let age = match created {
-                    Some(t) => Some(t.elapsed()),
-                    None => std::fs::metadata(slice)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| SystemTime::now().duration_since(t).ok()),
-                };
-                if let Some(a) = age.filter(|a| *a < UNVERIFIED_AGE) {
-                    std::thread::sleep(UNVERIFIED_AGE - a);
-                }
-                return Ok(());
-            }
+            Err(e) if denied(&e) => return Err(e),
+            Err(e) => e.to_string(),
         };
         if Instant::now() >= deadline {
-            return Err(Error::Runtime(format!(
-                "exec: after {} s, the verdict of {} is still not {want}: {got}; is `cgtproxy run` running with rules that list {}?",
-                WAIT.as_secs(),
-                dir.display(),
-                slice_name(verdict)
-            )));
+            return Err(timed_out(dir, verdict, &got));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Without CAP_NET_ADMIN: asks the daemon until its answer says the
+/// deciding element has the verdict. An answer that cannot change while
+/// the daemon is in step (another verdict decides, nothing does, the
+/// daemon does not follow this cgroup) fails at once; a daemon not there
+/// yet, not in step, or with events still to read is asked again.
+fn ask_daemon(cfg: &Config, dir: &Path, verdict: &str, deadline: Instant) -> Result<(), Error> {
+    let want = wanted(verdict);
+    let ids = lineage_ids(dir)?;
+    loop {
+        let got = match query::ask(&cfg.table, &cfg.map, &ids) {
+            Ok(Answer::Listed { verdict: v, .. }) if v == want => return Ok(()),
+            Ok(Answer::Listed {
+                verdict: v, path, ..
+            }) => {
+                return Err(Error::Runtime(format!(
+                    "exec: the daemon says the element of {path} decides {}, and it is {v}, not {want}",
+                    dir.display()
+                )));
+            }
+            Ok(Answer::Unlisted { path, .. }) => {
+                return Err(Error::Runtime(format!(
+                    "exec: the daemon says no element decides {path} ({}): its rules do not list {}",
+                    dir.display(),
+                    slice_name(verdict)
+                )));
+            }
+            Ok(Answer::Unknown { root }) => {
+                return Err(Error::Runtime(format!(
+                    "exec: the daemon does not follow {} (it watches {root})",
+                    dir.display()
+                )));
+            }
+            Ok(Answer::Error(e)) => {
+                return Err(Error::Runtime(format!(
+                    "exec: the daemon did not understand the query: {e}"
+                )));
+            }
+            Ok(Answer::Pending) => "the daemon has cgroup events still to handle".to_string(),
+            Ok(Answer::NotInStep(r)) => format!("the daemon's maps are not in step: {r}"),
+            Err(AskError::Untrusted(m)) => return Err(Error::Runtime(format!("exec: {m}"))),
+            Err(AskError::NoDaemon(m) | AskError::Failed(m)) => m,
+        };
+        if Instant::now() >= deadline {
+            return Err(timed_out(dir, verdict, &got));
+        }
+        std::thread::sleep(POLL);
     }
 }
 

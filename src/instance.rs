@@ -96,17 +96,36 @@ pub fn owner(n: &[u8]) -> Option<i32> {
 }
 
 /// Whether the holder of the name could be a cgtproxy daemon: root, our own
-/// uid, or CAP_NET_ADMIN in our user namespace. (SO_PEERCRED translates the
-/// uid into our namespace, so root of a user's own namespace reads as that
-/// user; reading another uid's `ns/user` needs privilege, and an unreadable
-/// one counts as foreign.)
+/// uid, or CAP_NET_ADMIN in our user namespace (see [`privileged_peer`]).
 fn could_be_a_daemon(c: &libc::ucred) -> bool {
-    if c.uid == 0 || c.uid == rustix::process::geteuid().as_raw() {
-        return true;
+    c.uid == rustix::process::geteuid().as_raw() || privileged_peer(c)
+}
+
+/// Whether a peer could write the maps: root, or CAP_NET_ADMIN in our user
+/// namespace. (SO_PEERCRED translates the uid into our namespace, so root
+/// of a user's own namespace reads as that user.) Unlike the claim, a
+/// query's answer is not believed from our own uid alone: any program of
+/// the user could have bound the name, and a false "proxied" is a leak.
+pub fn privileged_peer(c: &libc::ucred) -> bool {
+    c.uid == 0 || (net_admin(c.pid) && same_userns(c.pid))
+}
+
+/// Whether `pid` is in our user namespace. Reading another uid's
+/// `ns/user` needs ptrace access, which an unprivileged asker lacks toward
+/// a daemon under a uid of its own; then the id maps decide, which anyone
+/// may read: a child namespace shows its own (`0 1000 1`), and one that
+/// maps every id as ours does takes CAP_SETUID here to create.
+fn same_userns(pid: i32) -> bool {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
+    if let (Some(me), Some(it)) = (ns("self"), ns(&pid.to_string())) {
+        return me == it;
     }
-    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).ok();
-    let same_ns = ns("self").is_some() && ns(&c.pid.to_string()) == ns("self");
-    same_ns && net_admin(c.pid)
+    let maps = |p: &str| {
+        let u = std::fs::read(format!("/proc/{p}/uid_map")).ok()?;
+        let g = std::fs::read(format!("/proc/{p}/gid_map")).ok()?;
+        Some((u, g))
+    };
+    maps("self").is_some_and(|m| Some(m) == maps(&pid.to_string()))
 }
 
 /// CAP_NET_ADMIN (bit 12) in the effective set of `pid`.
@@ -121,9 +140,13 @@ fn net_admin(pid: i32) -> bool {
         .is_some_and(|caps| caps & (1 << 12) != 0)
 }
 
-/// The credentials of whoever listens on the abstract name `n`. The connect
-/// does not block (a full backlog is EAGAIN), so asking never hangs.
-fn holder(n: &[u8]) -> Option<libc::ucred> {
+/// A connection to whoever listens on the abstract name `n`. The connect
+/// does not block (a full backlog is EAGAIN), so asking never hangs; the
+/// socket returned is non-blocking.
+pub fn connect(n: &[u8]) -> io::Result<OwnedFd> {
+    if n.len() > NAME_MAX {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
     // SAFETY: plain syscalls on a descriptor we own; sockaddr_un is plain
     // data, filled within its bounds.
     unsafe {
@@ -133,24 +156,31 @@ fn holder(n: &[u8]) -> Option<libc::ucred> {
             0,
         );
         if fd < 0 {
-            return None;
+            return Err(io::Error::last_os_error());
         }
         let fd = OwnedFd::from_raw_fd(fd);
         let mut sa: libc::sockaddr_un = std::mem::zeroed();
         sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        if n.len() > NAME_MAX {
-            return None;
-        }
         for (d, s) in sa.sun_path[1..].iter_mut().zip(n) {
             *d = *s as libc::c_char;
         }
         let len = std::mem::size_of::<libc::sa_family_t>() + 1 + n.len();
         let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         if libc::connect(raw, (&raw const sa).cast(), len as libc::socklen_t) != 0 {
-            return None;
+            return Err(io::Error::last_os_error());
         }
+        Ok(fd)
+    }
+}
+
+/// The credentials the kernel recorded for the other end of a connected
+/// unix socket (the listener's at its `listen`).
+pub fn peer_cred(fd: BorrowedFd<'_>) -> Option<libc::ucred> {
+    // SAFETY: getsockopt fills a plain struct within the length given.
+    unsafe {
         let mut cred: libc::ucred = std::mem::zeroed();
         let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
         if libc::getsockopt(
             raw,
             libc::SOL_SOCKET,
@@ -166,19 +196,23 @@ fn holder(n: &[u8]) -> Option<libc::ucred> {
     }
 }
 
+/// The credentials of whoever listens on the abstract name `n`.
+fn holder(n: &[u8]) -> Option<libc::ucred> {
+    let fd = connect(n).ok()?;
+    peer_cred(fd.as_fd())
+}
+
 impl Instance {
-    /// Polled by the daemon: someone asking who holds the claim (none when
-    /// the name is squatted).
+    /// Polled by the daemon: someone connecting, to read who holds the
+    /// claim or to ask a query ([`crate::query`]); none when the name is
+    /// squatted.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.listener.as_ref().map(|l| l.as_fd())
     }
 
-    /// Accepts and closes the askers' connections (they already read our
-    /// pid at connect), so the backlog never fills.
-    pub fn drain(&self) {
-        if let Some(l) = &self.listener {
-            while l.accept().is_ok() {}
-        }
+    /// The listener, for [`crate::query::Queries::serve`].
+    pub fn listener(&self) -> Option<&UnixListener> {
+        self.listener.as_ref()
     }
 }
 

@@ -21,7 +21,8 @@
 //! - `route`: the policy routing of the proxy mark (rtnetlink), and its
 //!   watch;
 //! - `options`, `instance`: what every command takes, and the claim that
-//!   keeps one daemon per table and map;
+//!   keeps one daemon per table and map; `query`: on the claim's socket,
+//!   which element decides a cgroup (what `exec` waits for);
 //! - `daemon`: the single-threaded loop that joins them; `down`: turning
 //!   cgtproxy off;
 //! - `inspect`: `check`, `status` and `explain` (read-only).
@@ -57,6 +58,7 @@ pub mod daemon;
 pub mod down;
 pub mod instance;
 pub mod options;
+pub mod query;
 pub mod signals;
 
 pub mod error;

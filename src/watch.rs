@@ -260,6 +260,11 @@ impl Tree {
         out
     }
 
+    /// The parent of a cgroup (None for the root and unknown ids).
+    pub fn parent(&self, id: u64) -> Option<u64> {
+        self.nodes.get(&id)?.parent
+    }
+
     /// The path of a cgroup, in the rules' form (`/a/b`).
     pub fn path(&self, id: u64) -> Option<Vec<u8>> {
         let mut names: Vec<&[u8]> = Vec::new();

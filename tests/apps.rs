@@ -954,12 +954,8 @@ fn exec_in_a_delegated_subtree_as_an_unprivileged_user() {
             "{}",
             f.describe()
         );
-        // It could not read the map, and said so.
-        assert!(
-            f.stderr.contains("without CAP_NET_ADMIN"),
-            "{}",
-            f.describe()
-        );
+        // It could not read the map: it asked the daemon (tests/exec.rs
+        // proves that this wait is for the element, not a delay).
         let owner = std::fs::metadata(env.cg.path("/delegated/cgtproxy-proxy.slice")).unwrap();
         assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), NOBODY);
         // explain and check say that this user can leave the verdict.
