@@ -46,6 +46,7 @@
 //! - `clients.rs`: clients that join a cgroup before they open their socket
 //! - `traffic.rs`: where traffic from a cgroup arrived: proxied, direct, dropped
 //! - `userns.rs`:  a user namespace of its own, for limits set low (inotify)
+//! - `proxies.rs`: real proxies (v2ray, sing-box, mihomo) run from the README's recipes
 //!
 //! Each test binary uses only some of the harness, so each module allows
 //! dead code (a check across all nine binaries found no helper unused by
@@ -76,6 +77,8 @@ pub mod prereq;
 #[allow(dead_code)]
 pub mod process;
 #[allow(dead_code)]
+pub mod proxies;
+#[allow(dead_code)]
 pub mod ptrace;
 #[allow(dead_code)]
 pub mod routing;
@@ -93,8 +96,8 @@ pub mod userns;
 #[allow(unused_imports)]
 pub use {
     cgroups::*, clients::*, config::*, daemon::*, env::*, fdtree::*, flood::*, monitor::*,
-    netns::*, nft::*, prereq::*, process::*, ptrace::*, routing::*, servers::*, sockets::*,
-    traffic::*, userns::*,
+    netns::*, nft::*, prereq::*, process::*, proxies::*, ptrace::*, routing::*, servers::*,
+    sockets::*, traffic::*, userns::*,
 };
 
 use std::net::{Ipv4Addr, Ipv6Addr};
