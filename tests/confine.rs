@@ -328,3 +328,77 @@ fn a_delegated_cgroup_under_proxy_can_go_direct_unless_the_rule_is_final() {
         drop(d.stop());
     });
 }
+
+// ---------------------------------------------------------------------------
+// The cgroup root (issue 12 item 6): errors say where to look instead.
+// ---------------------------------------------------------------------------
+
+/// A `--cgroup-root` that is no cgroup2 directory is a usage error (exit 2)
+/// for every command that reads cgroupfs, and the message names the file it
+/// looked for and the option; with `auto` and no cgroup2 mount visible (all
+/// unmounted in a private mount namespace) the daemon fails (exit 1) with a
+/// message that suggests `--cgroup-root`, and nothing reaches the map.
+#[test]
+fn cgroup_root_errors_name_the_place_and_suggest_the_option() {
+    sandbox(|env| {
+        load_ruleset();
+        let cfg = env.write_file(
+            "root.json",
+            r#"{"route": false, "rules": [{"match": ".*", "target": "drop"}]}"#,
+        );
+        let bogus = env.tmp.join("not-cgroupfs");
+        std::fs::create_dir_all(&bogus).unwrap();
+        let want = format!(
+            "cgroup root {b}: not a cgroup v2 directory ({b}/cgroup.procs: No such file or directory); name the right one with --cgroup-root",
+            b = bogus.display()
+        );
+        for cmd in [
+            &["run", "--once"][..],
+            &["run", "--dry-run"],
+            &["check"],
+            &["status"],
+            &["apps"],
+            &["explain", "/"],
+        ] {
+            let mut a: Vec<&str> = cmd.to_vec();
+            a.extend([
+                "-c",
+                cfg.to_str().unwrap(),
+                "--cgroup-root",
+                bogus.to_str().unwrap(),
+            ]);
+            let f = run(BIN, &a);
+            assert_eq!(f.code(), Some(2), "{a:?}: {}", f.describe());
+            assert!(
+                f.stderr.contains(&want),
+                "{a:?}: wanted {want:?}\n{}",
+                f.describe()
+            );
+        }
+        let f = run_cmd(
+            std::process::Command::new("unshare")
+                .args(["-m", "--propagation", "private", "bash", "-c"])
+                .arg(
+                    "set -e; for m in $(awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts | sort -r); do umount -l \"$m\"; done; \
+                     ! grep -q ' - cgroup2 ' /proc/self/mountinfo; exec \"$BIN\" run --once -c \"$CFG\"",
+                )
+                .env("BIN", BIN)
+                .env("CFG", &cfg),
+            Duration::from_secs(30),
+        );
+        assert_eq!(
+            f.code(),
+            Some(1),
+            "auto without a cgroup2 mount: {}",
+            f.describe()
+        );
+        assert!(
+            f.stderr.contains(
+                "no cgroup2 file system is visible in /proc/self/mountinfo; mount one, or name the directory with --cgroup-root (or \"cgroup-root\" in the config)"
+            ),
+            "{}",
+            f.describe()
+        );
+        assert_eq!(dump_map(), MapDump::new(), "nothing reached the map");
+    });
+}

@@ -1,10 +1,13 @@
-//! The service files and the install step, as far as this machine lets them
-//! run without booting another init: the shell of every OpenRC and runit
-//! file parses; `openrc-run`'s functions, called in its order with stubs,
-//! gate the start and the reload on the real `check --config-only`; the
-//! runit service runs the real daemon under the real `runsv` as an
-//! unprivileged user with CAP_NET_ADMIN only, and stops respawning on a bad
-//! config; the systemd units verify and keep `systemd-analyze security`
+//! The service files and the install step: the shell of every OpenRC and
+//! runit file parses; `openrc-run`'s functions, called in its order with
+//! stubs, gate the start and the reload on the real `check --config-only`;
+//! the OpenRC service, installed by `make install INIT=openrc` into a
+//! Debian 12 root file system, runs under Debian's real OpenRC
+//! (`rc-service` in a systemd-nspawn container) as the system user with
+//! CAP_NET_ADMIN only, fills the map, refuses a bad config, respawns and
+//! stops keeping the verdicts; the runit service runs the real daemon
+//! under the real `runsv` as an unprivileged user with CAP_NET_ADMIN only,
+//! and stops respawning on a bad config; the systemd units verify and keep `systemd-analyze security`
 //! within 1.5; `make install DESTDIR=…` lays out exactly the paths that
 //! cgtproxy(8) FILES and the README list. (tests/installed.rs boots the
 //! Debian package under a real systemd.)
@@ -176,17 +179,29 @@ fn openrc_functions_run_in_order_and_checkconfig_gates_start_and_reload() {
     let good = scratch.0.join("good.json");
     fs::write(&good, cgtproxy::config::EMBEDDED_DEFAULT).unwrap();
     let calls = openrc(&scratch.0, &format!("-c {}", good.display()));
+    let setpriv = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v setpriv"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    assert!(!setpriv.is_empty(), "setpriv (util-linux) is missing");
     let want = [
-        "user=cgtproxy:cgtproxy caps=^cap_net_admin nnp=".to_string(),
+        "user= caps= nnp=".to_string(),
         "respawn=2/5/60 log=/var/log/cgtproxy.log".to_string(),
-        "need localmount".to_string(),
+        "use localmount mountall".to_string(),
+        "after localmount mountall".to_string(),
         "want firewall".to_string(),
         "after firewall".to_string(),
         "before net".to_string(),
         "use logger".to_string(),
         "checkpath -f -m 0640 -o cgtproxy:cgtproxy /var/log/cgtproxy.log".to_string(),
         format!(
-            "supervise-daemon cgtproxy --start --user cgtproxy:cgtproxy --capabilities ^cap_net_admin {BIN} -- run -c {}",
+            "supervise-daemon cgtproxy --start --user  --capabilities  {setpriv} -- --reuid=cgtproxy --regid=cgtproxy --clear-groups --inh-caps=-all,+net_admin --ambient-caps=-all,+net_admin --bounding-set=-all,+net_admin --no-new-privs -- {BIN} run -c {}",
             good.display()
         ),
         "ebegin Reloading cgtproxy".to_string(),
@@ -205,7 +220,7 @@ fn openrc_functions_run_in_order_and_checkconfig_gates_start_and_reload() {
     )
     .unwrap();
     let calls = openrc(&scratch.0, &format!("-c {}", bad.display()));
-    let after_deps: Vec<&str> = calls[7..].iter().map(String::as_str).collect();
+    let after_deps: Vec<&str> = calls[8..].iter().map(String::as_str).collect();
     assert_eq!(
         after_deps,
         [
@@ -231,6 +246,230 @@ fn openrc_functions_run_in_order_and_checkconfig_gates_start_and_reload() {
         expect(f, 0, "openrc syslog").trim(),
         "logger -t cgtproxy -p daemon.info|logger -t cgtproxy -p daemon.notice|"
     );
+}
+
+/// The Debian 12 root file system with OpenRC (and the sysvinit and
+/// initscripts it runs on in Debian), cached as a tarball between runs on
+/// one machine. Change the cache's name when this list changes.
+const OPENRC_INCLUDE: &str = "sysvinit-core,initscripts,openrc,mount,nftables,procps,iproute2";
+const OPENRC_ROOTFS_CACHE: &str = "/var/tmp/cgtproxy-rootfs-bookworm-openrc-v1.tar";
+const MIRRORS: [&str; 3] = [
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+];
+
+fn openrc_rootfs(dir: &Path) {
+    let cache = Path::new(OPENRC_ROOTFS_CACHE);
+    if !cache.exists() {
+        let part = cache.with_extension("tar.part");
+        let _ = fs::remove_file(&part);
+        expect(
+            run_cmd(
+                Command::new("mmdebstrap")
+                    .args(["--variant=apt", "--format=tar", "--quiet"])
+                    .arg(format!("--include={OPENRC_INCLUDE}"))
+                    .arg("bookworm")
+                    .arg(&part)
+                    .args(MIRRORS),
+                Duration::from_secs(15 * 60),
+            ),
+            0,
+            "mmdebstrap",
+        );
+        fs::rename(&part, cache).unwrap();
+    }
+    fs::create_dir_all(dir).unwrap();
+    expect(
+        run_cmd(
+            Command::new("tar").arg("-xf").arg(cache).arg("-C").arg(dir),
+            LIMIT,
+        ),
+        0,
+        "unpack the root file system",
+    );
+}
+
+/// What runs inside the container, as PID 2 of systemd-nspawn (no init of
+/// its own: `openrc sysinit` sets up OpenRC's state the way a boot does,
+/// and leaves what a container must not run to OpenRC's keywords). It
+/// prints `@KEY VALUE` lines for the test to check, and the logs.
+const OPENRC_SCRIPT: &str = r#"
+say() { echo "@$*"; }
+pid() { pgrep -x cgtproxy | head -n 1; }
+status() { grep "^$2:" "/proc/$1/status" | cut -f2- | tr -d ' \t'; }
+# The map's cgroup ids, sorted: nft prints ids for cgroups it cannot
+# resolve, so hide cgroupfs from it (an empty tmpfs over /sys/fs/cgroup).
+elements() { unshare -m sh -c 'mount -t tmpfs none /sys/fs/cgroup && nft list map inet cgtproxy cgroups' | tr -d '\n\t' | sed -n 's/.*elements = {\(.*\)}.*/\1/p' | tr ',' '\n' | awk '{print $1}' | sort -n | tr '\n' ' '; }
+ids() { for d in "$@"; do stat -c %i "$CG/$d"; done | sort -n | tr '\n' ' '; }
+# The packager's step (README): the system user.
+useradd --system --no-create-home --home-dir / --shell /usr/sbin/nologin cgtproxy || exit 3
+openrc sysinit >/dev/null 2>&1
+nft -f /usr/share/cgtproxy/cgtproxy.nft || exit 4
+CG=$(awk '$3 == "cgroup2" {print $2}' /proc/self/mounts | tail -n 1)
+mkdir "$CG/cgtproxy-proxy.slice" "$CG/cgtproxy-drop.slice" || exit 5
+rc-service cgtproxy start; say start $?
+for i in $(seq 100); do grep -q ready /var/log/cgtproxy.log 2>/dev/null && break; sleep 0.1; done
+P=$(pid); say pid "$P"
+say user "$(ps -o user= -p "$P")"
+for k in Uid Gid Groups CapInh CapPrm CapEff CapBnd CapAmb NoNewPrivs; do say "$k" "$(status "$P" $k)"; done
+say elements "$(elements)"
+say ids "$(ids cgtproxy-proxy.slice cgtproxy-drop.slice)"
+# It follows cgroupfs.
+mkdir "$CG/cgtproxy-direct.slice"
+D=$(stat -c %i "$CG/cgtproxy-direct.slice")
+for i in $(seq 50); do elements | grep -qw "$D" && break; sleep 0.1; done
+say followed "$(elements)"
+say allids "$(ids cgtproxy-proxy.slice cgtproxy-drop.slice cgtproxy-direct.slice)"
+# A bad config: reload refuses it (checkconfig), the daemon stays.
+cp /etc/cgtproxy/config.json /root/good.json
+echo '{"rules": [{"match": "(", "target": "proxy"}]}' > /etc/cgtproxy/config.json
+rc-service cgtproxy reload; say badreload $?
+say samepid "$(pid)"
+cp /root/good.json /etc/cgtproxy/config.json
+rc-service cgtproxy reload; say reload $?
+for i in $(seq 50); do grep -q "configuration reloaded" /var/log/cgtproxy.log && break; sleep 0.1; done
+say reloaded "$(grep -c 'configuration reloaded' /var/log/cgtproxy.log)"
+# A crash: supervise-daemon starts it again (respawn_delay 2 s).
+kill -KILL "$P"
+for i in $(seq 100); do N=$(pid); [ -n "$N" ] && [ "$N" != "$P" ] && break; sleep 0.1; done
+N=$(pid); say respawned "$N"
+say respawnedcaps "$(status "$N" CapEff) $(ps -o user= -p "$N")"
+# stop: the daemon goes, the verdicts stay (contract: SIGTERM changes no verdict).
+rc-service cgtproxy stop; say stop $?
+sleep 0.5
+say after "$(pid)"
+say kept "$(elements)"
+# A config that does not load: the start fails before the daemon runs.
+echo '{"rules": [{"match": "(", "target": "proxy"}]}' > /etc/cgtproxy/config.json
+rc-service cgtproxy start; say badstart $?
+sleep 0.5
+say badpid "$(pid)"
+echo "--- /var/log/cgtproxy.log"; cat /var/log/cgtproxy.log
+"#;
+
+/// The shipped OpenRC service under Debian's real OpenRC (0.45, built
+/// without libcap, so without `capabilities`): installed with `make install
+/// INIT=openrc` into a Debian 12 root file system, started with the real
+/// `rc-service` in a systemd-nspawn container (private network, a cgroup
+/// namespace below the test's own cgroup): the daemon runs as the system
+/// user `cgtproxy` with CAP_NET_ADMIN alone (effective, bounding, ambient;
+/// no_new_privs), fills the map and follows cgroupfs; a bad config is
+/// refused by reload (the daemon stays) and by start (it never runs);
+/// supervise-daemon restarts it after SIGKILL, unprivileged again; stop
+/// leaves the elements.
+#[test]
+fn openrc_runs_the_daemon_unprivileged_under_debians_real_openrc() {
+    let test = "openrc_runs_the_daemon_unprivileged_under_debians_real_openrc";
+    if !need(test, "systemd-nspawn") || !need(test, "mmdebstrap") || !need(test, "make") {
+        return;
+    }
+    // Outside the sandbox: mmdebstrap needs the host's network.
+    let scratch = Scratch::new("openrc-root");
+    let root = scratch.0.join("root");
+    openrc_rootfs(&root);
+    expect(
+        make(&root, &["install", "INIT=openrc"]),
+        0,
+        "make install INIT=openrc",
+    );
+    // The binary under test is the host's build: it must run there.
+    let f = run_cmd(
+        Command::new("chroot")
+            .arg(&root)
+            .args(["/usr/bin/cgtproxy", "--version"]),
+        LIMIT,
+    );
+    expect(
+        f,
+        0,
+        "the host's cgtproxy in the Debian 12 root (same libc?)",
+    );
+    fs::write(root.join("root/openrc-test.sh"), OPENRC_SCRIPT).unwrap();
+    sandbox(move |env| {
+        let _scratch = scratch;
+        env.cg.mkdir(&["/nspawn"]);
+        let f = run_cmd(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "echo $$ > \"$CG/cgroup.procs\" && exec systemd-nspawn -q -D \"$1\" --private-network --register=no --keep-unit --as-pid2 -M \"$2\" sh /root/openrc-test.sh",
+                    "sh",
+                ])
+                .arg(&root)
+                .arg(format!("cgtproxy-openrc-{}", random_hex()))
+                .env("CG", env.cg.path("/nspawn"))
+                .env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
+                .stdin(Stdio::null()),
+            Duration::from_secs(120),
+        );
+        let out = f.stdout.clone();
+        let get = |k: &str| -> String {
+            out.lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!("@{k} "))
+                        .or_else(|| (l == format!("@{k}")).then_some(""))
+                })
+                .unwrap_or_else(|| panic!("no @{k} line\n{}", f.describe()))
+                .trim()
+                .to_string()
+        };
+        let all = f.describe();
+        assert_eq!(get("start"), "0", "rc-service cgtproxy start\n{all}");
+        let pid = get("pid");
+        assert!(!pid.is_empty(), "no daemon running\n{all}");
+        assert_eq!(get("user"), "cgtproxy", "{all}");
+        let uid = get("Uid");
+        assert!(
+            !uid.starts_with('0')
+                && uid
+                    .split(|c: char| !c.is_ascii_digit())
+                    .all(|u| u.is_empty() || u != "0"),
+            "uid {uid}\n{all}"
+        );
+        assert_eq!(get("Groups"), "", "no supplementary groups\n{all}");
+        // CAP_NET_ADMIN is bit 12.
+        for k in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(get(k), "0000000000001000", "{k}\n{all}");
+        }
+        assert_eq!(get("NoNewPrivs"), "1", "{all}");
+        let ids = get("ids");
+        assert_eq!(ids.split(' ').count(), 2, "{all}");
+        assert_eq!(
+            get("elements"),
+            ids,
+            "the map filled from the built-in default\n{all}"
+        );
+        let all_ids = get("allids");
+        assert_eq!(
+            get("followed"),
+            all_ids,
+            "a cgroup made while it runs\n{all}"
+        );
+        assert_ne!(get("badreload"), "0", "reload with a bad config\n{all}");
+        assert_eq!(
+            get("samepid"),
+            pid,
+            "the daemon stays after a refused reload\n{all}"
+        );
+        assert_eq!(get("reload"), "0", "{all}");
+        assert_eq!(get("reloaded"), "1", "one SIGHUP, one reload\n{all}");
+        let again = get("respawned");
+        assert!(
+            !again.is_empty() && again != pid,
+            "supervise-daemon restarts it\n{all}"
+        );
+        assert_eq!(get("respawnedcaps"), "0000000000001000 cgtproxy", "{all}");
+        assert_eq!(get("stop"), "0", "{all}");
+        assert_eq!(get("after"), "", "stopped\n{all}");
+        assert_eq!(get("kept"), all_ids, "stop keeps the verdicts\n{all}");
+        assert_ne!(get("badstart"), "0", "start with a bad config\n{all}");
+        assert_eq!(get("badpid"), "", "no daemon with a bad config\n{all}");
+        assert!(
+            out.contains("the configuration does not load"),
+            "checkconfig says why\n{all}"
+        );
+    });
 }
 
 // ---------------------------------------------------------------------------
