@@ -360,8 +360,7 @@ echo "--- /var/log/cgtproxy.log"; cat /var/log/cgtproxy.log
 /// leaves the elements.
 #[test]
 fn openrc_runs_the_daemon_unprivileged_under_debians_real_openrc() {
-    let test = "openrc_runs_the_daemon_unprivileged_under_debians_real_openrc";
-    if !need(test, "systemd-nspawn") || !need(test, "mmdebstrap") || !need(test, "make") {
+    if !have("systemd-nspawn") || !have("mmdebstrap") || !have("make") {
         return;
     }
     // Outside the sandbox: mmdebstrap needs the host's network.
