@@ -65,10 +65,14 @@ fn recipe(kind: ProxyKind, dir: &Path) -> String {
         ProxyKind::SingBox => readme_block("**sing-box**"),
         ProxyKind::Mihomo => edited(
             &readme_block("**mihomo**"),
-            &[(
-                "  enhanced-mode: fake-ip\n",
-                &format!("  enhanced-mode: fake-ip\n  fake-ip-range: {MIHOMO_FAKE_RANGE}\n"),
-            )],
+            &[
+                (
+                    "  enhanced-mode: fake-ip\n",
+                    &format!("  enhanced-mode: fake-ip\n  fake-ip-range: {MIHOMO_FAKE_RANGE}\n"),
+                ),
+                // The upstream of the tests, in the remote namespace.
+                ("[https://1.1.1.1/dns-query]", &format!("[{REMOTE_V4}]")),
+            ],
         ),
     }
 }
@@ -171,6 +175,19 @@ fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
         );
     }
     let remote = Remote::start();
+    // The upstream resolver mihomo is given, and default routes as a real
+    // machine has (a fake IP is routed like any address).
+    let upstream = dns.then(|| {
+        run_ok("ip", &["route", "add", "default", "via", "198.18.0.2"]);
+        run_ok(
+            "ip",
+            &["-6", "route", "add", "default", "via", "2001:db8::2"],
+        );
+        let addr = SocketAddr::new(REMOTE_V4.into(), 53);
+        remote
+            .ns
+            .run(move || Upstream::start(addr, REMOTE_V4, REMOTE_V6))
+    });
     let home = format!("/services/{}", kind.name());
     env.cg.mkdir(&["/apps/client", "/plain", &home]);
     let cfg = env.write_file("cgtproxy.json", RULES);
@@ -283,8 +300,8 @@ fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
         );
     }
 
-    if dns {
-        dns_through_mihomo(env, &proxy);
+    if let Some(upstream) = &upstream {
+        dns_through_mihomo(env, &proxy, &remote, upstream);
     }
 
     // Without the proxy, the proxied app reaches nothing: fail closed.
@@ -303,20 +320,17 @@ fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
     daemon.stop();
 }
 
-/// A proxied app's DNS query, to a resolver that does not exist, is taken
-/// by nft/cgtproxy-dns.nft to mihomo's `dns.listen` (127.0.0.1:53), which
-/// answers with an address from its fake-IP range; the same for IPv6 is
-/// refused, not sent anywhere (the recipe's resolver listens on IPv4).
-fn dns_through_mihomo(env: &Env, proxy: &Proxy) {
+/// The fake-IP round trip through mihomo. A proxied app's DNS query, sent
+/// to a resolver that does not exist, is taken by nft/cgtproxy-dns.nft to
+/// mihomo's `dns.listen` (127.0.0.1:53), which answers with an address from
+/// its fake-IP range; the app's TCP and UDP to that address go to mihomo,
+/// which knows the name behind it, asks its `nameserver` (the upstream in
+/// the remote namespace) and reaches the server there.
+fn dns_through_mihomo(env: &Env, proxy: &Proxy, remote: &Remote, upstream: &Upstream) {
     let name = format!("{}.example", env.token("q").replace('_', "-"));
     let nowhere = SocketAddr::new(REMOTE_V4.into(), 53);
-    let got = resolve(
-        &env.cg.path("/apps/client"),
-        nowhere,
-        &name,
-        QTYPE_A,
-        Duration::from_secs(6),
-    );
+    let client = env.cg.path("/apps/client");
+    let got = resolve(&client, nowhere, &name, QTYPE_A, Duration::from_secs(6));
     let fake = match got {
         Ok(IpAddr::V4(a)) => a,
         other => panic!(
@@ -331,6 +345,39 @@ fn dns_through_mihomo(env: &Env, proxy: &Proxy) {
         u32::from(fake) & mask,
         u32::from(net) & mask,
         "{name} answered {fake}, not from mihomo's fake-IP range {MIHOMO_FAKE_RANGE}"
+    );
+    assert!(
+        !upstream.asked().contains(&name),
+        "mihomo asked its upstream for {name} before anyone connected (not fake-IP?)"
+    );
+    let dst = SocketAddr::new(fake.into(), REMOTE_PORT);
+    let by_name = format!("--> {name}:{REMOTE_PORT} ");
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let tag = env.token("fake");
+        let r = exchange(&client, proto, dst, &tag);
+        assert_eq!(
+            r,
+            Ok(format!("remote:{tag}")),
+            "{proto:?} to {dst} ({name}); mihomo's log:\n{}",
+            proxy.log_text()
+        );
+        assert_eq!(remote.server.got(&tag).len(), 1);
+        let proto_tag = format!("[{}] ", proto.name().to_uppercase());
+        assert!(
+            wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
+                proxy
+                    .log_text()
+                    .lines()
+                    .any(|l| l.contains(&proto_tag) && l.contains(&by_name))
+            }),
+            "mihomo did not log {proto:?} to {name}:\n{}",
+            proxy.log_text()
+        );
+    }
+    assert!(
+        upstream.asked().contains(&name),
+        "mihomo reached the server without asking its nameserver for {name}: {:?}",
+        upstream.asked()
     );
 }
 

@@ -461,3 +461,101 @@ pub fn resolve(
         Err(f) => Err(format!("{:?} (exit {})", f.stage, f.code)),
     }
 }
+
+/// An upstream DNS server for a proxy (UDP): answers every A query with
+/// `a` and every AAAA query with `aaaa`, and records the names asked.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    /// Binds `addr` (in the calling thread's network namespace).
+    pub fn start(addr: SocketAddr, a: Ipv4Addr, aaaa: Ipv6Addr) -> Upstream {
+        use std::sync::atomic::Ordering;
+        let sock = std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (asked2, stop2) = (asked.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some((name, answer)) = dns_answer(&buf[..n], a, aaaa) {
+                    asked2.lock().unwrap().push(name);
+                    let _ = sock.send_to(&answer, peer);
+                }
+            }
+        });
+        Upstream {
+            addr,
+            asked,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The names asked so far (lower case, without the final dot).
+    pub fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The answer to a one-question query: its name, and the reply with one
+/// A (`a`) or AAAA (`aaaa`) record, or no record for another type.
+fn dns_answer(q: &[u8], a: Ipv4Addr, aaaa: Ipv6Addr) -> Option<(String, Vec<u8>)> {
+    if q.len() < 12 || q[2] & 0x80 != 0 || u16::from_be_bytes([q[4], q[5]]) != 1 {
+        return None;
+    }
+    let mut labels = Vec::new();
+    let mut i = 12;
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question_end = i + 4;
+    let rdata: Vec<u8> = match qtype {
+        QTYPE_A => a.octets().to_vec(),
+        QTYPE_AAAA => aaaa.octets().to_vec(),
+        _ => Vec::new(),
+    };
+    let mut r = q.get(..question_end)?.to_vec();
+    r[2] = 0x81; // answer, recursion desired
+    r[3] = 0x80; // recursion available, no error
+    let count: u16 = if rdata.is_empty() { 0 } else { 1 };
+    r[6..8].copy_from_slice(&count.to_be_bytes());
+    r[8..12].fill(0); // no authority, no additional (drops an OPT)
+    if count == 1 {
+        r.extend([0xc0, 12]); // the name of the question
+        r.extend(qtype.to_be_bytes());
+        r.extend(1u16.to_be_bytes());
+        r.extend(60u32.to_be_bytes());
+        r.extend((rdata.len() as u16).to_be_bytes());
+        r.extend(rdata);
+    }
+    Some((labels.join("."), r))
+}
