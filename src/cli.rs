@@ -150,12 +150,16 @@ chain), moving no other process. Under a systemd user session it runs
   systemd-run --user --scope --slice=cgtproxy-V.slice -- CMD
 (systemd creates the scope; the daemon's embedded default rules list the
 slice). Without one it creates a fresh cgroup cgtproxy-V.slice/exec-PID
-where the caller may (a delegated subtree it owns, or anywhere as root),
-moves itself in, waits until the daemon's element for the slice is in the
-map, and executes CMD, so the verdict applies from the first socket.
+where the caller may (a delegated subtree it owns, or anywhere as root)
+and moves itself in. Either way it waits (5 s at most) until the element
+that decides its cgroup has the verdict, then executes CMD, so the verdict
+applies from the first socket. With CAP_NET_ADMIN it reads the map; without,
+it asks the daemon on @cgtproxy/TABLE/MAP and believes only root or a
+process with CAP_NET_ADMIN (cgtproxy(8), QUERY PROTOCOL). No fixed delay.
 CGTPROXY_EXEC=cgroupfs skips systemd; CGTPROXY_EXEC=systemd requires it.
-Exit status: CMD's; 1 when it cannot (no delegation, no daemon, no
-element), 2 for a bad verdict or command line.
+Exit status: CMD's; 1 when it cannot (no delegation, no daemon, no element
+or another verdict, maps not in step, an answer from a squatter), 2 for a
+bad verdict or command line.
 "
         }
         Command::Down => {

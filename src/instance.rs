@@ -5,7 +5,8 @@
 //! instance can connect to it and read the owner's pid (SO_PEERCRED, which
 //! the kernel fills in at `listen`) for its message. Whoever holds the claim
 //! is the only process that may write the maps and the routes; everyone else
-//! touches nothing.
+//! touches nothing. The same socket answers queries (`crate::query`): which
+//! element decides a cgroup, for `cgtproxy exec` without CAP_NET_ADMIN.
 //!
 //! Anyone in the network namespace can bind an abstract name, so a holder
 //! is believed only when it could be a cgtproxy daemon: root, our own uid,

@@ -13,7 +13,9 @@
 //! running as an unprivileged user with CAP_NET_ADMIN only, a real user
 //! manager's `systemd-run --user --scope --slice=cgtproxy-proxy.slice`
 //! whose TCP (IPv4 and IPv6) reaches a TPROXY listener while the same
-//! connection from elsewhere does not, `journalctl -u cgtproxy`, and
+//! connection from elsewhere does not, `cgtproxy exec` under that manager
+//! and, as an ordinary user without capabilities, under the user's own
+//! manager with the slice not there yet (exec asks the daemon, src/query.rs), `journalctl -u cgtproxy`, and
 //! `apt remove`/`purge` leaving no table, rule or route, and only the
 //! admin's own file in /etc/cgtproxy.
 //! See /work/shared/notes/real-systemd.md for how the boot works here.
@@ -588,6 +590,55 @@ fn debian_package_under_real_systemd() {
             "exec ran in {cg}, not in a scope of cgtproxy-proxy.slice"
         );
         assert_eq!(proxy.got("exec-v4").len(), 1, "{:?}", proxy.events());
+        // cgtproxy exec as an ordinary user (uid 1000, no capabilities)
+        // under that user's own manager, with cgtproxy-proxy.slice not
+        // there yet: systemd creates slice and scope, the daemon (its own
+        // DynamicUser uid, CAP_NET_ADMIN) adds the slice's element, exec
+        // cannot read the map and asks the daemon on its socket until the
+        // element is there, and only then runs the command, whose first
+        // connections are proxied.
+        c.ok(
+            // (pam_unix's account check wants the shadow entry too.)
+            "grep -q '^u1000:' /etc/passwd || { echo 'u1000:x:1000:1000::/tmp:/bin/sh' >> /etc/passwd && echo 'u1000:x:1000:' >> /etc/group && echo 'u1000:*:19000:0:99999:7:::' >> /etc/shadow; }",
+        );
+        c.ok("systemctl start user@1000.service");
+        c.until(
+            "user 1000's manager",
+            CONVERGE,
+            "test -S /run/user/1000/systemd/private",
+        );
+        let slice = "/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/cgtproxy-proxy.slice";
+        c.ok(&format!("test ! -e {slice}"));
+        let user = c.sh(&format!(
+            "cd /tmp && setpriv --reuid 1000 --regid 1000 --clear-groups env XDG_RUNTIME_DIR=/run/user/1000 HOME=/tmp timeout 20 cgtproxy exec -- bash -c '{} && grep ^0:: /proc/self/cgroup && grep ^CapEff: /proc/self/status'",
+            script("user")
+        ));
+        assert_eq!(user.code(), Some(0), "{}\n{}", user.describe(), c.diag());
+        let mut lines = user.stdout.lines();
+        assert_eq!(lines.next(), Some("proxy:user-v4"), "{}", user.describe());
+        assert_eq!(lines.next(), Some("proxy:user-v6"), "{}", user.describe());
+        let cg = lines.next().unwrap_or_default();
+        assert!(
+            cg.starts_with(
+                "0::/user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/cgtproxy-proxy.slice/"
+            ) && cg.ends_with(".scope"),
+            "exec ran in {cg}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some("CapEff:\t0000000000000000"),
+            "{}",
+            user.describe()
+        );
+        for tag in ["user-v4", "user-v6"] {
+            assert_eq!(proxy.got(tag).len(), 1, "{tag}: {:?}", proxy.events());
+        }
+        c.ok(&format!("test -d {slice}"));
+        let journal = c.ok("journalctl -u cgtproxy --no-pager -o cat");
+        assert!(
+            journal.contains("add /user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/cgtproxy-proxy.slice"),
+            "{journal}"
+        );
         // Control: from the root shell's cgroup (unlisted) it goes direct,
         // to nobody.
         let direct = c.sh(&format!("timeout 3 bash -c '{}'", script("direct")));
