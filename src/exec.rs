@@ -406,7 +406,8 @@ fn ask_daemon(cfg: &Config, dir: &Path, verdict: &str, deadline: Instant) -> Res
     let want = wanted(verdict);
     let ids = lineage_ids(dir)?;
     loop {
-        let got = match query::ask(&cfg.table, &cfg.map, &ids) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got = match query::ask(&cfg.table, &cfg.map, &ids, left) {
             Ok(Answer::Listed { verdict: v, .. }) if v == want => return Ok(()),
             Ok(Answer::Listed {
                 verdict: v, path, ..

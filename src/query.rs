@@ -349,6 +349,8 @@ impl Queries {
         self.clients.retain_mut(|c| serve_one(c, view));
         let Some(l) = listener else { return };
         for _ in 0..ACCEPTS_PER_TURN {
+            // EAGAIN: none left; any other error is the client's (gone
+            // before it was accepted), and the next poll says if more wait.
             let Ok((sock, _)) = l.accept() else { return };
             if sock.set_nonblocking(true).is_err() {
                 continue;
@@ -368,9 +370,8 @@ impl Queries {
                 self.clients.push(c);
             }
         }
-        // More are waiting: come back at the next turn, after everything
-        // else the loop does.
-        self.due = true;
+        // The cap was reached: the rest at the next turn, after everything
+        // else the loop does (poll wakes it: the listener is readable).
     }
 }
 
@@ -439,8 +440,9 @@ pub enum AskError {
 }
 
 /// Asks the daemon of `table`/`map` which element decides the cgroup
-/// `ids[0]` (its ancestors after it), believing only a privileged peer.
-pub fn ask(table: &str, map: &str, ids: &[u64]) -> Result<Answer, AskError> {
+/// `ids[0]` (its ancestors after it), believing only a privileged peer;
+/// waits at most `limit` (and at most a second) for the answer.
+pub fn ask(table: &str, map: &str, ids: &[u64], limit: Duration) -> Result<Answer, AskError> {
     let name = instance::name(table, map);
     let shown = format!("@{}", String::from_utf8_lossy(&name));
     let fd = instance::connect(&name).map_err(|e| {
@@ -464,9 +466,11 @@ pub fn ask(table: &str, map: &str, ids: &[u64]) -> Result<Answer, AskError> {
     let failed = |what: &str, e: io::Error| {
         AskError::Failed(format!("{shown}: {what}: {}", crate::error::io(&e)))
     };
+    // A zero timeout would mean none.
+    let limit = limit.clamp(Duration::from_millis(1), ANSWER_TIMEOUT);
     sock.set_nonblocking(false)
-        .and_then(|()| sock.set_read_timeout(Some(ANSWER_TIMEOUT)))
-        .and_then(|()| sock.set_write_timeout(Some(ANSWER_TIMEOUT)))
+        .and_then(|()| sock.set_read_timeout(Some(limit)))
+        .and_then(|()| sock.set_write_timeout(Some(limit)))
         .map_err(|e| failed("socket", e))?;
     sock.write_all(request(ids).as_bytes())
         .map_err(|e| failed("sending the request", e))?;
