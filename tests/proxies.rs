@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -50,6 +50,28 @@ const RULES: &str = r#"{"rules": [
 /// would take the remote server's address for a fake one it never handed
 /// out and refuse the connection.
 const MIHOMO_FAKE_RANGE: &str = "198.19.0.1/16";
+
+/// sing-box's fake ranges in the tests: IPv4 moved off the tests' own
+/// network (as mihomo's), IPv6 the recipe's own.
+const SING_BOX_FAKE_RANGE4: &str = "198.19.0.0/16";
+const SING_BOX_FAKE_RANGE6: &str = "2001:2::/48";
+
+/// The README's sing-box recipe with fake-IP DNS, with the tests' edits.
+fn sing_box_dns_recipe(_: &Path) -> String {
+    edited(
+        &readme_block("sing-box with fake-IP DNS"),
+        &[
+            (
+                r#""inet4_range": "198.18.0.0/15""#,
+                &format!(r#""inet4_range": "{SING_BOX_FAKE_RANGE4}""#),
+            ),
+            (
+                r#""server": "1.1.1.1""#,
+                &format!(r#""server": "{REMOTE_V4}""#),
+            ),
+        ],
+    )
+}
 
 /// The recipe as the README writes it, with the edits a test needs (each
 /// `from` must be in it once).
@@ -160,9 +182,39 @@ fn check(env: &Env, cfg: &Path) -> String {
 }
 
 /// The whole recipe test for one proxy (see the file's header).
-fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
+/// The fake addresses a recipe's DNS hands out: (query type, range), each
+/// range "ADDRESS/BITS".
+type FakeRanges = &'static [(u16, &'static str)];
+
+/// Whether `ip` is in `range` ("ADDRESS/BITS", same family).
+fn in_range(ip: IpAddr, range: &str) -> bool {
+    let (net, bits) = range.split_once('/').unwrap();
+    let bits: u32 = bits.parse().unwrap();
+    match (ip, net.parse::<IpAddr>().unwrap()) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let m = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+            u32::from(a) & m == u32::from(n) & m
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let m = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            u128::from(a) & m == u128::from(n) & m
+        }
+        _ => false,
+    }
+}
+
+/// The whole recipe test for one proxy (see the file's header), with the
+/// configuration `text`; `dns`: the recipe answers DNS with fake
+/// addresses from these ranges, through nft/cgtproxy-dns.nft.
+fn recipe_end_to_end(
+    env: &mut Env,
+    kind: ProxyKind,
+    bin: PathBuf,
+    text: fn(&Path) -> String,
+    dns: Option<FakeRanges>,
+) {
     load_ruleset();
-    if dns {
+    if dns.is_some() {
         run_ok(
             "nft",
             &[
@@ -177,7 +229,7 @@ fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
     let remote = Remote::start();
     // The upstream resolver mihomo is given, and default routes as a real
     // machine has (a fake IP is routed like any address).
-    let upstream = dns.then(|| {
+    let upstream = dns.map(|_| {
         run_ok("ip", &["route", "add", "default", "via", "198.18.0.2"]);
         run_ok(
             "ip",
@@ -198,7 +250,7 @@ fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
     }));
     let dir = env.tmp.join(kind.name());
     std::fs::create_dir_all(&dir).unwrap();
-    let text = recipe(kind, &dir);
+    let text = text(&dir);
     let proxy = start_proxy_from(kind, &bin, &text, &env.cg.path(&home), &dir, Start::Recipe);
     let version = kind.version(&bin);
     // The README says which versions its recipes were tested with.
@@ -300,8 +352,8 @@ fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
         );
     }
 
-    if let Some(upstream) = &upstream {
-        dns_through_mihomo(env, &proxy, &remote, upstream);
+    if let (Some(upstream), Some(ranges)) = (&upstream, dns) {
+        fake_ip_round_trip(env, &proxy, &remote, upstream, ranges);
     }
 
     // Without the proxy, the proxied app reaches nothing: fail closed.
@@ -320,65 +372,61 @@ fn recipe_end_to_end(env: &mut Env, kind: ProxyKind, bin: PathBuf, dns: bool) {
     daemon.stop();
 }
 
-/// The fake-IP round trip through mihomo. A proxied app's DNS query, sent
-/// to a resolver that does not exist, is taken by nft/cgtproxy-dns.nft to
-/// mihomo's `dns.listen` (127.0.0.1:53), which answers with an address from
-/// its fake-IP range; the app's TCP and UDP to that address go to mihomo,
-/// which knows the name behind it, asks its `nameserver` (the upstream in
-/// the remote namespace) and reaches the server there.
-fn dns_through_mihomo(env: &Env, proxy: &Proxy, remote: &Remote, upstream: &Upstream) {
-    let name = format!("{}.example", env.token("q").replace('_', "-"));
+/// The fake-IP round trip. A proxied app's DNS query, sent to a resolver
+/// that does not exist, is taken by nft/cgtproxy-dns.nft to the proxy's
+/// resolver (127.0.0.1:53), which answers with an address from its fake
+/// range; the app's TCP and UDP to that address go to the proxy, which
+/// knows the name behind it, asks its upstream (in the remote namespace)
+/// only then, and reaches the server there. For each query type of
+/// `ranges`.
+fn fake_ip_round_trip(
+    env: &Env,
+    proxy: &Proxy,
+    remote: &Remote,
+    upstream: &Upstream,
+    ranges: FakeRanges,
+) {
     let nowhere = SocketAddr::new(REMOTE_V4.into(), 53);
     let client = env.cg.path("/apps/client");
-    let got = resolve(&client, nowhere, &name, QTYPE_A, Duration::from_secs(6));
-    let fake = match got {
-        Ok(IpAddr::V4(a)) => a,
-        other => panic!(
-            "A {name} from a proxied app: {other:?}; mihomo's log:\n{}",
-            proxy.log_text()
-        ),
-    };
-    let (net, bits) = MIHOMO_FAKE_RANGE.split_once('/').unwrap();
-    let net: Ipv4Addr = net.parse().unwrap();
-    let mask = u32::MAX << (32 - bits.parse::<u32>().unwrap());
-    assert_eq!(
-        u32::from(fake) & mask,
-        u32::from(net) & mask,
-        "{name} answered {fake}, not from mihomo's fake-IP range {MIHOMO_FAKE_RANGE}"
-    );
-    assert!(
-        !upstream.asked().contains(&name),
-        "mihomo asked its upstream for {name} before anyone connected (not fake-IP?)"
-    );
-    let dst = SocketAddr::new(fake.into(), REMOTE_PORT);
-    let by_name = format!("--> {name}:{REMOTE_PORT} ");
-    for proto in [Proto::Tcp, Proto::Udp] {
-        let tag = env.token("fake");
-        let r = exchange(&client, proto, dst, &tag);
-        assert_eq!(
-            r,
-            Ok(format!("remote:{tag}")),
-            "{proto:?} to {dst} ({name}); mihomo's log:\n{}",
-            proxy.log_text()
-        );
-        assert_eq!(remote.server.got(&tag).len(), 1);
-        let proto_tag = format!("[{}] ", proto.name().to_uppercase());
+    for &(qtype, range) in ranges {
+        let name = format!("{}.example", env.token("q").replace('_', "-"));
+        let got = resolve(&client, nowhere, &name, qtype, Duration::from_secs(6));
+        let fake = match got {
+            Ok(a) if in_range(a, range) => a,
+            other => panic!(
+                "query type {qtype} for {name} from a proxied app: {other:?}, not an address of {range}; log:\n{}",
+                proxy.log_text()
+            ),
+        };
         assert!(
-            wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
-                proxy
-                    .log_text()
-                    .lines()
-                    .any(|l| l.contains(&proto_tag) && l.contains(&by_name))
-            }),
-            "mihomo did not log {proto:?} to {name}:\n{}",
-            proxy.log_text()
+            !upstream.asked().contains(&name),
+            "the proxy asked its upstream for {name} before anyone connected (not fake-IP?)"
+        );
+        let dst = SocketAddr::new(fake, REMOTE_PORT);
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let tag = env.token("fake");
+            let r = exchange(&client, proto, dst, &tag);
+            assert_eq!(
+                r,
+                Ok(format!("remote:{tag}")),
+                "{proto:?} to {dst} ({name}); log:\n{}",
+                proxy.log_text()
+            );
+            assert_eq!(remote.server.got(&tag).len(), 1);
+            assert!(
+                wait_until(Duration::from_secs(3), Duration::from_millis(20), || {
+                    proxy.by_name(proto, &name, REMOTE_PORT) > 0
+                }),
+                "no {proto:?} connection to {name}:{REMOTE_PORT} in the log:\n{}",
+                proxy.log_text()
+            );
+        }
+        assert!(
+            upstream.asked().contains(&name),
+            "the proxy reached the server without asking its upstream for {name}: {:?}",
+            upstream.asked()
         );
     }
-    assert!(
-        upstream.asked().contains(&name),
-        "mihomo reached the server without asking its nameserver for {name}: {:?}",
-        upstream.asked()
-    );
 }
 
 #[test]
@@ -386,7 +434,15 @@ fn v2ray_recipe_end_to_end() {
     let Some(bin) = ProxyKind::V2ray.find() else {
         return;
     };
-    sandbox(move |env| recipe_end_to_end(env, ProxyKind::V2ray, bin, false));
+    sandbox(move |env| {
+        recipe_end_to_end(
+            env,
+            ProxyKind::V2ray,
+            bin,
+            |d| recipe(ProxyKind::V2ray, d),
+            None,
+        )
+    });
 }
 
 #[test]
@@ -394,7 +450,15 @@ fn sing_box_recipe_end_to_end() {
     let Some(bin) = ProxyKind::SingBox.find() else {
         return;
     };
-    sandbox(move |env| recipe_end_to_end(env, ProxyKind::SingBox, bin, false));
+    sandbox(move |env| {
+        recipe_end_to_end(
+            env,
+            ProxyKind::SingBox,
+            bin,
+            |d| recipe(ProxyKind::SingBox, d),
+            None,
+        )
+    });
 }
 
 #[test]
@@ -402,7 +466,34 @@ fn mihomo_recipe_end_to_end_with_dns() {
     let Some(bin) = ProxyKind::Mihomo.find() else {
         return;
     };
-    sandbox(move |env| recipe_end_to_end(env, ProxyKind::Mihomo, bin, true));
+    sandbox(move |env| {
+        recipe_end_to_end(
+            env,
+            ProxyKind::Mihomo,
+            bin,
+            |d| recipe(ProxyKind::Mihomo, d),
+            Some(&[(QTYPE_A, MIHOMO_FAKE_RANGE)]),
+        )
+    });
+}
+
+#[test]
+fn sing_box_recipe_with_fake_ip_dns_end_to_end() {
+    let Some(bin) = ProxyKind::SingBox.find() else {
+        return;
+    };
+    sandbox(move |env| {
+        recipe_end_to_end(
+            env,
+            ProxyKind::SingBox,
+            bin,
+            sing_box_dns_recipe,
+            Some(&[
+                (QTYPE_A, SING_BOX_FAKE_RANGE4),
+                (QTYPE_AAAA, SING_BOX_FAKE_RANGE6),
+            ]),
+        )
+    });
 }
 
 #[test]

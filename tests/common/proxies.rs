@@ -325,6 +325,32 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// How many log lines show a connection of `proto` to the host `name`
+    /// (a fake address the proxy mapped back to its name).
+    pub fn by_name(&self, proto: Proto, name: &str, port: u16) -> usize {
+        let net = proto.name();
+        let want: Box<dyn Fn(&str) -> bool> = match self.kind {
+            ProxyKind::V2ray => {
+                let w = format!("accepted {net}:{name}:{port}");
+                Box::new(move |l| l.contains(&w))
+            }
+            ProxyKind::SingBox => {
+                let w = format!("{name}:{port}");
+                Box::new(move |l| l.contains(&w))
+            }
+            ProxyKind::Mihomo => {
+                let (p, d) = (
+                    format!("[{}] ", net.to_uppercase()),
+                    format!("--> {name}:{port} "),
+                );
+                Box::new(move |l| l.contains(&p) && l.contains(&d))
+            }
+        };
+        self.log_text().lines().filter(|l| want(l)).count()
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
