@@ -471,8 +471,7 @@ fn dry_run(cfg: &Config, root: &std::path::Path) -> Result<(), Error> {
     let dump = rs
         .dump()?
         .ok_or_else(|| Error::Config(rs.table_missing()))?;
-    let paths = tree.paths();
-    let ops = reconcile::full(cfg, borrowed(&paths), &dump.elements, &dump.numbers);
+    let ops = reconcile::full_of_tree(cfg, &tree, &dump.elements, &dump.numbers);
     let numbers = reconcile::plan(&dump.numbers, &ops).renumbered(&dump.numbers);
     let tree_gone = (&tree, &HashMap::new());
     print!(
@@ -722,8 +721,7 @@ impl Daemon {
             Ok(None) => return Err(ApplyError::Missing(self.rs.table_missing())),
             Err(e) => return Err(ApplyError::Failed(e.to_string())),
         };
-        let paths = self.tree.paths();
-        let ops = reconcile::full(&self.cfg, borrowed(&paths), &actual, &self.numbers);
+        let ops = reconcile::full_of_tree(&self.cfg, &self.tree, &actual, &self.numbers);
         let empty = HashMap::new();
         let name = |id| name(&self.tree, &empty, id);
         let numbers = commit(&mut self.rs, &mut self.numbers, &ops, &name)?;
@@ -881,11 +879,6 @@ fn commit(
     let changed = plan.renumbered(numbers);
     *numbers = plan.numbers;
     Ok(changed)
-}
-
-/// `(id, path)` pairs as `reconcile::full` takes them.
-fn borrowed(paths: &[(u64, Vec<u8>)]) -> impl Iterator<Item = (u64, &[u8])> {
-    paths.iter().map(|(id, p)| (*id, p.as_slice()))
 }
 
 /// How many levels below `root` to follow: down to the deepest level the

@@ -12,10 +12,11 @@
 //! that tells the ruleset the maps are filled, which every full plan wants
 //! and no plan removes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
+use crate::cgroup::{IdMap, IdSet};
 use crate::config::{Config, Verdict, match_form};
-use crate::watch::Change;
+use crate::watch::{Change, Tree};
 
 /// A `cgroups` element as the kernel holds it, read through `verdicts`:
 /// the verdict its number stands for (see `Ruleset::dump`).
@@ -112,7 +113,7 @@ pub fn full<'a, 'p>(
     actual: &[Element],
     numbers: &[(u32, Verdict)],
 ) -> Ops<'a> {
-    let mut want: HashMap<u64, &'a Verdict> = HashMap::new();
+    let mut want: IdMap<&'a Verdict> = IdMap::default();
     for (id, path) in cgroups {
         if let Some(v) = wanted(cfg, path, true) {
             want.insert(id, v);
@@ -121,12 +122,26 @@ pub fn full<'a, 'p>(
     diff(want, actual, numbers)
 }
 
-/// `full` once the wanted verdict of each cgroup is known.
-fn diff<'a>(
-    want: HashMap<u64, &'a Verdict>,
+/// [`full`] over every cgroup of `tree`, walked in place (no path is
+/// copied).
+pub fn full_of_tree<'a>(
+    cfg: &'a Config,
+    tree: &Tree,
     actual: &[Element],
     numbers: &[(u32, Verdict)],
 ) -> Ops<'a> {
+    let mut want: IdMap<&'a Verdict> =
+        IdMap::with_capacity_and_hasher(tree.len(), Default::default());
+    tree.walk(|id, path| {
+        if let Some(v) = wanted(cfg, path, true) {
+            want.insert(id, v);
+        }
+    });
+    diff(want, actual, numbers)
+}
+
+/// `full` once the wanted verdict of each cgroup is known.
+fn diff<'a>(want: IdMap<&'a Verdict>, actual: &[Element], numbers: &[(u32, Verdict)]) -> Ops<'a> {
     // Per number that elements carry: how many of them want each verdict.
     let mut votes: BTreeMap<u32, Vec<(&'a Verdict, usize)>> = BTreeMap::new();
     for e in actual {
@@ -165,7 +180,7 @@ fn diff<'a>(
     let mut ops = Ops::default();
     // A few distinct numbers, however many elements carry them.
     let mut kept: BTreeSet<u32> = BTreeSet::new();
-    let mut have: HashSet<u64> = HashSet::with_capacity(actual.len());
+    let mut have: IdSet = IdSet::with_capacity_and_hasher(actual.len(), Default::default());
     for e in actual {
         have.insert(e.id);
         let now = match e.number.and_then(|n| rebind.iter().find(|(m, _)| *m == n)) {
@@ -307,7 +322,7 @@ pub fn plan(numbers: &[(u32, Verdict)], ops: &Ops<'_>) -> Plan {
 pub fn incremental<'a>(cfg: &'a Config, changes: &[Change]) -> Ops<'a> {
     // id → (verdict before, verdict after), in order of first appearance.
     let mut order: Vec<u64> = Vec::new();
-    let mut seen: HashMap<u64, (Option<&'a Verdict>, Option<&'a Verdict>)> = HashMap::new();
+    let mut seen: IdMap<(Option<&'a Verdict>, Option<&'a Verdict>)> = IdMap::default();
     for c in changes {
         let (id, before, after) = match c {
             Change::Added { id, path } => (*id, None, wanted(cfg, path, true)),
@@ -511,7 +526,7 @@ pub(crate) mod tests {
                     actual.push(el(id, rnd(8) as u32, &numbers));
                 }
             }
-            let mut want: HashMap<u64, &Verdict> = HashMap::new();
+            let mut want: IdMap<&Verdict> = IdMap::default();
             for id in 1..=16u64 {
                 if rnd(5) > 0 {
                     want.insert(id, &verdicts[rnd(4) as usize]);

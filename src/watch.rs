@@ -37,7 +37,7 @@ use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
 
-use crate::cgroup;
+use crate::cgroup::{self, IdHash, IdMap, IdSet};
 
 /// Something that happened to one cgroup. A rename is a removal at the old
 /// path and an addition at the new one (same id).
@@ -49,11 +49,12 @@ pub enum Change {
 
 struct Node {
     parent: Option<u64>,
-    /// The last component (empty for the root).
-    name: Box<[u8]>,
+    /// The last component (empty for the root), shared with the parent's
+    /// `children` key.
+    name: Rc<[u8]>,
     /// Levels below the cgroup root (the root is 0).
     depth: u32,
-    children: HashMap<Box<[u8]>, u64>,
+    children: HashMap<Rc<[u8]>, u64>,
     /// `None` when not watched: at the depth limit, or the watch failed.
     wd: Option<i32>,
 }
@@ -61,8 +62,9 @@ struct Node {
 pub struct Tree {
     root: PathBuf,
     inotify: OwnedFd,
-    nodes: HashMap<u64, Node>,
-    wds: HashMap<i32, u64>,
+    nodes: IdMap<Node>,
+    /// Watch descriptors (the kernel's small numbers) → cgroup id.
+    wds: HashMap<i32, u64, IdHash>,
     root_id: u64,
     /// Deepest depth below the root that is followed; cgroups at it are
     /// listed but not watched. `None`: no limit.
@@ -73,7 +75,7 @@ pub struct Tree {
     warned_watches: bool,
     /// Parents whose children reached the depth limit, said once each
     /// (up to [`DEEP_SAID`] subtrees, then once that more are not said).
-    warned_deep: HashSet<u64>,
+    warned_deep: IdSet,
     /// Events read from the kernel, not handled yet (see `read_events`).
     queue: VecDeque<Event>,
     buf: Vec<MaybeUninit<u8>>,
@@ -121,7 +123,7 @@ const DEEP_SAID: usize = 16;
 /// the rules' form) and the parent's open directory, to name it relative to.
 struct Pending {
     parent: u64,
-    name: Vec<u8>,
+    name: Rc<[u8]>,
     parent_path: Rc<[u8]>,
     dir: Option<Rc<OwnedFd>>,
 }
@@ -138,13 +140,13 @@ impl Tree {
         let mut t = Tree {
             root,
             inotify,
-            nodes: HashMap::new(),
-            wds: HashMap::new(),
+            nodes: IdMap::default(),
+            wds: HashMap::default(),
             root_id: 0,
             limit,
             unwatched: BTreeSet::new(),
             warned_watches: false,
-            warned_deep: HashSet::new(),
+            warned_deep: IdSet::default(),
             queue: VecDeque::new(),
             buf: vec![MaybeUninit::uninit(); 64 * 1024],
         };
@@ -199,7 +201,7 @@ impl Tree {
             id,
             Node {
                 parent: None,
-                name: Box::default(),
+                name: Rc::from(&b""[..]),
                 depth: 0,
                 children: HashMap::new(),
                 wd,
@@ -243,21 +245,33 @@ impl Tree {
         self.unwatched.len()
     }
 
-    /// Every cgroup: (id, path), parents before children. One walk; each
-    /// path is its parent's plus one name.
+    /// Every cgroup: (id, path), parents before children.
     pub fn paths(&self) -> Vec<(u64, Vec<u8>)> {
         let mut out = Vec::with_capacity(self.nodes.len());
-        let mut stack = vec![(self.root_id, b"/".to_vec())];
-        while let Some((id, path)) = stack.pop() {
+        self.walk(|id, path| out.push((id, path.to_vec())));
+        out
+    }
+
+    /// Calls `f` with every cgroup's id and path, parents before children.
+    /// One walk over one buffer: each path is its parent's plus one name,
+    /// and none is allocated (a full sync with 10,000 cgroups walks them
+    /// all).
+    pub fn walk(&self, mut f: impl FnMut(u64, &[u8])) {
+        let mut path: Vec<u8> = Vec::new();
+        // (cgroup, length of its parent's path in `path`)
+        let mut stack = vec![(self.root_id, 0usize)];
+        while let Some((id, len)) = stack.pop() {
             let Some(n) = self.nodes.get(&id) else {
                 continue;
             };
-            for (name, c) in &n.children {
-                stack.push((*c, cgroup::child_path(&path, name)));
+            path.truncate(len);
+            if n.parent.is_some() {
+                path.push(b'/');
+                path.extend_from_slice(&n.name);
             }
-            out.push((id, path));
+            f(id, if path.is_empty() { b"/" } else { &path });
+            stack.extend(n.children.values().map(|c| (*c, path.len())));
         }
-        out
     }
 
     /// The parent of a cgroup (None for the root and unknown ids).
@@ -311,17 +325,34 @@ impl Tree {
     }
 
     /// Adds the cgroup `name` in `parent` (an event), with what is below it.
-    fn add_child(&mut self, parent: u64, name: &[u8], out: &mut Vec<Change>, cwd: &mut Cwd) {
-        // Name it inside the parent (opened once per call, however many
-        // events it has); gone parent: its DELETE follows.
-        let Some((dir, parent_path)) = cwd.parent_dir(self, parent) else {
-            return;
+    /// `busy`: the parent has many events in this call, so it is opened once
+    /// and each is named inside it; a lone event is named by its full path
+    /// (two syscalls, not the six of opening and entering the parent).
+    fn add_child(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        busy: bool,
+        out: &mut Vec<Change>,
+        cwd: &mut Cwd,
+    ) {
+        let (dir, parent_path) = if busy {
+            // Gone parent: its DELETE follows.
+            let Some((dir, parent_path)) = cwd.parent_dir(self, parent) else {
+                return;
+            };
+            (Some(dir), parent_path)
+        } else {
+            let Some(path) = self.path(parent) else {
+                return;
+            };
+            (None, path.into())
         };
         let p = Pending {
             parent,
-            name: name.to_vec(),
+            name: name.into(),
             parent_path,
-            dir: Some(dir),
+            dir,
         };
         self.add(vec![p], Some(out), cwd);
     }
@@ -359,16 +390,20 @@ impl Tree {
             if self.limit.is_some_and(|l| depth > l) {
                 continue;
             }
-            let path = cgroup::child_path(&p.parent_path, &p.name);
+            // The path is built only when something needs it (a change to
+            // report, children to queue, a message): a start adds
+            // thousands of leaves that need none.
+            let mut path: Option<Vec<u8>> = None;
             let full;
             let (target, flags): (&Path, WatchFlags) = match &p.dir {
                 Some(fd) if cwd.enter(fd) => (Path::new(OsStr::from_bytes(&p.name)), WATCH),
                 _ => {
-                    full = match cgroup::dir(&self.root, &path) {
+                    let at = path_of(&mut path, &p);
+                    full = match cgroup::dir(&self.root, at) {
                         Ok(d) => d,
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => {
-                            crate::warn!("{}: cannot open: {e}", cgroup::display(&path));
+                            crate::warn!("{}: cannot open: {e}", cgroup::display(at));
                             continue;
                         }
                     };
@@ -390,12 +425,13 @@ impl Tree {
                     Ok(wd) => Some(wd),
                     Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue, // gone already
                     Err(Errno::NOSPC) => {
-                        self.out_of_watches(&path);
+                        self.out_of_watches(path_of(&mut path, &p));
                         short = true;
                         None
                     }
                     Err(e) => {
-                        crate::warn!("{}: cannot watch: {e}", cgroup::display(&path));
+                        let at = path_of(&mut path, &p);
+                        crate::warn!("{}: cannot watch: {e}", cgroup::display(at));
                         None
                     }
                 }
@@ -423,12 +459,11 @@ impl Tree {
             if short {
                 self.unwatched.insert(id);
             }
-            let name: Box<[u8]> = p.name.as_slice().into();
             if let Some(n) = self.nodes.get_mut(&p.parent) {
-                n.children.insert(name.clone(), id);
+                n.children.insert(p.name.clone(), id);
             }
             if at_limit {
-                self.at_limit(p.parent, &path);
+                self.at_limit(p.parent, path_of(&mut path, &p));
             }
             // Children that exist now; later ones arrive as events (the
             // watch is already in place). Leaves need no readdir, and
@@ -437,17 +472,18 @@ impl Tree {
                 && !at_limit
                 && let Ok(fd) = open_dir(target)
             {
-                let pp: Rc<[u8]> = path.clone().into();
+                let pp: Rc<[u8]> = path_of(&mut path, &p).into();
                 stack.extend(children_of(id, &pp, fd));
             }
             if let Some(out) = out.as_deref_mut() {
+                let path = path.unwrap_or_else(|| cgroup::child_path(&p.parent_path, &p.name));
                 out.push(Change::Added { id, path });
             }
             self.nodes.insert(
                 id,
                 Node {
                     parent: Some(p.parent),
-                    name,
+                    name: p.name,
                     depth,
                     children: HashMap::new(),
                     wd,
@@ -541,14 +577,14 @@ impl Tree {
             for c in gone {
                 self.remove(c, out);
             }
-            let known: HashSet<Box<[u8]>> = self.nodes[&id].children.keys().cloned().collect();
+            let known: HashSet<Rc<[u8]>> = self.nodes[&id].children.keys().cloned().collect();
             let pp: Rc<[u8]> = path.into();
             let stack: Vec<Pending> = now
                 .into_iter()
                 .filter(|n| !known.contains(&n[..]))
                 .map(|name| Pending {
                     parent: id,
-                    name,
+                    name: name.into(),
                     parent_path: pp.clone(),
                     dir: None,
                 })
@@ -607,30 +643,33 @@ impl Tree {
             self.queue = queue;
             return Err(e);
         }
-        // Pending per directory; quiet ones go first, then the oldest.
-        let mut per_wd: HashMap<i32, usize> = HashMap::new();
-        for (wd, _, _) in &queue {
-            *per_wd.entry(*wd).or_default() += 1;
-        }
-        let mut events: Vec<Event> = Vec::new();
-        let mut busy = 0usize;
-        queue.retain(|e| {
-            let take = if per_wd[&e.0] <= QUIET {
-                true
-            } else if busy < EVENTS_PER_TURN {
-                busy += 1;
-                true
-            } else {
-                false
-            };
-            if take {
-                events.push(e.clone());
+        // Few pending (the usual case: one mkdir): all of them, in order,
+        // each directory quiet. Otherwise quiet directories go first, then
+        // the oldest events of busy ones.
+        let mut events: Vec<(Event, bool)> = Vec::new();
+        if queue.len() <= QUIET {
+            events.extend(queue.drain(..).map(|e| (e, false)));
+        } else {
+            let mut per_wd: HashMap<i32, usize, IdHash> = HashMap::default();
+            for (wd, _, _) in &queue {
+                *per_wd.entry(*wd).or_default() += 1;
             }
-            !take
-        });
+            let mut busy = 0usize;
+            let mut rest = VecDeque::with_capacity(queue.len());
+            for e in queue.drain(..) {
+                let quiet = per_wd[&e.0] <= QUIET;
+                if quiet || busy < EVENTS_PER_TURN {
+                    busy += usize::from(!quiet);
+                    events.push((e, !quiet));
+                } else {
+                    rest.push_back(e);
+                }
+            }
+            queue = rest;
+        }
         self.queue = queue;
         let mut cwd = Cwd::default();
-        for (wd, flags, name) in events {
+        for ((wd, flags, name), busy) in events {
             if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
                 cwd.restore();
                 return Ok(Status::Overflow);
@@ -660,7 +699,7 @@ impl Tree {
                 if let Some(old) = child {
                     self.remove(old, out);
                 }
-                self.add_child(parent, &name, out, &mut cwd);
+                self.add_child(parent, &name, busy, out, &mut cwd);
             } else if flags.intersects(ReadFlags::DELETE | ReadFlags::MOVED_FROM)
                 && let Some(child) = child
             {
@@ -670,6 +709,11 @@ impl Tree {
         cwd.restore();
         Ok(Status::Ok)
     }
+}
+
+/// The path of the pending directory `p`, built the first time it is asked.
+fn path_of<'a>(path: &'a mut Option<Vec<u8>>, p: &Pending) -> &'a [u8] {
+    path.get_or_insert_with(|| cgroup::child_path(&p.parent_path, &p.name))
 }
 
 fn open_dir(p: &Path) -> rustix::io::Result<OwnedFd> {
@@ -693,7 +737,7 @@ fn children_of(id: u64, path: &Rc<[u8]>, fd: OwnedFd) -> Vec<Pending> {
         if e.file_type() == rustix::fs::FileType::Directory && n != b"." && n != b".." {
             out.push(Pending {
                 parent: id,
-                name: n.to_vec(),
+                name: n.into(),
                 parent_path: path.clone(),
                 dir: Some(fd.clone()),
             });
