@@ -13,20 +13,8 @@ use common::*;
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-/// `cgtproxy ARGS -c CONFIG --cgroup-root ROOT`.
 fn cli(env: &Env, config: &Path, args: &[&str]) -> Finished {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .arg("-c")
-        .arg(config)
-        .arg("--cgroup-root")
-        .arg(&env.cg.root);
-    run_cmd(&mut cmd, LIMIT)
-}
-
-fn expect(f: Finished, code: i32, what: &str) -> String {
-    assert_eq!(f.code(), Some(code), "{what}: {}", f.describe());
-    f.stdout
+    env.cli(config, args, LIMIT)
 }
 
 const U1000: &str = "/user.slice/user-1000.slice/user@1000.service";

@@ -767,81 +767,19 @@ const SERVICE_PORT: u16 = 9100;
 /// that uses the test namespace as its default gateway. Also routes the
 /// client's and the bypass prefixes between the test and remote namespaces.
 fn start_client(remote: &Remote) -> NsThread {
-    let ns = NsThread::new("client-ns");
-    run_ok(
-        "ip",
-        &[
-            "link", "add", "cgtf0", "type", "veth", "peer", "name", "cgtf1",
-        ],
+    let ns = behind_gateway(
+        "client-ns",
+        ("cgtf0", "cgtf1"),
+        "198.18.2",
+        "2001:db8:2",
+        remote,
     );
-    run_ok(
-        "ip",
-        &["link", "set", "cgtf1", "netns", &ns.tid.to_string()],
-    );
-    run_ok("ip", &["addr", "add", "198.18.2.1/24", "dev", "cgtf0"]);
-    run_ok(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:2::1/64",
-            "dev",
-            "cgtf0",
-            "nodad",
-        ],
-    );
-    run_ok("ip", &["link", "set", "cgtf0", "up"]);
-    ns.run(|| {
-        run_ok("ip", &["addr", "add", "198.18.2.2/24", "dev", "cgtf1"]);
-        run_ok(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                "2001:db8:2::2/64",
-                "dev",
-                "cgtf1",
-                "nodad",
-            ],
-        );
-        run_ok("ip", &["link", "set", "cgtf1", "up"]);
-        run_ok("ip", &["route", "add", "default", "via", "198.18.2.1"]);
-        run_ok(
-            "ip",
-            &["-6", "route", "add", "default", "via", "2001:db8:2::1"],
-        );
-    });
-    // Forwarding in the test namespace only (these files are per netns).
-    fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-    fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
-    run_ok("ip", &["route", "add", "10.99.0.0/24", "via", "198.18.0.2"]);
-    run_ok(
-        "ip",
-        &["-6", "route", "add", "fd99::/64", "via", "2001:db8::2"],
-    );
+    // The bypass prefixes live in the remote namespace.
+    route_add("10.99.0.0/24", "198.18.0.2");
+    route_add("fd99::/64", "2001:db8::2");
     remote.ns.run(|| {
-        run_ok(
-            "ip",
-            &["route", "add", "198.18.2.0/24", "via", "198.18.0.1"],
-        );
-        run_ok(
-            "ip",
-            &[
-                "-6",
-                "route",
-                "add",
-                "2001:db8:2::/64",
-                "via",
-                "2001:db8::1",
-            ],
-        );
-        run_ok("ip", &["addr", "add", "10.99.0.2/32", "dev", "lo"]);
-        run_ok(
-            "ip",
-            &["-6", "addr", "add", "fd99::2/128", "dev", "lo", "nodad"],
-        );
+        addr_add("lo", "10.99.0.2/32");
+        addr_add("lo", "fd99::2/128");
     });
     ns
 }

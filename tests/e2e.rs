@@ -39,8 +39,7 @@ fn proxy_cgroup_reaches_tproxy_listener() {
                 assert_proxied(env, &proxy, &remote, "/p/app", proto, dst);
             }
         }
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "exit after SIGTERM: {}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -221,8 +220,7 @@ fn cgroups_before_and_after_start_and_removed() {
         env.wait_map(&rules);
 
         let running = env.wait_map(&rules);
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
         // Stopping changes no verdict (INTERFACE §4): the elements stay.
         assert_eq!(dump_map(), running, "SIGTERM must leave the elements");
     });
@@ -504,8 +502,7 @@ fn sighup_reload_keeps_established_and_refuses_bad_config() {
             "a bad config on SIGHUP must not stop the daemon:\n{}",
             d.log()
         );
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -526,8 +523,7 @@ fn sigterm_keeps_elements_and_routes() {
         rules.assert_verdicts_clean(&verdicts, "while running");
         assert!(verdicts.len() >= 2, "proxy and drop in use: {verdicts:?}");
         let running = dump_map();
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
         // A stop (or restart, or upgrade) must open no window: nothing goes.
         assert_eq!(dump_map(), running, "elements after SIGTERM");
         assert_eq!(dump_verdicts(), verdicts, "verdict numbers after SIGTERM");
@@ -585,7 +581,7 @@ fn route_false_installs_no_routing() {
         let d = env.start(&cfg);
         env.wait_map(&rules);
         assert_eq!(routing(), before, "route: false, running");
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
         assert_eq!(routing(), before, "route: false, after SIGTERM");
     });
 }
@@ -604,8 +600,7 @@ fn keep_on_exit_keeps_elements() {
             let d = env.start(&cfg);
             let running = env.wait_map(&rules);
             let raw = dump_raw();
-            let f = d.stop();
-            assert_eq!(f.code(), Some(0), "{}", f.describe());
+            let f = d.stop_ok();
             assert!(
                 f.stderr.contains("keep-on-exit is obsolete and ignored"),
                 "keep-on-exit {keep}: no warning: {}",
@@ -652,8 +647,7 @@ fn sigkill_leaves_state_and_restart_converges() {
         let d = Daemon::start(&args);
         env.assert_map(&rules);
         let running = env.wait_map(&rules);
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
         assert_eq!(dump_map(), running, "SIGTERM changes no verdict");
         assert_policy_routing(
             ROUTE_MARK,
@@ -884,7 +878,7 @@ fn ruleset_reload_and_flush_are_refilled() {
         );
         load_ruleset();
         env.wait_map(&rules);
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }
 
@@ -932,8 +926,7 @@ fn many_cgroups_at_start_and_while_stopped() {
         d.signal(libc::SIGCONT);
         let map = env.wait_map(&rules);
         assert_eq!(map.len(), 1 + N + 30 + N / 2 + 15);
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
         assert!(dump_map() == map, "SIGTERM changes no verdict");
     });
 }
@@ -1061,8 +1054,7 @@ fn plain_deletes_as_on_kernels_before_6_3() {
         );
         fewer.assert_verdicts_clean(&dump_verdicts(), "after the reload");
         assert!(d.running(), "{}", d.log());
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -1164,7 +1156,7 @@ fn socket_mark_survives_the_verdict_number() {
                 assert!(marked.got(&msg).is_empty());
             }
         }
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }
 
@@ -1260,6 +1252,6 @@ fn target_chains_of_ones_own_work_end_to_end() {
             got >= expected,
             "mine counted {got} packets, expected at least {expected}"
         );
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }

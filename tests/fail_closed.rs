@@ -775,31 +775,18 @@ fn drop_reaches_no_destination() {
         let log = Logger::start(&remote);
         // Destinations in the remote namespace, routed over the veth pair.
         remote.ns.run(|| {
-            for a in ["10.1.2.3/32", "100.64.1.2/32"] {
-                run_ok("ip", &["addr", "add", a, "dev", "lo"]);
+            for a in ["10.1.2.3/32", "100.64.1.2/32", "fd00::2/128"] {
+                addr_add("lo", a);
             }
-            run_ok("ip", &["addr", "add", "169.254.1.2/16", "dev", "cgtv1"]);
-            run_ok(
-                "ip",
-                &["-6", "addr", "add", "fd00::2/128", "dev", "lo", "nodad"],
-            );
-            run_ok(
-                "ip",
-                &["-6", "addr", "add", "fe80::2/64", "dev", "cgtv1", "nodad"],
-            );
+            addr_add("cgtv1", "169.254.1.2/16");
+            addr_add("cgtv1", "fe80::2/64");
         });
-        run_ok("ip", &["addr", "add", "169.254.1.1/16", "dev", "cgtv0"]);
-        run_ok(
-            "ip",
-            &["-6", "addr", "add", "fe80::1/64", "dev", "cgtv0", "nodad"],
-        );
+        addr_add("cgtv0", "169.254.1.1/16");
+        addr_add("cgtv0", "fe80::1/64");
         for net in ["10.1.2.3/32", "100.64.1.2/32"] {
-            run_ok("ip", &["route", "add", net, "via", "198.18.0.2"]);
+            route_add(net, "198.18.0.2");
         }
-        run_ok(
-            "ip",
-            &["-6", "route", "add", "fd00::2/128", "via", "2001:db8::2"],
-        );
+        route_add("fd00::2/128", "2001:db8::2");
         // (if_nametoindex asks this namespace; /sys shows the host's.)
         let name = CString::new("cgtv0").unwrap();
         // SAFETY: a NUL-terminated name.
@@ -819,7 +806,7 @@ fn drop_reaches_no_destination() {
             log.watch_port(name, *dst);
         }
         // Loopback services in the test namespace.
-        run_ok("ip", &["addr", "add", "127.0.0.53/8", "dev", "lo"]);
+        addr_add("lo", "127.0.0.53/8");
         let near: Vec<SocketAddr> = vec![
             "127.0.0.1:7890".parse().unwrap(),
             "127.0.0.53:53".parse().unwrap(),
@@ -1294,72 +1281,13 @@ fn squatter(cgroup: &Path, addr: SocketAddr, listen: bool) -> Running {
 /// there: 198.18.3.0/24, 2001:db8:3::/64), using the test namespace as its
 /// gateway; the test namespace forwards (its own sysctls).
 fn start_lan(remote: &Remote) -> NsThread {
-    let ns = NsThread::new("lan-ns");
-    run_ok(
-        "ip",
-        &[
-            "link", "add", "cgtl0", "type", "veth", "peer", "name", "cgtl1",
-        ],
-    );
-    run_ok(
-        "ip",
-        &["link", "set", "cgtl1", "netns", &ns.tid.to_string()],
-    );
-    run_ok("ip", &["addr", "add", "198.18.3.1/24", "dev", "cgtl0"]);
-    run_ok(
-        "ip",
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:3::1/64",
-            "dev",
-            "cgtl0",
-            "nodad",
-        ],
-    );
-    run_ok("ip", &["link", "set", "cgtl0", "up"]);
-    ns.run(|| {
-        run_ok("ip", &["addr", "add", "198.18.3.2/24", "dev", "cgtl1"]);
-        run_ok(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                "2001:db8:3::2/64",
-                "dev",
-                "cgtl1",
-                "nodad",
-            ],
-        );
-        run_ok("ip", &["link", "set", "cgtl1", "up"]);
-        run_ok("ip", &["route", "add", "default", "via", "198.18.3.1"]);
-        run_ok(
-            "ip",
-            &["-6", "route", "add", "default", "via", "2001:db8:3::1"],
-        );
-    });
-    fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-    fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1").unwrap();
-    remote.ns.run(|| {
-        run_ok(
-            "ip",
-            &["route", "add", "198.18.3.0/24", "via", "198.18.0.1"],
-        );
-        run_ok(
-            "ip",
-            &[
-                "-6",
-                "route",
-                "add",
-                "2001:db8:3::/64",
-                "via",
-                "2001:db8::1",
-            ],
-        );
-    });
-    ns
+    behind_gateway(
+        "lan-ns",
+        ("cgtl0", "cgtl1"),
+        "198.18.3",
+        "2001:db8:3",
+        remote,
+    )
 }
 
 /// What it proves: with nft/cgtproxy-forward.nft, the LAN interface listed,

@@ -28,11 +28,6 @@ fn manifest() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn expect(f: Finished, code: i32, what: &str) -> String {
-    assert_eq!(f.code(), Some(code), "{what}: {}", f.describe());
-    f.stdout
-}
-
 /// A scratch directory that goes away with the test.
 struct Scratch(PathBuf);
 

@@ -24,22 +24,8 @@ fn manifest() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `cgtproxy ARGS -c CONFIG --cgroup-root ROOT` (options after the
-/// operands, as the contract allows).
 fn cli(env: &Env, config: &Path, args: &[&str]) -> Finished {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .arg("-c")
-        .arg(config)
-        .arg("--cgroup-root")
-        .arg(&env.cg.root);
-    run_cmd(&mut cmd, LIMIT)
-}
-
-/// Runs a command and asserts its exit status; returns stdout.
-fn expect(f: Finished, code: i32, what: &str) -> String {
-    assert_eq!(f.code(), Some(code), "{what}: {}", f.describe());
-    f.stdout
+    env.cli(config, args, LIMIT)
 }
 
 /// Sets net.bridge.bridge-nf-call-ip(6)tables in this network namespace;

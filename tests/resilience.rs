@@ -145,25 +145,10 @@ fn ruleset_reload_refills_2000_elements() {
             ms(from_commit[1]),
             from_commit.len()
         );
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/p/g7/c7"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
-        assert_direct(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/d"),
-            Proto::Udp,
-            Remote::v6(),
-        );
+        assert_proxied(env, &proxy, &remote, "/p/g7/c7", Proto::Tcp, Remote::v4());
+        assert_direct(env, &proxy, &remote, "/d", Proto::Udp, Remote::v6());
         assert!(d.running());
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -238,7 +223,7 @@ fn map_flush_and_table_delete_while_cgroups_change() {
                 env,
                 &proxy,
                 &remote,
-                &env.cg.path(&format!("/p/late{round}")),
+                &format!("/p/late{round}"),
                 Proto::Tcp,
                 Remote::v4(),
             );
@@ -246,15 +231,14 @@ fn map_flush_and_table_delete_while_cgroups_change() {
                 env,
                 &proxy,
                 &remote,
-                &env.cg.path(&format!("/d{round}")),
+                &format!("/d{round}"),
                 Proto::Udp,
                 Remote::v4(),
             );
         }
         assert_eq!(count(&d.log(), missing), 2, "{}", d.log());
         mon.assert_complete();
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -284,14 +268,7 @@ fn sighup_switches_verdicts_in_one_transaction() {
         let config = env.write_config(&Config::new(&old));
         let d = start_daemon(env, &config, &[]);
         let before = converge(env, &old, CONVERGE, "initial sync");
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/a"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
+        assert_proxied(env, &proxy, &remote, "/a", Proto::Tcp, Remote::v4());
 
         let verdicts_before = dump_verdicts();
         let drop_number: BTreeSet<u32> = verdicts_before
@@ -351,32 +328,10 @@ fn sighup_switches_verdicts_in_one_transaction() {
         let mut kept = verdicts_before.clone();
         kept.retain(|_, v| v.as_str() != "drop");
         assert_eq!(dump_verdicts(), kept, "verdicts after SIGHUP");
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/b"),
-            Proto::Tcp,
-            Remote::v6(),
-        );
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/n"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
-        assert_direct(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/a"),
-            Proto::Udp,
-            Remote::v4(),
-        );
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_proxied(env, &proxy, &remote, "/b", Proto::Tcp, Remote::v6());
+        assert_proxied(env, &proxy, &remote, "/n", Proto::Tcp, Remote::v4());
+        assert_direct(env, &proxy, &remote, "/a", Proto::Udp, Remote::v4());
+        d.stop_ok();
     });
 }
 
@@ -442,8 +397,7 @@ fn sighup_moves_the_policy_routing() {
         d.signal(libc::SIGHUP);
         wait_log(|| d.log(), reloaded, 3, CONVERGE);
         assert_policy_routing(0x52, 152, false, "route: false");
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -499,22 +453,8 @@ fn sighup_with_broken_config_keeps_the_old_one() {
             env.cg.mkdir(&[&p, &dd]);
             converge(env, &rules, CONVERGE, &format!("after SIGHUP with {what}"));
             assert!(d.running(), "{what}: the daemon stopped:\n{}", d.log());
-            assert_proxied(
-                env,
-                &proxy,
-                &remote,
-                &env.cg.path(&p),
-                Proto::Tcp,
-                Remote::v4(),
-            );
-            assert_direct(
-                env,
-                &proxy,
-                &remote,
-                &env.cg.path(&dd),
-                Proto::Udp,
-                Remote::v4(),
-            );
+            assert_proxied(env, &proxy, &remote, &p, Proto::Tcp, Remote::v4());
+            assert_direct(env, &proxy, &remote, &dd, Proto::Udp, Remote::v4());
         }
         // A ruleset reload now refills by the running (old) rules.
         load_ruleset();
@@ -531,16 +471,8 @@ fn sighup_with_broken_config_keeps_the_old_one() {
         d.signal(libc::SIGHUP);
         wait_log(|| d.log(), "configuration reloaded", 1, CONVERGE);
         converge(env, &good, CONVERGE, "after a good SIGHUP");
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/d/after0"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_proxied(env, &proxy, &remote, "/d/after0", Proto::Tcp, Remote::v4());
+        d.stop_ok();
     });
 }
 
@@ -564,14 +496,7 @@ fn sigkill_restart_converges_in_one_transaction() {
         assert_single_policy_routing("first run");
         d.kill();
         assert_eq!(dump_map(), running, "SIGKILL: what was written stays");
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/p/s1/c1"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
+        assert_proxied(env, &proxy, &remote, "/p/s1/c1", Proto::Tcp, Remote::v4());
 
         // While down: matched cgroups removed (whole subtrees, one
         // verdict-bearing leaf), new ones made (nested, matched or not).
@@ -610,14 +535,7 @@ fn sigkill_restart_converges_in_one_transaction() {
             "restart adds exactly the new"
         );
         assert_single_policy_routing("restart after SIGKILL");
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/p/new/a/b"),
-            Proto::Tcp,
-            Remote::v6(),
-        );
+        assert_proxied(env, &proxy, &remote, "/p/new/a/b", Proto::Tcp, Remote::v6());
 
         // Killed again in the middle of a burst, restarted while it goes on:
         // the burst runs until 300 mkdirs after the restart's readiness, or
@@ -688,16 +606,8 @@ fn sigkill_restart_converges_in_one_transaction() {
             .collect();
         assert!(mine.is_empty(), "nothing to change, yet: {mine:?}");
         assert_single_policy_routing("third restart");
-        assert_direct(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/d"),
-            Proto::Udp,
-            Remote::v4(),
-        );
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_direct(env, &proxy, &remote, "/d", Proto::Udp, Remote::v4());
+        d.stop_ok();
         // A stop changes no verdict: the elements and one rule stay.
         assert_truth(env, &rules, "after SIGTERM");
         assert_single_policy_routing("after SIGTERM");
@@ -826,10 +736,7 @@ fn storm_of_20000_nested_creates_and_removes() {
             "storm: the daemon logged {} overflow(s)",
             count(&log, "overflow")
         );
-        let running = dump_map();
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert!(dump_map() == running, "SIGTERM changes no verdict");
+        d.stop_keeps_map();
     });
 }
 
@@ -918,20 +825,12 @@ fn inotify_overflow_while_sigstopped_converges() {
             env,
             &proxy,
             &remote,
-            &env.cg.path("/p/late/a/b"),
+            "/p/late/a/b",
             Proto::Tcp,
             Remote::v4(),
         );
-        assert_direct(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/d"),
-            Proto::Udp,
-            Remote::v4(),
-        );
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_direct(env, &proxy, &remote, "/d", Proto::Udp, Remote::v4());
+        d.stop_ok();
     });
 }
 
@@ -996,26 +895,9 @@ fn out_of_inotify_watches_is_reported_once_and_survived() {
             "out of watches, said once: {}",
             log.lines().find(|l| l.contains(warning)).unwrap()
         );
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/p4"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
-        assert_direct(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/d"),
-            Proto::Udp,
-            Remote::v4(),
-        );
-        let running = dump_map();
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
-        assert!(dump_map() == running, "SIGTERM changes no verdict");
+        assert_proxied(env, &proxy, &remote, "/p4", Proto::Tcp, Remote::v4());
+        assert_direct(env, &proxy, &remote, "/d", Proto::Udp, Remote::v4());
+        d.stop_keeps_map();
     });
 }
 
@@ -1052,32 +934,17 @@ fn runs_as_nobody_with_only_cap_net_admin() {
             env,
             &proxy,
             &remote,
-            &env.cg.path("/p/new/deeper"),
+            "/p/new/deeper",
             Proto::Tcp,
             Remote::v4(),
         );
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/p/a"),
-            Proto::Tcp,
-            Remote::v6(),
-        );
-        assert_direct(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/d"),
-            Proto::Udp,
-            Remote::v4(),
-        );
+        assert_proxied(env, &proxy, &remote, "/p/a", Proto::Tcp, Remote::v6());
+        assert_direct(env, &proxy, &remote, "/d", Proto::Udp, Remote::v4());
         // Self-healing works unprivileged too.
         load_ruleset();
         converge(env, &rules, CONVERGE, "ruleset reload, as nobody");
         assert!(d.running());
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
         assert_eq!(dump_map(), env.cg.truth(&rules), "SIGTERM keeps the map");
         assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, "after SIGTERM as nobody");
     });
@@ -1184,8 +1051,7 @@ fn non_utf8_names_match_on_the_escaped_form() {
         fs::remove_dir(raw(b"/u/bad\xff")).unwrap();
         fs::remove_dir(raw(b"/u/mixed \xc3\xa9\xfe/child \x80")).unwrap();
         converge(env, &rules, CONVERGE, "non-UTF-8 names removed");
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -1289,19 +1155,11 @@ fn paths_past_path_max_are_followed() {
         );
         assert!(d.running(), "the daemon died:\n{}", d.log());
         assert!(!d.log().contains("panicked"), "{}", d.log());
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/p/after"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
+        assert_proxied(env, &proxy, &remote, "/p/after", Proto::Tcp, Remote::v4());
         drop(cleanup);
         env.cg.mkdir(&["/p/last"]);
         converge(env, &rules, CONVERGE, "after the chains were removed");
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
     });
 }
 
@@ -1463,14 +1321,7 @@ fn tampered_verdicts_are_repaired() {
         let p = env.cg.path("/p/child");
         let traffic_is_right = |what: &str| {
             assert_proxied(env, &proxy, &remote, &p, Proto::Tcp, Remote::v4());
-            assert_direct(
-                env,
-                &proxy,
-                &remote,
-                &env.cg.path("/d"),
-                Proto::Udp,
-                Remote::v4(),
-            );
+            assert_direct(env, &proxy, &remote, "/d", Proto::Udp, Remote::v4());
             eprintln!("traffic check: {what}");
             assert_dropped(env, &proxy, &remote, "/x", Proto::Tcp, Remote::v4());
         };
@@ -1604,8 +1455,7 @@ fn tampered_verdicts_are_repaired() {
         traffic_is_right("after a foreign number");
         assert!(d.running(), "{}", d.log());
         let verdicts = dump_verdicts();
-        let f = d.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d.stop_ok();
         assert_eq!(dump_verdicts(), verdicts, "SIGTERM keeps verdicts");
     });
 }
@@ -1657,14 +1507,7 @@ fn verdict_numbers_are_collected_and_reused() {
         );
 
         // Counted traffic on /p's element.
-        assert_proxied(
-            env,
-            &proxy,
-            &remote,
-            &env.cg.path("/p"),
-            Proto::Tcp,
-            Remote::v4(),
-        );
+        assert_proxied(env, &proxy, &remote, "/p", Proto::Tcp, Remote::v4());
         let counted = |when: &str| -> u64 {
             let raw = dump_raw();
             let e = raw
@@ -1776,8 +1619,7 @@ fn verdict_numbers_are_collected_and_reused() {
             "restart with fewer targets",
         );
         let raw = dump_raw();
-        let f = d3.stop();
-        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        d3.stop_ok();
         assert_eq!(dump_raw().verdicts, raw.verdicts, "SIGTERM keeps verdicts");
         assert_eq!(dump_map(), raw.compose(), "SIGTERM keeps the map");
     });

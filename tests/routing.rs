@@ -165,7 +165,7 @@ fn removed_routing_is_put_back() {
             leaked, 0,
             "proxied datagrams reached the remote while routing was gone"
         );
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }
 
@@ -224,7 +224,7 @@ fn a_second_instance_touches_nothing() {
         env.wait_map(&more);
 
         // Gone by SIGTERM, then by SIGKILL: the claim goes with it.
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
         env.once(&Config::new(&rules));
         let mut d = Daemon::start(&args);
         d.kill();
@@ -275,7 +275,7 @@ fn a_squatter_on_the_lock_name_does_not_keep_the_daemon_off() {
         env.wait_map(&rules);
         let _ = squatter.kill();
         let _ = squatter.wait();
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }
 
@@ -320,7 +320,7 @@ fn stop_and_restart_change_no_verdict() {
             if kill {
                 d.kill();
             } else {
-                assert_eq!(d.stop().code(), Some(0));
+                d.stop_ok();
             }
             // Down for a while, then up again.
             thread::sleep(Duration::from_millis(300));
@@ -349,7 +349,7 @@ fn stop_and_restart_change_no_verdict() {
         assert!(txns.is_empty(), "the maps were touched: {txns:?}");
         assert_eq!(dump_map(), running, "the map after the restarts");
         assert_eq!(dump_verdicts(), verdicts, "the verdicts after the restarts");
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }
 
@@ -424,7 +424,7 @@ fn down_removes_elements_and_routes() {
         assert_eq!(f.code(), Some(1), "down beside a daemon: {}", f.describe());
         assert!(f.stderr.contains("stop it first"), "{}", f.describe());
         assert_eq!(kernel_state(), before, "a refused down changed the kernel");
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
         assert_eq!(dump_map(), running, "the stop left the elements");
         assert_policy_routing(ROUTE_MARK, ROUTE_TABLE, true, "the stop left the routes");
 
@@ -562,7 +562,7 @@ fn the_rule_priority_is_honoured() {
             status.describe()
         );
         ip(&["-4", "rule", "del", "priority", "50"]);
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
 
         // A configured priority.
         let mut cfg = Config::new(&rules);
@@ -574,7 +574,7 @@ fn the_rule_priority_is_honoured() {
             ip_rules("-4"),
             ip_rules("-6")
         );
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }
 
@@ -642,7 +642,7 @@ fn a_reload_to_another_map_moves_the_claim() {
             f.describe()
         );
         assert!(d.running(), "{}", d.log());
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }
 
@@ -681,6 +681,6 @@ fn routing_lost_with_lo_comes_back_with_lo() {
         eprintln!("lo up: routing back after {:?}", t0.elapsed());
         wait_log(|| d.log(), "policy routing is in place again", 1, CONVERGE);
         assert!(d.running(), "{}", d.log());
-        assert_eq!(d.stop().code(), Some(0));
+        d.stop_ok();
     });
 }

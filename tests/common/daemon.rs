@@ -3,6 +3,7 @@
 
 use super::BIN;
 use super::env::Env;
+use super::nft::dump_map;
 use super::process::{Finished, pipe, wait_child, wait_until};
 use std::ffi::OsString;
 use std::fs;
@@ -285,6 +286,22 @@ impl Daemon {
                 self.kill_report()
             ),
         }
+    }
+
+    /// [`stop`](Daemon::stop), and asserts exit status 0 (with the log).
+    pub fn stop_ok(self) -> Finished {
+        let f = self.stop();
+        assert_eq!(f.code(), Some(0), "exit after SIGTERM: {}", f.describe());
+        f
+    }
+
+    /// [`stop_ok`](Daemon::stop_ok), and asserts the map is as it was
+    /// before the SIGTERM: a stop changes no verdict.
+    pub fn stop_keeps_map(self) -> Finished {
+        let running = dump_map();
+        let f = self.stop_ok();
+        assert!(dump_map() == running, "SIGTERM changes no verdict");
+        f
     }
 
     /// SIGKILL and reap (10 s). None: it did not finish even so (the log

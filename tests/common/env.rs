@@ -1,15 +1,16 @@
 //! The test environment: the cgroup subtree, a scratch directory, and the
 //! map compared with the truth.
 
-use super::CONVERGE;
 use super::cgroups::CgroupTree;
 use super::config::{Config, Rules};
 use super::daemon::{Daemon, run_daemon_to_exit};
 use super::nft::{MapDump, dump_map};
-use super::process::{Finished, random_hex, wait_until};
+use super::process::{Finished, random_hex, run_cmd, wait_until};
+use super::{BIN, CONVERGE};
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -67,6 +68,18 @@ impl Env {
             "--cgroup-root".into(),
             self.cg.root.clone().into(),
         ]
+    }
+
+    /// `cgtproxy ARGS -c CONFIG --cgroup-root ROOT` (options after the
+    /// operands, as the contract allows), killed past `limit`.
+    pub fn cli(&self, config: &Path, args: &[&str], limit: Duration) -> Finished {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .arg("-c")
+            .arg(config)
+            .arg("--cgroup-root")
+            .arg(&self.cg.root);
+        run_cmd(&mut cmd, limit)
     }
 
     /// Starts the daemon with `cfg` and waits for readiness.

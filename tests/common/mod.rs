@@ -34,6 +34,7 @@
 //! - `nft.rs`:     the ruleset and both maps, read and written by the real `nft`
 //! - `monitor.rs`: our own `nft monitor`: each transaction's events and committer
 //! - `ptrace.rs`:  holding the daemon at its next batch, to make a race certain
+//! - `links.rs`:   veth pairs, addresses, routes; a host behind the test's
 //! - `routing.rs`: policy routing as `ip rule` / `ip route` show it
 //! - `config.rs`:  config files and the rules' verdicts, computed independently
 //! - `cgroups.rs`: the test's cgroup subtree by path, and its truth
@@ -67,6 +68,8 @@ pub mod fdtree;
 #[allow(dead_code)]
 pub mod flood;
 #[allow(dead_code)]
+pub mod links;
+#[allow(dead_code)]
 pub mod monitor;
 #[allow(dead_code)]
 pub mod netns;
@@ -95,9 +98,9 @@ pub mod userns;
 // each test binary uses only some of them.
 #[allow(unused_imports)]
 pub use {
-    cgroups::*, clients::*, config::*, daemon::*, env::*, fdtree::*, flood::*, monitor::*,
-    netns::*, nft::*, prereq::*, process::*, proxies::*, ptrace::*, routing::*, servers::*,
-    sockets::*, traffic::*, userns::*,
+    cgroups::*, clients::*, config::*, daemon::*, env::*, fdtree::*, flood::*, links::*,
+    monitor::*, netns::*, nft::*, prereq::*, process::*, proxies::*, ptrace::*, routing::*,
+    servers::*, sockets::*, traffic::*, userns::*,
 };
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -32,6 +32,12 @@ impl Finished {
     }
 }
 
+/// Asserts that `f` (the outcome of `what`) exited with `code`; its stdout.
+pub fn expect(f: Finished, code: i32, what: &str) -> String {
+    assert_eq!(f.code(), Some(code), "{what}: {}", f.describe());
+    f.stdout
+}
+
 /// Runs a command to completion with a time limit (SIGKILL past it).
 pub fn run_cmd(cmd: &mut Command, limit: Duration) -> Finished {
     let what = format!("{cmd:?}");

@@ -1,6 +1,7 @@
 //! Servers: the TPROXY listener, the remote server behind a veth pair in a
 //! namespace of its own, the server reachable only by a socket mark.
 
+use super::links::{addr_add, route_add, veth};
 use super::netns::NsThread;
 use super::process::run_ok;
 use super::sockets::{bound_socket, recv_origdst};
@@ -256,74 +257,17 @@ impl Remote {
     /// Call from the test thread (its namespace gets the other veth end).
     pub fn start() -> Remote {
         let ns = NsThread::new("remote-ns");
-        run_ok(
-            "ip",
-            &[
-                "link", "add", "cgtv0", "type", "veth", "peer", "name", "cgtv1",
-            ],
-        );
-        run_ok(
-            "ip",
-            &["link", "set", "cgtv1", "netns", &ns.tid.to_string()],
+        veth(
+            &ns,
+            ("cgtv0", &["198.18.0.1/24", "2001:db8::1/64"]),
+            ("cgtv1", &["198.18.0.2/24", "2001:db8::2/64"]),
         );
         ns.run(|| {
-            run_ok("ip", &["addr", "add", "198.18.0.2/24", "dev", "cgtv1"]);
-            run_ok(
-                "ip",
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    "2001:db8::2/64",
-                    "dev",
-                    "cgtv1",
-                    "nodad",
-                ],
-            );
-            run_ok("ip", &["addr", "add", "198.18.1.2/32", "dev", "lo"]);
-            run_ok(
-                "ip",
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    "2001:db8:1::2/128",
-                    "dev",
-                    "lo",
-                    "nodad",
-                ],
-            );
-            run_ok("ip", &["link", "set", "cgtv1", "up"]);
+            addr_add("lo", "198.18.1.2/32");
+            addr_add("lo", "2001:db8:1::2/128");
         });
-        run_ok("ip", &["addr", "add", "198.18.0.1/24", "dev", "cgtv0"]);
-        run_ok(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                "2001:db8::1/64",
-                "dev",
-                "cgtv0",
-                "nodad",
-            ],
-        );
-        run_ok("ip", &["link", "set", "cgtv0", "up"]);
-        run_ok(
-            "ip",
-            &["route", "add", "198.18.1.0/24", "via", "198.18.0.2"],
-        );
-        run_ok(
-            "ip",
-            &[
-                "-6",
-                "route",
-                "add",
-                "2001:db8:1::/64",
-                "via",
-                "2001:db8::2",
-            ],
-        );
+        route_add("198.18.1.0/24", "198.18.0.2");
+        route_add("2001:db8:1::/64", "2001:db8::2");
         let server = ns.run(|| {
             Server::start(
                 "remote",
@@ -359,19 +303,8 @@ pub fn marked_server(remote: &Remote) -> (Server, [SocketAddr; 2]) {
     let v4: SocketAddr = "198.18.9.2:9000".parse().unwrap();
     let v6: SocketAddr = "[2001:db8:9::2]:9000".parse().unwrap();
     let server = remote.ns.run(move || {
-        run_ok("ip", &["addr", "add", "198.18.9.2/32", "dev", "lo"]);
-        run_ok(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                "2001:db8:9::2/128",
-                "dev",
-                "lo",
-                "nodad",
-            ],
-        );
+        addr_add("lo", "198.18.9.2/32");
+        addr_add("lo", "2001:db8:9::2/128");
         Server::start("marked", &[v4, v6], false)
     });
     // Replies come back from an address the main table black-holes: no

@@ -4,7 +4,7 @@
 
 use super::clients::{exchange, exchange_within};
 use super::env::Env;
-use super::servers::{Proto, Remote, Server};
+use super::servers::{Event, Proto, Remote, Server};
 use super::{LOCAL_V4, LOCAL_V6};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -64,29 +64,18 @@ pub fn assert_proxied(
     proto: Proto,
     dst: SocketAddr,
 ) {
-    let dir = cg.dir(env);
-    let msg = env.token("proxied");
-    let r = exchange(&dir, proto, dst, &msg);
-    assert_eq!(
-        r,
-        Ok(format!("proxy:{msg}")),
-        "{proto:?} to {dst} from cgroup {}: expected the TPROXY listener to answer",
-        dir.display()
-    );
-    let ev = proxy.got(&msg);
-    assert_eq!(ev.len(), 1, "proxy events for {msg}: {ev:?}");
-    assert_eq!(
-        ev[0].local, dst,
-        "original destination seen by the listener"
+    let seen = answered_by(
+        env,
+        cg,
+        proto,
+        dst,
+        ("proxied", "the TPROXY listener", proxy),
+        ("the remote", &remote.server),
     );
     assert_eq!(
-        ev[0].peer.ip(),
+        seen.peer.ip(),
         local_ip(dst),
         "client address seen by the listener"
-    );
-    assert!(
-        remote.server.got(&msg).is_empty(),
-        "proxied traffic also reached the remote"
     );
 }
 
@@ -100,22 +89,45 @@ pub fn assert_direct(
     proto: Proto,
     dst: SocketAddr,
 ) {
+    answered_by(
+        env,
+        cg,
+        proto,
+        dst,
+        ("direct", "the remote server", &remote.server),
+        ("the proxy", proxy),
+    );
+}
+
+/// Sends a fresh token (named for `how` the traffic went) from `cg` to
+/// `dst` and asserts that the server `by` (called `name`) answered it and
+/// received it once, at `dst` (for the TPROXY listener: the original
+/// destination), and `other` (called `other_name`) nothing. What `by` saw.
+fn answered_by(
+    env: &Env,
+    cg: impl CgroupDir,
+    proto: Proto,
+    dst: SocketAddr,
+    (how, name, by): (&str, &str, &Server),
+    (other_name, other): (&str, &Server),
+) -> Event {
     let dir = cg.dir(env);
-    let msg = env.token("direct");
+    let msg = env.token(how);
     let r = exchange(&dir, proto, dst, &msg);
     assert_eq!(
         r,
-        Ok(format!("remote:{msg}")),
-        "{proto:?} to {dst} from cgroup {}: expected the remote server to answer",
+        Ok(format!("{}:{msg}", by.tag)),
+        "{proto:?} to {dst} from cgroup {}: expected {name} to answer",
         dir.display()
     );
-    let ev = remote.server.got(&msg);
-    assert_eq!(ev.len(), 1, "remote events for {msg}: {ev:?}");
-    assert_eq!(ev[0].local, dst);
+    let ev = by.got(&msg);
+    assert_eq!(ev.len(), 1, "{} events for {msg}: {ev:?}", by.tag);
+    assert_eq!(ev[0].local, dst, "original destination seen by {name}");
     assert!(
-        proxy.got(&msg).is_empty(),
-        "direct traffic also reached the proxy"
+        other.got(&msg).is_empty(),
+        "{how} traffic also reached {other_name}"
     );
+    ev.into_iter().next().unwrap()
 }
 
 /// Sends from `cg` (client bounded by [`QUICK`]) and asserts nothing got
