@@ -15,7 +15,7 @@ use common::*;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -398,15 +398,10 @@ fn dns_serve(
     events: &Mutex<Vec<DnsEvent>>,
     stop: &AtomicBool,
 ) {
-    let mut pfds: Vec<libc::pollfd> = udp
+    let fds: Vec<RawFd> = udp
         .iter()
         .map(|s| s.as_raw_fd())
         .chain(tcp.iter().map(|s| s.as_raw_fd()))
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
         .collect();
     let record = |proto, local, peer, query: &[u8]| {
         if let Some((_, name, _, _)) = parse_question(query) {
@@ -419,49 +414,39 @@ fn dns_serve(
         }
     };
     let mut buf = [0u8; 4096];
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: pfds is a live array of pollfd.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
-        if n <= 0 {
-            continue;
-        }
-        for (i, p) in pfds.iter().enumerate() {
-            if p.revents == 0 {
-                continue;
-            }
-            if i < udp.len() {
-                let s = &udp[i];
-                while let Ok((n, peer)) = s.recv_from(&mut buf) {
-                    let q = &buf[..n];
-                    record(Proto::Udp, s.local_addr().unwrap(), peer, q);
-                    if let Some(ans) = dns_answer(q, a, aaaa) {
-                        let _ = s.send_to(&ans, peer);
-                    }
+    serve_until(stop, &fds, |i| {
+        if i < udp.len() {
+            let s = &udp[i];
+            while let Ok((n, peer)) = s.recv_from(&mut buf) {
+                let q = &buf[..n];
+                record(Proto::Udp, s.local_addr().unwrap(), peer, q);
+                if let Some(ans) = dns_answer(q, a, aaaa) {
+                    let _ = s.send_to(&ans, peer);
                 }
-            } else {
-                let l = &tcp[i - udp.len()];
-                while let Ok((mut c, peer)) = l.accept() {
-                    // One query per connection is all the tests send.
-                    let _ = c.set_nonblocking(false);
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-                    let mut len = [0u8; 2];
-                    if c.read_exact(&mut len).is_err() {
-                        continue;
-                    }
-                    let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-                    if c.read_exact(&mut q).is_err() {
-                        continue;
-                    }
-                    record(Proto::Tcp, c.local_addr().unwrap(), peer, &q);
-                    if let Some(ans) = dns_answer(&q, a, aaaa) {
-                        let mut out = (ans.len() as u16).to_be_bytes().to_vec();
-                        out.extend(ans);
-                        let _ = c.write_all(&out);
-                    }
+            }
+        } else {
+            let l = &tcp[i - udp.len()];
+            while let Ok((mut c, peer)) = l.accept() {
+                // One query per connection is all the tests send.
+                let _ = c.set_nonblocking(false);
+                let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut len = [0u8; 2];
+                if c.read_exact(&mut len).is_err() {
+                    continue;
+                }
+                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                if c.read_exact(&mut q).is_err() {
+                    continue;
+                }
+                record(Proto::Tcp, c.local_addr().unwrap(), peer, &q);
+                if let Some(ans) = dns_answer(&q, a, aaaa) {
+                    let mut out = (ans.len() as u16).to_be_bytes().to_vec();
+                    out.extend(ans);
+                    let _ = c.write_all(&out);
                 }
             }
         }
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -575,15 +560,8 @@ fn dns_of_proxy_cgroups_goes_to_the_resolver() {
         let unserved_v6: SocketAddr = "[2001:db8:1::7]:53".parse().unwrap();
 
         env.cg.mkdir(&["/p/child", "/d", "/x", "/other"]);
+        env.fill(&[("/p", "goto proxy"), ("/d", "goto direct"), ("/x", "drop")]);
         let c = &env.cg;
-        nft_add_elements(
-            &env.mount,
-            &[
-                (&c.path("/p"), "goto proxy"),
-                (&c.path("/d"), "goto direct"),
-                (&c.path("/x"), "drop"),
-            ],
-        );
 
         let servers = [(Who::Fake, &fake), (Who::Real, &real), (Who::Local, &local)];
         let check = |cg: &str, proto: Proto, dst: SocketAddr, qtype: u16, mark, want: Who| {
@@ -702,7 +680,7 @@ fn dns_hijack_comes_with_the_dns_file_and_survives_reload() {
             "2001:db8:53::1".parse().unwrap(),
         );
         env.cg.mkdir(&["/p"]);
-        nft_add_elements(&env.mount, &[(&env.cg.path("/p"), "goto proxy")]);
+        env.fill(&[("/p", "goto proxy")]);
         let p = env.cg.path("/p");
         let dst: SocketAddr = "198.18.1.7:53".parse().unwrap();
 

@@ -395,89 +395,131 @@ impl Client {
     }
 }
 
-/// A server in a forked child, in `cgroup`: TCP listens on `addr` and exits
-/// 0 on the first connection it accepts; UDP exits 0 on the first datagram.
-/// Anything else (nothing within `wait`): 1. `ready` is written to once
-/// the socket is bound.
-fn spawn_server(cgroup: &Path, tcp: bool, addr: SocketAddr, wait: Duration) -> (Running, OwnedFd) {
-    use std::os::unix::ffi::OsStrExt;
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
-    let (sa, len) = to_sockaddr(&addr);
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let tv = libc::timeval {
-        tv_sec: wait.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    let mut fds = [0; 2];
-    // SAFETY: a pipe into a local array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: the child makes raw system calls only.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: raw system calls on memory prepared before the fork.
-        unsafe {
-            let code = (|| {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return 10;
-                }
-                libc::close(fd);
-                let ty = if tcp {
-                    libc::SOCK_STREAM
-                } else {
-                    libc::SOCK_DGRAM
-                };
-                let s = libc::socket(family, ty, 0);
-                let one: libc::c_int = 1;
-                libc::setsockopt(
-                    s,
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEADDR,
-                    (&one as *const libc::c_int).cast(),
-                    4,
-                );
-                if libc::bind(s, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
-                    return 11;
-                }
-                if tcp && libc::listen(s, 8) != 0 {
-                    return 12;
-                }
-                libc::setsockopt(
-                    s,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                );
-                libc::write(fds[1], b"r".as_ptr().cast(), 1);
-                if tcp {
-                    if libc::accept(s, std::ptr::null_mut(), std::ptr::null_mut()) >= 0 {
-                        return 0;
+/// A server in a forked child: what it binds and how long it waits.
+struct Listener {
+    tcp: bool,
+    addr: SocketAddr,
+    /// setgid/setuid to 65534 after joining the cgroup.
+    nobody: bool,
+    /// SO_REUSEADDR before the bind (a port used a moment ago).
+    reuse_addr: bool,
+    /// None: exit X_OK once bound.
+    wait: Option<Duration>,
+}
+
+impl Listener {
+    /// Forks it into `cgroup`; returns once it is bound (or failed to).
+    /// It binds `addr` (TCP: and listens), then exits 0 on the first
+    /// connection it accepts or datagram it receives within `wait`, 1 on
+    /// none; a failed bind exits with [`exit_of_errno`] (X_EPERM, ...), other
+    /// failures 10 (cgroup), 11 (uid), 12 (listen).
+    fn spawn(&self, cgroup: &Path) -> Running {
+        use std::os::unix::ffi::OsStrExt;
+        let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        let (sa, len) = to_sockaddr(&self.addr);
+        let family = if self.addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let ty = if self.tcp {
+            libc::SOCK_STREAM
+        } else {
+            libc::SOCK_DGRAM
+        };
+        let tv = self.wait.map(|w| libc::timeval {
+            tv_sec: w.as_secs() as libc::time_t,
+            tv_usec: w.subsec_micros() as libc::suseconds_t,
+        });
+        let &Listener {
+            tcp,
+            nobody,
+            reuse_addr,
+            ..
+        } = self;
+        let mut fds = [0; 2];
+        // SAFETY: a pipe into a local array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the child makes raw system calls only.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: raw system calls on memory prepared before the fork.
+            unsafe {
+                let code = (|| {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return 10;
                     }
-                } else {
-                    let mut b = [0u8; 64];
-                    if libc::recv(s, b.as_mut_ptr().cast(), b.len(), 0) > 0 {
-                        return 0;
+                    libc::close(fd);
+                    if nobody && (libc::setgid(65534) != 0 || libc::setuid(65534) != 0) {
+                        return 11;
                     }
-                }
-                1
-            })();
-            libc::_exit(code);
+                    let s = libc::socket(family, ty, 0);
+                    if reuse_addr {
+                        let one: libc::c_int = 1;
+                        libc::setsockopt(
+                            s,
+                            libc::SOL_SOCKET,
+                            libc::SO_REUSEADDR,
+                            (&one as *const libc::c_int).cast(),
+                            4,
+                        );
+                    }
+                    if libc::bind(s, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
+                        return exit_of_errno(errno());
+                    }
+                    if tcp && libc::listen(s, 8) != 0 {
+                        return 12;
+                    }
+                    libc::write(fds[1], b"r".as_ptr().cast(), 1);
+                    let Some(tv) = tv else {
+                        return X_OK;
+                    };
+                    libc::setsockopt(
+                        s,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        (&tv as *const libc::timeval).cast(),
+                        std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                    );
+                    if tcp {
+                        if libc::accept(s, std::ptr::null_mut(), std::ptr::null_mut()) >= 0 {
+                            return 0;
+                        }
+                    } else {
+                        let mut b = [0u8; 512];
+                        if libc::recv(s, b.as_mut_ptr().cast(), b.len(), 0) > 0 {
+                            return 0;
+                        }
+                    }
+                    1
+                })();
+                libc::_exit(code);
+            }
         }
+        // SAFETY: our copy of the write end; then wait for "bound" (or the
+        // end of the pipe: it exited).
+        unsafe { libc::close(fds[1]) };
+        // SAFETY: fds[0] is ours.
+        let mut f = fs::File::from(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+        let mut b = [0u8; 1];
+        let _ = f.read(&mut b);
+        Running { pid }
     }
-    // SAFETY: closing our copy of the write end; the read end is returned.
-    unsafe { libc::close(fds[1]) };
-    // SAFETY: fds[0] is ours.
-    let r = unsafe { OwnedFd::from_raw_fd(fds[0]) };
-    let mut b = [0u8; 1];
-    let mut f = fs::File::from(r.try_clone().unwrap());
-    let _ = f.read(&mut b);
-    (Running { pid }, r)
+}
+
+/// A server in `cgroup` on `addr` (TCP or UDP): exit 0 on the first
+/// connection or datagram within `wait`, 1 on none.
+fn spawn_server(cgroup: &Path, tcp: bool, addr: SocketAddr, wait: Duration) -> Running {
+    Listener {
+        tcp,
+        addr,
+        nobody: false,
+        reuse_addr: true,
+        wait: Some(wait),
+    }
+    .spawn(cgroup)
 }
 
 /// From the remote namespace: a TCP connect to `dst` (true: it connected)
@@ -504,13 +546,6 @@ fn from_remote(remote: &Remote, tcp: bool, dst: SocketAddr) -> bool {
 // ---------------------------------------------------------------------------
 // Set-up helpers
 // ---------------------------------------------------------------------------
-
-/// The flag and the elements, written with nft (no daemon).
-fn fill(env: &Env, elems: &[(&str, &str)]) {
-    let paths: Vec<(PathBuf, &str)> = elems.iter().map(|(c, v)| (env.cg.path(c), *v)).collect();
-    let refs: Vec<(&Path, &str)> = paths.iter().map(|(p, v)| (p.as_path(), *v)).collect();
-    nft_add_elements(&env.mount, &refs);
-}
 
 /// Ping sockets in the test namespace (a per-namespace sysctl).
 fn allow_ping() {
@@ -596,7 +631,7 @@ fn routing_gone_marked_packets_never_leave() {
         let remote = Remote::start();
         let log = Logger::start(&remote);
         env.cg.mkdir(&["/p", "/u"]);
-        fill(env, &[("/p", "goto proxy")]);
+        env.fill(&[("/p", "goto proxy")]);
         let dsts = remote_at(9201);
         for (i, dst) in dsts.iter().enumerate() {
             log.watch_port(&format!("to{i}"), *dst);
@@ -627,7 +662,7 @@ fn proxy_down_is_refused_fast() {
         let remote = Remote::start();
         let log = Logger::start(&remote);
         env.cg.mkdir(&["/p"]);
-        fill(env, &[("/p", "goto proxy")]);
+        env.fill(&[("/p", "goto proxy")]);
         for (i, dst) in remote_at(9211).iter().enumerate() {
             log.watch_port(&format!("to{i}"), *dst);
             let (code, took) = Client::new(&env.cg.path("/p"), Kind::Tcp, *dst).run();
@@ -652,7 +687,7 @@ fn proxy_drops_other_protocols() {
         let log = Logger::start(&remote);
         let _proxy = start_proxy();
         env.cg.mkdir(&["/p", "/u"]);
-        fill(env, &[("/p", "goto proxy")]);
+        env.fill(&[("/p", "goto proxy")]);
         let dsts = remote_at(9221);
         for (i, dst) in dsts.iter().enumerate() {
             log.watch_port(&format!("lite{i}"), *dst);
@@ -688,10 +723,7 @@ fn proxy_mark_exempts_no_one() {
         let log = Logger::start(&remote);
         let proxy = start_proxy();
         env.cg.mkdir(&["/p", "/x", "/d"]);
-        fill(
-            env,
-            &[("/p", "goto proxy"), ("/x", "drop"), ("/d", "goto direct")],
-        );
+        env.fill(&[("/p", "goto proxy"), ("/x", "drop"), ("/d", "goto direct")]);
         for (i, dst) in remote_at(9231).iter().enumerate() {
             let name = format!("to{i}");
             log.watch_port(&name, *dst);
@@ -734,7 +766,7 @@ fn a_number_without_a_verdict_lets_nothing_out() {
         let log = Logger::start(&remote);
         let _proxy = start_proxy();
         env.cg.mkdir(&["/n", "/u"]);
-        fill(env, &[("/n", "goto proxy")]);
+        env.fill(&[("/n", "goto proxy")]);
         let numbers: Vec<u32> = dump_raw().verdicts.keys().copied().collect();
         assert_eq!(numbers.len(), 1, "one verdict number bound: {numbers:?}");
         nft_script(&format!(
@@ -815,7 +847,7 @@ fn drop_reaches_no_destination() {
         let local = Server::start("local", &near, false);
 
         env.cg.mkdir(&["/x", "/d"]);
-        fill(env, &[("/x", "drop"), ("/d", "goto direct")]);
+        env.fill(&[("/x", "drop"), ("/d", "goto direct")]);
         let send = |cg: &str, dst: SocketAddr| {
             for kind in [Kind::Udp, Kind::Tcp] {
                 Client::new(&env.cg.path(cg), kind, dst).run();
@@ -855,7 +887,7 @@ fn drop_accepts_no_inbound_connection() {
         load_ruleset();
         let remote = Remote::start();
         env.cg.mkdir(&["/x", "/d", "/u"]);
-        fill(env, &[("/x", "drop"), ("/d", "goto direct")]);
+        env.fill(&[("/x", "drop"), ("/d", "goto direct")]);
         let addrs: [SocketAddr; 2] = [
             SocketAddr::new(LOCAL_V4.into(), 9251),
             SocketAddr::new(LOCAL_V6.into(), 9251),
@@ -863,8 +895,7 @@ fn drop_accepts_no_inbound_connection() {
         for addr in addrs {
             for tcp in [true, false] {
                 for (cg, accepts) in [("/x", false), ("/d", true)] {
-                    let (server, _ready) =
-                        spawn_server(&env.cg.path(cg), tcp, addr, Duration::from_secs(2));
+                    let server = spawn_server(&env.cg.path(cg), tcp, addr, Duration::from_secs(2));
                     from_remote(&remote, tcp, addr);
                     let code = server.wait(Duration::from_secs(10));
                     assert_eq!(
@@ -881,8 +912,7 @@ fn drop_accepts_no_inbound_connection() {
                 "[::1]:9252".parse().unwrap()
             };
             for (cg, accepts) in [("/x", false), ("/d", true)] {
-                let (server, _ready) =
-                    spawn_server(&env.cg.path(cg), true, lo, Duration::from_secs(2));
+                let server = spawn_server(&env.cg.path(cg), true, lo, Duration::from_secs(2));
                 Client::new(&env.cg.path("/u"), Kind::Tcp, lo).run();
                 let code = server.wait(Duration::from_secs(10));
                 assert_eq!(
@@ -914,7 +944,7 @@ fn reused_tuple_does_not_inherit_direct() {
         let log = Logger::start(&remote);
         let _proxy = start_proxy();
         env.cg.mkdir(&["/x", "/p", "/u"]);
-        fill(env, &[("/x", "drop"), ("/p", "goto proxy")]);
+        env.fill(&[("/x", "drop"), ("/p", "goto proxy")]);
         let dsts = remote_at(9261);
         for (i, dst) in dsts.iter().enumerate() {
             log.watch_port(&format!("udp{i}"), *dst);
@@ -1135,7 +1165,7 @@ fn connection_opened_before_fill_is_decided_again() {
         let mut control = Session::open(&env.cg.path("/u"), Proto::Tcp, Remote::v4());
         assert_eq!(early.send("one"), Ok("remote:one".into()));
         assert_eq!(control.send("one"), Ok("remote:one".into()));
-        fill(env, &[("/p", "goto proxy")]);
+        env.fill(&[("/p", "goto proxy")]);
         // Cut with a reset: the program learns at once (a plain drop would
         // leave it waiting for its timeout).
         let t = Instant::now();
@@ -1169,7 +1199,7 @@ fn dns_resolver_cannot_be_squatted() {
         add_policy_routing(ROUTE_MARK, ROUTE_TABLE);
         let _remote = Remote::start();
         env.cg.mkdir(&["/p", "/squat"]);
-        fill(env, &[("/p", "goto proxy")]);
+        env.fill(&[("/p", "goto proxy")]);
         // The squatter's cgroup must be writable by it only for joining:
         // the child joins as root, then drops to uid 65534.
         let mut squatters = Vec::new();
@@ -1197,80 +1227,27 @@ fn dns_resolver_cannot_be_squatted() {
 /// A uid-65534 UDP server on `addr` in `cgroup`: exit 0 when it received a
 /// datagram within 2 s, 1 when not, X_EPERM when it could not bind.
 fn spawn_squatter(cgroup: &Path, addr: SocketAddr) -> Running {
-    squatter(cgroup, addr, true)
+    squatter(addr, Some(Duration::from_secs(2))).spawn(cgroup)
 }
 
 fn squat_bind_only(cgroup: &Path, addr: SocketAddr) -> (i32, Duration) {
     let t = Instant::now();
     (
-        squatter(cgroup, addr, false).wait(Duration::from_secs(10)),
+        squatter(addr, None)
+            .spawn(cgroup)
+            .wait(Duration::from_secs(10)),
         t.elapsed(),
     )
 }
 
-fn squatter(cgroup: &Path, addr: SocketAddr, listen: bool) -> Running {
-    use std::os::unix::ffi::OsStrExt;
-    let procs = CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
-    let (sa, len) = to_sockaddr(&addr);
-    let family = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let tv = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    let mut fds = [0; 2];
-    // SAFETY: a pipe into a local array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: the child makes raw system calls only.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: raw system calls on memory prepared before the fork.
-        unsafe {
-            let code = (|| {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return 10;
-                }
-                libc::close(fd);
-                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                    return 11;
-                }
-                let s = libc::socket(family, libc::SOCK_DGRAM, 0);
-                if libc::bind(s, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
-                    libc::write(fds[1], b"r".as_ptr().cast(), 1);
-                    return exit_of_errno(errno());
-                }
-                libc::write(fds[1], b"r".as_ptr().cast(), 1);
-                if !listen {
-                    return X_OK;
-                }
-                libc::setsockopt(
-                    s,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-                );
-                let mut b = [0u8; 512];
-                if libc::recv(s, b.as_mut_ptr().cast(), b.len(), 0) > 0 {
-                    return 0;
-                }
-                1
-            })();
-            libc::_exit(code);
-        }
+fn squatter(addr: SocketAddr, wait: Option<Duration>) -> Listener {
+    Listener {
+        tcp: false,
+        addr,
+        nobody: true,
+        reuse_addr: false,
+        wait,
     }
-    // SAFETY: our copy of the write end; then wait for "bound".
-    unsafe { libc::close(fds[1]) };
-    // SAFETY: fds[0] is ours.
-    let mut f = fs::File::from(unsafe { OwnedFd::from_raw_fd(fds[0]) });
-    let mut b = [0u8; 1];
-    let _ = f.read(&mut b);
-    Running { pid }
 }
 
 // ---------------------------------------------------------------------------

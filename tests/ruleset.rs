@@ -20,7 +20,7 @@ fn ruleset_loads_and_reloads() {
         );
         load_ruleset();
         env.cg.mkdir(&["/p"]);
-        nft_add_elements(&env.mount, &[(&env.cg.path("/p"), "goto proxy")]);
+        env.fill(&[("/p", "goto proxy")]);
         assert_eq!(
             dump_map(),
             MapDump::from([(env.cg.id("/p"), "goto proxy".to_string())])
@@ -45,15 +45,8 @@ fn ruleset_steers_by_cgroup() {
         let remote = Remote::start();
         let proxy = start_proxy();
         env.cg.mkdir(&["/p/child", "/d", "/x/child", "/other"]);
+        env.fill(&[("/p", "goto proxy"), ("/d", "goto direct"), ("/x", "drop")]);
         let c = &env.cg;
-        nft_add_elements(
-            &env.mount,
-            &[
-                (&c.path("/p"), "goto proxy"),
-                (&c.path("/d"), "goto direct"),
-                (&c.path("/x"), "drop"),
-            ],
-        );
         let want: MapDump = [
             (c.id("/p"), "goto proxy".to_string()),
             (c.id("/d"), "goto direct".to_string()),
@@ -111,14 +104,8 @@ fn ruleset_keeps_the_socket_mark() {
         let proxy = start_proxy();
         let (marked, dsts) = marked_server(&remote);
         env.cg.mkdir(&["/d", "/p", "/lost", "/other"]);
+        env.fill(&[("/d", "goto direct"), ("/p", "goto proxy")]);
         let c = &env.cg;
-        nft_add_elements(
-            &env.mount,
-            &[
-                (&c.path("/d"), "goto direct"),
-                (&c.path("/p"), "goto proxy"),
-            ],
-        );
         // A number nobody defined (someone else's edit): dropped.
         let lost = format!(
             "add element inet cgtproxy cgroups {{ {} : 999 }}",

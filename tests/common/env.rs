@@ -4,7 +4,7 @@
 use super::cgroups::CgroupTree;
 use super::config::{Config, Rules};
 use super::daemon::{Daemon, run_daemon_to_exit};
-use super::nft::{MapDump, dump_map};
+use super::nft::{MapDump, dump_map, nft_add_elements};
 use super::process::{Finished, random_hex, run_cmd, wait_until};
 use super::{BIN, CONVERGE};
 use std::ffi::OsString;
@@ -80,6 +80,15 @@ impl Env {
             .arg("--cgroup-root")
             .arg(&self.cg.root);
         run_cmd(&mut cmd, limit)
+    }
+
+    /// Adds elements with the real `nft`, each a cgroup below the subtree
+    /// ("/p") and its verdict ("goto proxy"): a map as the daemon would fill it.
+    pub fn fill(&self, elems: &[(&str, &str)]) {
+        let paths: Vec<(PathBuf, &str)> =
+            elems.iter().map(|(c, v)| (self.cg.path(c), *v)).collect();
+        let refs: Vec<(&Path, &str)> = paths.iter().map(|(p, v)| (p.as_path(), *v)).collect();
+        nft_add_elements(&self.mount, &refs);
     }
 
     /// Starts the daemon with `cfg` and waits for readiness.

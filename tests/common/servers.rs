@@ -9,7 +9,7 @@ use super::{PROXY_PORT, REMOTE_PORT, REMOTE_V4, REMOTE_V6};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -116,6 +116,32 @@ impl Drop for Server {
     }
 }
 
+/// Polls `fds` for input until `stop` is set (checked every 50 ms) and
+/// calls `ready` with the index in `fds` of each one that is readable: the
+/// loop of every server thread here.
+pub fn serve_until(stop: &AtomicBool, fds: &[RawFd], mut ready: impl FnMut(usize)) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: pfds is a live array of pollfd.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
+        if n <= 0 {
+            continue;
+        }
+        for (i, p) in pfds.iter().enumerate() {
+            if p.revents != 0 {
+                ready(i);
+            }
+        }
+    }
+}
+
 fn serve(
     tag: &str,
     tcp: Vec<TcpListener>,
@@ -125,66 +151,51 @@ fn serve(
     stop: &Arc<AtomicBool>,
     threads: &Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) {
-    let mut pfds: Vec<libc::pollfd> = tcp
+    let fds: Vec<RawFd> = tcp
         .iter()
         .map(|l| l.as_raw_fd())
         .chain(udp.iter().map(|u| u.as_raw_fd()))
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
         .collect();
     let mut buf = vec![0u8; 65536];
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: pfds is a live array of pollfd.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
-        if n <= 0 {
-            continue;
-        }
-        for (i, p) in pfds.iter().enumerate() {
-            if p.revents == 0 {
-                continue;
+    serve_until(stop, &fds, |i| {
+        if i < tcp.len() {
+            if let Ok((stream, peer)) = tcp[i].accept() {
+                let (events, stop, tag) = (events.clone(), stop.clone(), tag.to_string());
+                let h = thread::spawn(move || serve_tcp(&tag, stream, peer, &events, &stop));
+                threads.lock().unwrap().push(h);
             }
-            if i < tcp.len() {
-                if let Ok((stream, peer)) = tcp[i].accept() {
-                    let (events, stop, tag) = (events.clone(), stop.clone(), tag.to_string());
-                    let h = thread::spawn(move || serve_tcp(&tag, stream, peer, &events, &stop));
-                    threads.lock().unwrap().push(h);
+        } else {
+            let sock = &udp[i - tcp.len()];
+            let Ok((n, peer, orig)) = recv_origdst(sock.as_raw_fd(), &mut buf) else {
+                return;
+            };
+            let local = orig.unwrap_or_else(|| sock.local_addr().unwrap());
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let reply_to = |line: &str| -> io::Result<()> {
+                let reply = format!("{tag}:{line}\n");
+                if transparent {
+                    // Answer from the original destination, as a real
+                    // TPROXY proxy does.
+                    let s = UdpSocket::from(bound_socket(local, Proto::Udp, true)?);
+                    s.send_to(reply.as_bytes(), peer)?;
+                } else {
+                    sock.send_to(reply.as_bytes(), peer)?;
                 }
-            } else {
-                let sock = &udp[i - tcp.len()];
-                let Ok((n, peer, orig)) = recv_origdst(sock.as_raw_fd(), &mut buf) else {
-                    continue;
-                };
-                let local = orig.unwrap_or_else(|| sock.local_addr().unwrap());
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let reply_to = |line: &str| -> io::Result<()> {
-                    let reply = format!("{tag}:{line}\n");
-                    if transparent {
-                        // Answer from the original destination, as a real
-                        // TPROXY proxy does.
-                        let s = UdpSocket::from(bound_socket(local, Proto::Udp, true)?);
-                        s.send_to(reply.as_bytes(), peer)?;
-                    } else {
-                        sock.send_to(reply.as_bytes(), peer)?;
-                    }
-                    Ok(())
-                };
-                for line in text.lines() {
-                    events.lock().unwrap().push(Event {
-                        proto: Proto::Udp,
-                        local,
-                        peer,
-                        data: line.to_string(),
-                    });
-                    if let Err(e) = reply_to(line) {
-                        eprintln!("{tag}: udp reply to {peer} from {local}: {e}");
-                    }
+                Ok(())
+            };
+            for line in text.lines() {
+                events.lock().unwrap().push(Event {
+                    proto: Proto::Udp,
+                    local,
+                    peer,
+                    data: line.to_string(),
+                });
+                if let Err(e) = reply_to(line) {
+                    eprintln!("{tag}: udp reply to {peer} from {local}: {e}");
                 }
             }
         }
-    }
+    });
 }
 
 fn serve_tcp(
