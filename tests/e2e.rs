@@ -1091,21 +1091,9 @@ fn socket_mark_survives_the_verdict_number() {
                 };
                 // The routing itself: only the mark reaches the server.
                 for cg in ["/d", "/d/child", "/other"] {
-                    let msg = env.token("marked");
-                    let r = exchange_marked(
-                        &env.cg.path(cg),
-                        proto,
-                        dst,
-                        &msg,
-                        Some(SOCKET_MARK),
-                        QUICK * 2,
-                    );
-                    assert_eq!(
-                        r,
-                        Ok(format!("marked:{msg}")),
-                        "{}",
-                        what(cg, Some(SOCKET_MARK))
-                    );
+                    let case = what(cg, Some(SOCKET_MARK));
+                    let msg =
+                        assert_marked_answer(env, cg, (proto, dst), SOCKET_MARK, "marked", &case);
                     assert_eq!(marked.got(&msg).len(), 1, "{}", what(cg, Some(SOCKET_MARK)));
                     assert!(proxy.got(&msg).is_empty());
                 }
@@ -1118,21 +1106,9 @@ fn socket_mark_survives_the_verdict_number() {
                 );
                 assert!(marked.got(&msg).is_empty());
                 // proxy: the listener, with the original destination.
-                let msg = env.token("proxied");
-                let r = exchange_marked(
-                    &env.cg.path("/p"),
-                    proto,
-                    dst,
-                    &msg,
-                    Some(SOCKET_MARK),
-                    QUICK * 2,
-                );
-                assert_eq!(
-                    r,
-                    Ok(format!("proxy:{msg}")),
-                    "{}",
-                    what("/p", Some(SOCKET_MARK))
-                );
+                let case = what("/p", Some(SOCKET_MARK));
+                let msg =
+                    assert_marked_answer(env, "/p", (proto, dst), SOCKET_MARK, "proxy", &case);
                 let ev = proxy.got(&msg);
                 assert_eq!(ev.len(), 1, "{ev:?}");
                 assert_eq!(ev[0].local, dst, "original destination");
@@ -1227,19 +1203,14 @@ fn target_chains_of_ones_own_work_end_to_end() {
                 );
             }
             for dst in mdsts {
-                let msg = env.token("mine-marked");
-                let r = exchange_marked(
-                    &env.cg.path("/m/child"),
-                    proto,
-                    dst,
-                    &msg,
-                    Some(SOCKET_MARK),
-                    QUICK * 2,
-                );
-                assert_eq!(
-                    r,
-                    Ok(format!("marked:{msg}")),
-                    "{proto:?} to {dst} with mark"
+                let case = format!("{proto:?} to {dst} with mark");
+                let msg = assert_marked_answer(
+                    env,
+                    "/m/child",
+                    (proto, dst),
+                    SOCKET_MARK,
+                    "marked",
+                    &case,
                 );
                 assert_eq!(marked.got(&msg).len(), 1);
                 expected += 1;

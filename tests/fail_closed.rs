@@ -40,6 +40,10 @@ const PROXY_MARK: u32 = 6666;
 // The logger
 // ---------------------------------------------------------------------------
 
+/// How long a packet may still be on its way when a check says that none
+/// arrived.
+const SETTLE: Duration = Duration::from_millis(50);
+
 /// Packet counters in the remote namespace.
 struct Logger<'a> {
     remote: &'a Remote,
@@ -76,6 +80,23 @@ impl<'a> Logger<'a> {
                 dst.port()
             ),
         );
+    }
+
+    /// Asserts that nothing the counter `name` counts arrived (`what` says
+    /// what was sent): after [`SETTLE`], time for a packet on its way
+    /// through the veth pair, the counter is 0.
+    fn assert_none(&self, name: &str, what: &str) {
+        thread::sleep(SETTLE);
+        assert_eq!(self.count(name), 0, "{what}");
+    }
+
+    /// Waits (up to 2 s) for the counter `name` to move; panics with `what`
+    /// when it does not.
+    fn assert_some(&self, name: &str, what: &str) {
+        let moved = wait_until(Duration::from_secs(2), Duration::from_millis(10), || {
+            self.count(name) > 0
+        });
+        assert!(moved, "{what}");
     }
 
     fn count(&self, name: &str) -> u64 {
@@ -640,10 +661,10 @@ fn routing_gone_marked_packets_never_leave() {
             Client::new(&env.cg.path("/p"), Kind::Udp, *dst).run();
             let (code, _) = Client::new(&env.cg.path("/p"), Kind::Tcp, *dst).run();
             assert_ne!(code, X_OK, "/p TCP to {dst} connected");
-            assert_eq!(log.count(&format!("to{i}")), 0, "/p reached {dst}");
+            log.assert_none(&format!("to{i}"), &format!("/p reached {dst}"));
             // The control: an unlisted cgroup gets through.
             Client::new(&env.cg.path("/u"), Kind::Udp, *dst).run();
-            assert!(log.count(&format!("to{i}")) > 0, "/u did not reach {dst}");
+            log.assert_some(&format!("to{i}"), &format!("/u did not reach {dst}"));
         }
         assert!(chain_counter("guard_out") >= 4, "guard_out did not count");
     });
@@ -699,11 +720,9 @@ fn proxy_drops_other_protocols() {
             for (kind, name) in [(Kind::UdpLite, format!("lite{i}")), (Kind::Ping, echo)] {
                 let (code, _) = Client::new(&env.cg.path("/p"), kind, *dst).run();
                 assert_eq!(code, X_OK, "/p {kind:?}: the child failed");
-                thread::sleep(Duration::from_millis(50));
-                assert_eq!(log.count(&name), 0, "/p {kind:?} to {dst} arrived");
+                log.assert_none(&name, &format!("/p {kind:?} to {dst} arrived"));
                 Client::new(&env.cg.path("/u"), kind, *dst).run();
-                thread::sleep(Duration::from_millis(50));
-                assert!(log.count(&name) > 0, "/u {kind:?} to {dst} did not arrive");
+                log.assert_some(&name, &format!("/u {kind:?} to {dst} did not arrive"));
             }
         }
     });
@@ -734,11 +753,7 @@ fn proxy_mark_exempts_no_one() {
                         .run();
                 }
             }
-            assert_eq!(
-                log.count(&name),
-                0,
-                "marked traffic of /p or /x reached {dst}"
-            );
+            log.assert_none(&name, &format!("marked traffic of /p or /x reached {dst}"));
             assert!(
                 proxy.events().is_empty(),
                 "marked traffic reached the proxy: {:?}",
@@ -747,7 +762,7 @@ fn proxy_mark_exempts_no_one() {
             Client::new(&env.cg.path("/d"), Kind::Udp, *dst)
                 .mark(PROXY_MARK)
                 .run();
-            assert!(log.count(&name) > 0, "/d with the mark did not arrive");
+            log.assert_some(&name, "/d with the mark did not arrive");
         }
     });
 }
@@ -780,11 +795,9 @@ fn a_number_without_a_verdict_lets_nothing_out() {
             for kind in [Kind::Udp, Kind::Tcp] {
                 Client::new(&env.cg.path("/n"), kind, *dst).run();
             }
-            thread::sleep(Duration::from_millis(50));
-            assert_eq!(log.count(&name), 0, "/n without a verdict reached {dst}");
+            log.assert_none(&name, &format!("/n without a verdict reached {dst}"));
             Client::new(&env.cg.path("/u"), Kind::Udp, *dst).run();
-            thread::sleep(Duration::from_millis(50));
-            assert!(log.count(&name) > 0, "/u (unlisted) did not reach {dst}");
+            log.assert_some(&name, &format!("/u (unlisted) did not reach {dst}"));
         }
     });
 }
@@ -855,9 +868,9 @@ fn drop_reaches_no_destination() {
         };
         for (name, dst) in &far {
             send("/x", *dst);
-            assert_eq!(log.count(name), 0, "drop reached {name} {dst}");
+            log.assert_none(name, &format!("drop reached {name} {dst}"));
             send("/d", *dst);
-            assert!(log.count(name) > 0, "direct did not reach {name} {dst}");
+            log.assert_some(name, &format!("direct did not reach {name} {dst}"));
         }
         for dst in &near {
             send("/x", *dst);
@@ -1307,19 +1320,16 @@ fn forwarded_traffic_never_leaves_unproxied() {
                     assert!(took < Duration::from_secs(1), "TCP to {dst}: {took:?}");
                 }
                 send(Kind::Udp, *dst);
-                assert_eq!(log.count(&format!("to{i}")), 0, "routing {routing}: {dst}");
+                log.assert_none(&format!("to{i}"), &format!("routing {routing}: {dst}"));
             }
             send(Kind::Ping, dsts[0]);
-            assert_eq!(log.count("echo4"), 0, "routing {routing}: ping forwarded");
+            log.assert_none("echo4", &format!("routing {routing}: ping forwarded"));
         }
         // The control: not listed, forwarded.
         nft_script("flush set inet cgtproxy proxy_ifaces\n");
         for (i, dst) in dsts.iter().enumerate() {
             send(Kind::Udp, *dst);
-            assert!(
-                log.count(&format!("to{i}")) > 0,
-                "unlisted: {dst} not forwarded"
-            );
+            log.assert_some(&format!("to{i}"), &format!("unlisted: {dst} not forwarded"));
         }
     });
 }

@@ -2,7 +2,7 @@
 //! server, or nowhere. Each check sends a fresh token from a new process in
 //! the cgroup and looks at what every server received.
 
-use super::clients::{exchange, exchange_within};
+use super::clients::{exchange, exchange_marked, exchange_within};
 use super::env::Env;
 use super::servers::{Event, Proto, Remote, Server};
 use super::{LOCAL_V4, LOCAL_V6};
@@ -128,6 +128,23 @@ fn answered_by(
         "{how} traffic also reached {other_name}"
     );
     ev.into_iter().next().unwrap()
+}
+
+/// Sends a fresh token from `cg` with the socket mark `mark` (client
+/// bounded by twice [`QUICK`]) and asserts that the server tagged `tag`
+/// answered it (`what` names the case in the message); the token.
+pub fn assert_marked_answer(
+    env: &Env,
+    cg: impl CgroupDir,
+    (proto, dst): (Proto, SocketAddr),
+    mark: u32,
+    tag: &str,
+    what: &str,
+) -> String {
+    let msg = env.token(tag);
+    let r = exchange_marked(&cg.dir(env), proto, dst, &msg, Some(mark), QUICK * 2);
+    assert_eq!(r, Ok(format!("{tag}:{msg}")), "{what}");
+    msg
 }
 
 /// Sends from `cg` (client bounded by [`QUICK`]) and asserts nothing got
