@@ -311,7 +311,7 @@ fn needs_escape(c: char) -> bool {
 
 /// Unicode general category Cf (format), plus the line and paragraph
 /// separators: characters that change how text around them is shown.
-fn is_format(c: char) -> bool {
+pub(crate) fn is_format(c: char) -> bool {
     matches!(c as u32,
         0xad | 0x600..=0x605 | 0x61c | 0x6dd | 0x70f | 0x890..=0x891 | 0x8e2
         | 0x180e | 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2064

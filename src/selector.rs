@@ -327,16 +327,22 @@ impl Named {
 
     /// `app org.telegram.desktop`, `container 0123456789ab (docker)`,
     /// `unit mihomo.service`.
+    /// Names come from cgroupfs (anyone who may make a cgroup picks them,
+    /// and systemd's `\xNN` unescaping can yield any byte), so they are
+    /// shown in the injective escaped form: no control or bidi character
+    /// reaches a terminal.
     pub fn label(&self) -> String {
+        let e = |s: &str| crate::cgroup::display(s.as_bytes());
         match self {
             Named::App { id, launcher, .. } => match launcher {
-                Some(l) => format!("app {id} ({l})"),
-                None => format!("app {id}"),
+                Some(l) => format!("app {} ({})", e(id), e(l)),
+                None => format!("app {}", e(id)),
             },
             Named::Container { id, manager } => {
-                format!("container {} ({manager})", &id[..12.min(id.len())])
+                let short: String = id.chars().take(12).collect();
+                format!("container {} ({manager})", e(&short))
             }
-            Named::Unit { name, .. } => format!("unit {name}"),
+            Named::Unit { name, .. } => format!("unit {}", e(name)),
         }
     }
 }

@@ -402,3 +402,184 @@ fn cgroup_root_errors_name_the_place_and_suggest_the_option() {
         assert_eq!(dump_map(), MapDump::new(), "nothing reached the map");
     });
 }
+
+// ---------------------------------------------------------------------------
+// Hostile names and trees in the inspect commands (issue 12 item 4)
+// ---------------------------------------------------------------------------
+
+/// A process in `cg` whose comm is `comm` (the name of a symlink to
+/// sleep), for `secs` seconds.
+fn sleeper(env: &Env, cg: &Path, comm: &str, secs: u32) -> std::process::Child {
+    let link = env.tmp.join(comm);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/bin/sleep", &link).unwrap();
+    let child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "echo $$ > \"$1/cgroup.procs\" && exec \"$2\" \"$3\"",
+            "sh",
+        ])
+        .arg(cg)
+        .arg(&link)
+        .arg(secs.to_string())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    assert!(
+        wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+            std::fs::read_to_string(cg.join("cgroup.procs"))
+                .is_ok_and(|p| p.lines().any(|l| l == pid))
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim_end() == comm)
+        }),
+        "sleeper {comm} in {}",
+        cg.display()
+    );
+    child
+}
+
+/// Names a user picks (a unit with a raw ESC, an app ID whose systemd
+/// escaping decodes to ESC, one with U+202E) and a process name with an
+/// escape sequence: `apps`, `apps --json`, `explain PID`, `status` and
+/// `check` print none of those characters, only their escaped forms.
+#[test]
+fn inspect_output_carries_no_control_or_bidi_characters() {
+    sandbox(|env| {
+        load_ruleset();
+        let unit = "system.slice/a\u{1b}[2Jb.service";
+        let app = "user.slice/user-1000.slice/user@1000.service/app.slice/app-gnome-ev\\x1b[31m\u{202e}il-7.scope";
+        let listed = "system.slice/x\u{202e}y.slice/cgtproxy-drop.slice";
+        env.cg.mkdir(&[unit, app, listed]);
+        let comm = "ev\u{1b}[2Jl";
+        let mut kids = vec![
+            sleeper(env, &env.cg.path(unit), comm, 30),
+            sleeper(env, &env.cg.path(app), "plain", 30),
+            sleeper(env, &env.cg.path(listed), "p\u{202e}q", 30),
+        ];
+        let cfg = env.write_file("names.json", &rules_json(false));
+        let mut args = env.run_args(&cfg);
+        args.push("--once".into());
+        let once = run_daemon_to_exit(&args, Duration::from_secs(20));
+        assert_eq!(once.code(), Some(0), "{}", once.describe());
+        let pid = kids[0].id().to_string();
+        let outputs = [
+            ("apps", cli(env, &cfg, "apps", &[])),
+            ("apps --json", cli(env, &cfg, "apps", &["--json"])),
+            ("explain PID", cli(env, &cfg, "explain", &[&pid])),
+            (
+                "explain PATH",
+                cli(env, &cfg, "explain", &[&format!("/{listed}")]),
+            ),
+            ("status", cli(env, &cfg, "status", &[])),
+            ("status --json", cli(env, &cfg, "status", &["--json"])),
+            ("check", cli(env, &cfg, "check", &[])),
+        ];
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        for (what, f) in &outputs {
+            let text = format!("{}{}", f.stdout, f.stderr);
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+                "{what} printed a raw ESC or U+202E:\n{}",
+                text.escape_debug()
+            );
+        }
+        let apps = &outputs[0].1.stdout;
+        for want in [
+            "ev\\u{1b}[2Jl",
+            "unit a\\u{1b}[2Jb.service",
+            "app ev\\u{1b}[31m\\u{202e}il (gnome)",
+        ] {
+            assert!(apps.contains(want), "apps shows {want}:\n{apps}");
+        }
+        let json = &outputs[1].1.stdout;
+        for want in [
+            r#""process":"ev\u001b[2Jl""#,
+            r#""name":"ev\u001b[31m\u202eil""#,
+        ] {
+            assert!(json.contains(want), "apps --json has {want}:\n{json}");
+        }
+        assert!(
+            outputs[2]
+                .1
+                .stdout
+                .contains(&format!("process {pid} (ev\\u{{1b}}[2Jl)")),
+            "{}",
+            outputs[2].1.stdout
+        );
+        assert!(
+            outputs[5]
+                .1
+                .stdout
+                .contains(r#"x\\u{202e}y.slice/cgtproxy-drop.slice""#),
+            "status --json: the path in its match form:\n{}",
+            outputs[5].1.stdout
+        );
+    });
+}
+
+/// A chain 300 deep (one-byte names) with processes in its 20 deepest
+/// cgroups: `apps` looks each one up from its ancestor at the deepest
+/// looked-up level, so its stat calls (counted with strace: a count, not
+/// a time) grow with the number of cgroups, not with cgroups times depth,
+/// and its answer is the same.
+#[test]
+fn apps_cost_per_cgroup_stops_at_the_deepest_looked_up_level() {
+    if !have("strace") {
+        return;
+    }
+    sandbox(|env| {
+        load_ruleset();
+        const DEPTH: usize = 300;
+        const POPULATED: usize = 20;
+        let names: Vec<Vec<u8>> = (0..DEPTH).map(|_| b"a".to_vec()).collect();
+        let (made, err) = mkdir_chain(&env.cg.root, &names);
+        assert_eq!((made, err.map(|e| e.to_string())), (DEPTH, None));
+        env.cg.mkdir(&["cgtproxy-proxy.slice"]);
+        let mut kids = Vec::new();
+        for d in DEPTH - POPULATED + 1..=DEPTH {
+            let rel = "a/".repeat(d);
+            kids.push(sleeper(env, &env.cg.path(&rel), "deep", 60));
+        }
+        let cfg = env.write_file("deep.json", &rules_json(false));
+        let mut args = env.run_args(&cfg);
+        args.push("--once".into());
+        let once = run_daemon_to_exit(&args, Duration::from_secs(20));
+        assert_eq!(once.code(), Some(0), "{}", once.describe());
+        let trace = env.tmp.join("apps.strace");
+        let root = env.cg.root.to_str().unwrap().to_string();
+        let f = run_cmd(
+            std::process::Command::new("strace")
+                .args(["-f", "-qq", "-e", "trace=statx,newfstatat,stat,lstat", "-o"])
+                .arg(&trace)
+                .arg(BIN)
+                .args(["apps", "-c", cfg.to_str().unwrap(), "--cgroup-root", &root]),
+            Duration::from_secs(120),
+        );
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+        assert_eq!(
+            f.stdout.matches(" deep ").count(),
+            POPULATED,
+            "every populated cgroup listed:\n{}",
+            f.stdout
+        );
+        let stats = std::fs::read_to_string(&trace).unwrap().lines().count();
+        // About 2 per cgroup for the walk and 17 per populated one; a
+        // lineage of the whole depth per populated cgroup costs 20 x 300.
+        let bound = 3 * DEPTH + 40 * POPULATED;
+        assert!(
+            stats >= DEPTH,
+            "strace counted {stats} stat calls: fewer than the cgroups walked ({DEPTH})"
+        );
+        assert!(
+            stats < bound,
+            "apps made {stats} stat calls for {DEPTH} cgroups, {POPULATED} populated (bound {bound})"
+        );
+    });
+}

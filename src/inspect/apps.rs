@@ -117,7 +117,27 @@ struct Snapshot {
     map_error: Option<String>,
 }
 
-fn snapshot(cfg: &Config, h: &Hierarchy, live: Option<&mut Live>, facts: &Facts) -> Snapshot {
+/// The deepest level `deciding` can pick (the ruleset's deepest lookup,
+/// or the contract's 16 when the ruleset could not be read).
+fn deepest(facts: &Facts) -> usize {
+    facts.levels.last().map_or(16, |&l| l as usize)
+}
+
+/// How many cgroups a snapshot reads between looks at `stop`.
+const STOP_EVERY: usize = 256;
+
+/// One frame. Per populated cgroup the work is bounded: its lineage is
+/// taken from its ancestor at the deepest looked-up level (a deeper
+/// element is never used by the kernel), so a hostile chain thousands deep
+/// costs no more per cgroup than one 16 deep. `stop` is asked every
+/// [`STOP_EVERY`] cgroups; when it says so the frame ends early (`None`).
+fn snapshot(
+    cfg: &Config,
+    h: &Hierarchy,
+    live: Option<&mut Live>,
+    facts: &Facts,
+    stop: &dyn Fn() -> bool,
+) -> Option<Snapshot> {
     let (els, map_error) = match live.map(|l| l.elements(cfg)) {
         Some(Ok(e)) => (e, None),
         Some(Err(e)) => (Vec::new(), Some(e.to_string())),
@@ -125,7 +145,11 @@ fn snapshot(cfg: &Config, h: &Hierarchy, live: Option<&mut Live>, facts: &Facts)
     };
     let by_id: HashMap<u64, &Element> = els.iter().map(|e| (e.id, e)).collect();
     let mut rows = Vec::new();
-    for (dir, id) in h.walk() {
+    let deepest = deepest(facts);
+    for (n, (dir, id)) in h.walk().into_iter().enumerate() {
+        if n % STOP_EVERY == STOP_EVERY - 1 && stop() {
+            return None;
+        }
         let pids = procs(&dir);
         if pids.is_empty() {
             continue;
@@ -137,8 +161,10 @@ fn snapshot(cfg: &Config, h: &Hierarchy, live: Option<&mut Live>, facts: &Facts)
         // shown and matched in the match form (where it is `\\x2d`).
         let raw = String::from_utf8_lossy(&p).into_owned();
         let path = match_form(&p).into_owned();
-        let steps: Vec<Step> = lineage(h, cfg, &dir);
         let decider = if map_error.is_none() {
+            let below = h.level(&dir).map_or(0, |l| l.saturating_sub(deepest));
+            let anchor = dir.ancestors().nth(below).unwrap_or(&dir);
+            let steps: Vec<Step> = lineage(h, cfg, anchor);
             deciding(&steps, &by_id, facts).map(|(st, v)| {
                 let el = st.id.and_then(|i| by_id.get(&i));
                 Decider {
@@ -169,7 +195,7 @@ fn snapshot(cfg: &Config, h: &Hierarchy, live: Option<&mut Live>, facts: &Facts)
         });
     }
     rows.sort_by(|a, b| (kind_order(&a.kind), &a.path).cmp(&(kind_order(&b.kind), &b.path)));
-    Snapshot { rows, map_error }
+    Some(Snapshot { rows, map_error })
 }
 
 fn kind_order(k: &Kind) -> u8 {
@@ -220,9 +246,11 @@ fn by_text(r: &Row) -> String {
 }
 
 fn process_text(r: &Row) -> String {
+    let first = r.pids.first().copied().unwrap_or(0);
+    let comm = super::status::shown(&r.process);
     match r.npids {
-        1 => format!("{} {}", r.pids[0], r.process),
-        n => format!("{} {} +{}", r.pids[0], r.process, n - 1),
+        0 | 1 => format!("{first} {comm}"),
+        n => format!("{first} {comm} +{}", n - 1),
     }
 }
 
@@ -410,7 +438,10 @@ pub fn apps(opts: &Options, as_json: bool, watch: bool) -> Result<i32, Error> {
         .map(|r| analyse(&r, &cfg.map, &cfg.verdict_map))
         .unwrap_or_default();
     let Some(signals) = signals else {
-        let s = snapshot(&cfg, &h, live.as_mut(), &facts);
+        // Nothing stops this one, so it always has a frame.
+        let Some(s) = snapshot(&cfg, &h, live.as_mut(), &facts, &|| false) else {
+            return Ok(0);
+        };
         print!(
             "{}",
             if as_json {
@@ -433,7 +464,14 @@ pub fn apps(opts: &Options, as_json: bool, watch: bool) -> Result<i32, Error> {
         if live.is_none() {
             live = Live::open(&cfg).ok();
         }
-        let s = snapshot(&cfg, &h, live.as_mut(), &facts);
+        let began = Instant::now();
+        // Ctrl-C is heard within a few hundred cgroups, however big the
+        // tree.
+        let Some(s) = snapshot(&cfg, &h, live.as_mut(), &facts, &|| {
+            !signals.pending().is_empty()
+        }) else {
+            return Ok(0);
+        };
         let now = Instant::now();
         let dt = now - last;
         last = now;
@@ -504,9 +542,13 @@ pub fn apps(opts: &Options, as_json: bool, watch: bool) -> Result<i32, Error> {
             &sigfd,
             rustix::event::PollFlags::IN,
         )];
+        // At least as long as the frame took: on a tree so big that a
+        // frame takes longer than the interval, the watch still takes at
+        // most half a CPU.
+        let wait = INTERVAL.max(began.elapsed());
         let ts = rustix::time::Timespec {
-            tv_sec: INTERVAL.as_secs() as i64,
-            tv_nsec: 0,
+            tv_sec: wait.as_secs() as i64,
+            tv_nsec: i64::from(wait.subsec_nanos()),
         };
         match rustix::event::poll(&mut fds, Some(&ts)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}

@@ -834,7 +834,7 @@ fn holders(inodes: &BTreeSet<u64>) -> BTreeMap<u32, String> {
         });
         if holds {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            out.insert(pid, comm.trim_end().to_string());
+            out.insert(pid, super::status::shown(comm.trim_end()));
         }
     }
     out

@@ -187,7 +187,11 @@ fn explain_one(
             .ok_or("not a process id")?;
         let dir = h.dir_of_pid(pid)?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let _ = writeln!(s, "process {pid} ({})", comm.trim_end());
+        let _ = writeln!(
+            s,
+            "process {pid} ({})",
+            super::status::shown(comm.trim_end())
+        );
         dir
     } else {
         let p = Path::new(target);
@@ -247,14 +251,21 @@ fn explain_dir(
 ) -> Result<String, String> {
     let dir = dir.to_path_buf();
     if !dir.join("cgroup.procs").exists() {
-        return Err(format!("no such cgroup ({} does not exist)", dir.display()));
+        return Err(format!(
+            "no such cgroup ({} does not exist)",
+            cgroup::display(dir.as_os_str().as_bytes())
+        ));
     }
     let steps = lineage(h, cfg, &dir);
     let me = &steps[0];
     let lvl = |l: Option<usize>| l.map_or("?".to_string(), |l| l.to_string());
     let id = |i: Option<u64>| i.map_or("?".to_string(), |i| i.to_string());
     let _ = writeln!(s, "cgroup     {}", h.name(&dir));
-    let _ = writeln!(s, "directory  {}", dir.display());
+    let _ = writeln!(
+        s,
+        "directory  {}",
+        cgroup::display(dir.as_os_str().as_bytes())
+    );
     let _ = writeln!(s, "id         {}", id(me.id));
     let _ = writeln!(s, "level      {}", lvl(me.level));
     let rule_text = |i: usize| cfg.rules[i].describe(i);

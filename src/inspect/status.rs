@@ -175,6 +175,13 @@ fn status_table(rows: &[Row]) -> String {
     )
 }
 
+/// Text from the system (a process's comm, a name) as shown to people: the
+/// injective escaped form of [`crate::cgroup::escape`], so a hostile
+/// process name carries no control or bidi character to a terminal.
+pub(super) fn shown(s: &str) -> String {
+    crate::cgroup::display(s.as_bytes())
+}
+
 /// A JSON string literal. Written by hand: the output is small and fixed,
 /// and a serializer would cost more binary than this.
 pub(super) fn json_str(s: &str) -> String {
@@ -184,8 +191,14 @@ pub(super) fn json_str(s: &str) -> String {
         match c {
             '"' => o.push_str("\\\""),
             '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
+            // Control and format (bidi) characters as escapes: the value
+            // is the same to a JSON reader, and nothing reaches a terminal
+            // that reorders or rewrites what is shown around it.
+            c if c.is_control() || crate::cgroup::is_format(c) => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    let _ = write!(o, "\\u{:04x}", u);
+                }
             }
             c => o.push(c),
         }
