@@ -2,7 +2,7 @@
 //! and `cgtproxy exec`: real cgroups named as launchers and managers name
 //! them on real systems, the shipped ruleset, the real binary, real traffic.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

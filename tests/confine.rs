@@ -11,7 +11,7 @@
 //! uid's `mkdir` outright, and a root-owned slice above keeps it from
 //! moving out.
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::net::SocketAddr;

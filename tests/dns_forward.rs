@@ -9,7 +9,7 @@
 //! then only makes raw system calls, so its socket belongs to that cgroup
 //! and can carry a firewall mark (SO_MARK).
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::fs;

@@ -3,7 +3,7 @@
 //! (see tests/common/mod.rs). They need root; without it they print SKIP
 //! (and fail with CI=true).
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::net::SocketAddr;

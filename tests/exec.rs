@@ -14,7 +14,7 @@
 //! - clients that flood the socket (silent, oversized, many) do not delay
 //!   an unrelated cgroup's element past the fairness bound of issue 12.
 
-mod common;
+pub mod common;
 
 #[path = "../benches/support/nl.rs"]
 #[allow(dead_code)]

@@ -20,7 +20,7 @@
 //! leaks, a second instance, a wrong mark, routing restored) are in
 //! tests/routing.rs.
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::ffi::CString;

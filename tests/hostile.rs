@@ -18,7 +18,7 @@
 //!
 //! The heavy tests take one lock, so their timings are not each other's.
 
-mod common;
+pub mod common;
 
 #[path = "../benches/support/nl.rs"]
 #[allow(dead_code)]

@@ -12,7 +12,7 @@
 //! cgtproxy(8) FILES and the README list. (tests/installed.rs boots the
 //! Debian package under a real systemd.)
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::collections::BTreeSet;

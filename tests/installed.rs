@@ -20,7 +20,7 @@
 //! admin's own file in /etc/cgtproxy.
 //! See /work/shared/notes/real-systemd.md for how the boot works here.
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::fs;

@@ -4,7 +4,7 @@
 //! tests need `mandoc`, `systemd-analyze` and `sh`. A missing prerequisite
 //! prints SKIP and passes, except with `CI=true`, where it fails.
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};

@@ -13,7 +13,7 @@
 //! the proxied app's reaches the server. mihomo's also answers a proxied
 //! app's DNS query through nft/cgtproxy-dns.nft.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

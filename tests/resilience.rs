@@ -15,7 +15,7 @@
 //!
 //! They need root; without it they print SKIP (and fail with CI=true).
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};

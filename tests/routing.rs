@@ -4,7 +4,7 @@
 //! the rule's explicit priority. Real ruleset, real daemon, real cgroups,
 //! real TCP and UDP over IPv4 and IPv6, in private namespaces.
 
-mod common;
+pub mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;

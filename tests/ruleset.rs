@@ -2,7 +2,7 @@
 //! policy routing by hand, so these tests check nft/cgtproxy.nft and the
 //! harness independently of the daemon.
 
-mod common;
+pub mod common;
 
 use common::*;
 use std::time::Duration;

@@ -153,11 +153,6 @@ pub struct RawDump {
 }
 
 impl RawDump {
-    /// cgroup id → number.
-    pub fn numbers(&self) -> BTreeMap<u64, u32> {
-        self.elems.iter().map(|(id, e)| (*id, e.number)).collect()
-    }
-
     /// cgroup id → verdict, through `verdicts`.
     pub fn compose(&self) -> MapDump {
         self.elems

@@ -71,7 +71,10 @@ pub fn to_sockaddr(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) 
 }
 
 /// Reads a sockaddr_in/in6 from `p` (at most `len` bytes, any alignment).
-pub fn from_sockaddr(p: *const u8, len: usize) -> Option<SocketAddr> {
+///
+/// # Safety
+/// `p` points to `len` readable bytes.
+unsafe fn from_sockaddr(p: *const u8, len: usize) -> Option<SocketAddr> {
     // SAFETY: zeroed storage, then copy at most its size from p.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let n = len.min(std::mem::size_of::<libc::sockaddr_storage>());
@@ -193,10 +196,13 @@ pub fn recv_origdst(
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let peer = from_sockaddr(
-        (&peer as *const libc::sockaddr_storage).cast(),
-        msg.msg_namelen as usize,
-    )
+    // SAFETY: peer is a live sockaddr_storage; the kernel's length is at most its size.
+    let peer = unsafe {
+        from_sockaddr(
+            (&peer as *const libc::sockaddr_storage).cast(),
+            msg.msg_namelen as usize,
+        )
+    }
     .ok_or_else(|| io::Error::other("recvmsg: no peer address"))?;
     let mut orig = None;
     // SAFETY: walking the control buffer the kernel filled, with the libc macros.
