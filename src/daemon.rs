@@ -745,9 +745,10 @@ impl Daemon {
         // A new root or depth is a new tree; otherwise the same one again,
         // its old watches given back first.
         let same_root = std::path::absolute(&self.root).is_ok_and(|r| r == self.tree.root());
-        let r = if !same_root || self.tree.limit() != self.limit {
+        let r = if !same_root {
             Tree::scan(&self.root, self.limit).map(|t| self.tree = t)
         } else {
+            self.tree.set_limit(self.limit);
             self.tree.rescan()
         };
         if let Err(e) = r {
@@ -775,6 +776,33 @@ impl Daemon {
         if resync {
             self.state.resync_due();
         }
+        if self.monitor.rules_changed() {
+            self.follow_ruleset();
+        }
+    }
+
+    /// Someone changed our table's chains or rules (a reload of the
+    /// ruleset, an edit): the deepest level it looks up may have moved, so
+    /// the tree is followed deeper (or pruned) to match, without a SIGHUP.
+    fn follow_ruleset(&mut self) {
+        let limit = match follow_limit(&self.cfg, &self.root) {
+            Ok(l) => l,
+            // The table is gone or unreadable: the sync that follows says
+            // so; keep the depth until a ruleset says otherwise.
+            Err(_) => return,
+        };
+        if limit == self.limit {
+            return;
+        }
+        let show = |l: Option<u32>| l.map_or("all".to_string(), |l| l.to_string());
+        info!(
+            "the ruleset now looks up other levels: following {} levels below {} (was {})",
+            show(limit),
+            self.root.display(),
+            show(self.limit)
+        );
+        self.limit = limit;
+        self.rescan();
     }
 
     /// SIGHUP: the new config replaces the old only if it is valid and the

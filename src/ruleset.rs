@@ -413,6 +413,12 @@ impl<T: Transport> Ruleset<T> {
 pub struct Monitor {
     /// The transaction being read touched our table or maps.
     touched: bool,
+    /// The transaction being read added or removed our table, or a chain
+    /// or rule of it (which may change the levels it looks up).
+    rules_touched: bool,
+    /// A transaction that did so ended since [`Monitor::rules_changed`] was
+    /// last asked (or events were lost).
+    rules_changed: bool,
 }
 
 impl Monitor {
@@ -424,12 +430,24 @@ impl Monitor {
         }
         let kind = (m.ty & 0xff) as u8;
         if kind == nftables::NFT_MSG_NEWGEN {
+            self.rules_changed |= std::mem::take(&mut self.rules_touched);
             let theirs = nftables::parse_newgen_pid(m).ok().flatten() != Some(me);
             return std::mem::take(&mut self.touched) && theirs;
         }
         let Ok((a, b)) = nftables::parse_names(m) else {
             return false;
         };
+        // NFTA_{TABLE_NAME,CHAIN_TABLE,RULE_TABLE} are all 1.
+        self.rules_touched |= a == map.table
+            && matches!(
+                kind,
+                nftables::NFT_MSG_NEWTABLE
+                    | nftables::NFT_MSG_DELTABLE
+                    | nftables::NFT_MSG_NEWCHAIN
+                    | nftables::NFT_MSG_DELCHAIN
+                    | nftables::NFT_MSG_NEWRULE
+                    | nftables::NFT_MSG_DELRULE
+            );
         self.touched |= match kind {
             nftables::NFT_MSG_NEWTABLE | nftables::NFT_MSG_DELTABLE => a == map.table,
             nftables::NFT_MSG_NEWSET
@@ -448,6 +466,15 @@ impl Monitor {
     /// forgotten; the caller resyncs, which covers it.
     pub fn lost(&mut self) {
         self.touched = false;
+        self.rules_touched = false;
+        self.rules_changed = true;
+    }
+
+    /// Whether a committed transaction changed our table's chains or rules
+    /// (or events were lost, so it may have) since the last call: the
+    /// levels the ruleset looks up are to be read again.
+    pub fn rules_changed(&mut self) -> bool {
+        std::mem::take(&mut self.rules_changed)
     }
 
     /// Every event queued on `events` now, never blocking: true when a
@@ -897,6 +924,45 @@ mod tests {
             assert!(!wakeup(&mut mon, &mut ev, vec![anonymous]).unwrap());
             let anonymous = [add("cgroups"), newgen(5, None)].concat();
             assert!(wakeup(&mut mon, &mut ev, vec![anonymous]).unwrap());
+        }
+
+        /// Chains and rules of our table (a reload with other levels, an
+        /// edit) are not the maps' business but the depth's: once their
+        /// transaction ends, `rules_changed` says so, once. Another
+        /// table's rules and our own element commits do not; lost events
+        /// might have, so they do too.
+        #[test]
+        fn rule_changes_of_our_table_are_told_once_at_newgen() {
+            let mut mon = Monitor::default();
+            let mut ev = events();
+            let rule = event(NFT_MSG_NEWRULE, "cgtproxy", Some("output"));
+            assert!(!wakeup(&mut mon, &mut ev, vec![rule]).unwrap());
+            assert!(!mon.rules_changed(), "not before the transaction ends");
+            assert!(!wakeup(&mut mon, &mut ev, vec![newgen(2, Some(NFT))]).unwrap());
+            assert!(mon.rules_changed());
+            assert!(!mon.rules_changed(), "once");
+            let others = [
+                event(NFT_MSG_NEWRULE, "filter", Some("output")),
+                event(NFT_MSG_NEWCHAIN, "filter", Some("output")),
+                elements_msg(0, 0, ("cgtproxy", "cgroups"), 7, &ElemData::Mark(1), None),
+                newgen(3, Some(ME)),
+            ]
+            .concat();
+            assert!(!wakeup(&mut mon, &mut ev, vec![others]).unwrap());
+            assert!(!mon.rules_changed(), "other tables' rules, our elements");
+            let reload = [
+                event(NFT_MSG_DELTABLE, "cgtproxy", None),
+                event(NFT_MSG_NEWTABLE, "cgtproxy", None),
+                event(NFT_MSG_NEWCHAIN, "cgtproxy", Some("output")),
+                newgen(4, Some(NFT)),
+            ]
+            .concat();
+            assert!(wakeup(&mut mon, &mut ev, vec![reload]).unwrap());
+            assert!(mon.rules_changed(), "a reload of the table");
+            ev.transport().push_error(NlError::Lost);
+            let (map, verdicts) = maps();
+            assert!(mon.read(&mut ev, &map, &verdicts, ME).is_err());
+            assert!(mon.rules_changed(), "lost events may have changed them");
         }
 
         /// ENOBUFS: the read fails (the caller resyncs), and what was read

@@ -222,6 +222,11 @@ impl Tree {
         self.limit
     }
 
+    /// A new depth limit, which takes effect at the next [`Tree::rescan`].
+    pub fn set_limit(&mut self, limit: Option<u32>) {
+        self.limit = limit;
+    }
+
     /// Events read but not handled yet: the caller comes back for them at
     /// once (without waiting in poll).
     pub fn pending(&self) -> usize {

@@ -442,6 +442,76 @@ fn listed_cgroup_below_the_deepest_level_is_warned_not_added() {
     });
 }
 
+/// The shipped ruleset with its level lookups cut to levels 1..=`deepest`.
+fn ruleset_with_levels(deepest: u32) -> String {
+    let text = fs::read_to_string(ruleset_path()).unwrap();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let level = t
+                .strip_prefix("meta mark set socket cgroupv2 level ")
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse::<u32>().ok());
+            level.is_none_or(|n| n <= deepest)
+        })
+        .collect();
+    assert_eq!(
+        text.lines().count() - kept.len(),
+        16 - deepest as usize,
+        "the level lookups of the shipped ruleset changed form"
+    );
+    kept.join("\n") + "\n"
+}
+
+/// Issue 12 (perf item 4): the depth followed is the ruleset's, re-read
+/// when someone changes our table's rules, without a SIGHUP. Loaded with
+/// levels down to 4 only, a cgroup at level 6 is not followed; the full
+/// ruleset loaded over it (16 levels) makes the daemon follow the tree
+/// deeper: the level-6 cgroup gets its element, and a level-7 one made
+/// after gets one by its event. Loaded again with 4 levels, the deep
+/// elements go (the tree is pruned back).
+/// How it can fail: a daemon that re-reads the levels only at SIGHUP never
+/// follows the deep cgroups after the reload.
+#[test]
+fn depth_followed_changes_with_the_rulesets_levels() {
+    sandbox(|env| {
+        // The test root is at level 1: a=2, b=3, c=4, d=5, the slice 6.
+        nft_script(&ruleset_with_levels(4));
+        let rules = Rules::embedded_default();
+        let shallow = "a/b/cgtproxy-proxy.slice"; // level 4
+        let deep = "a/b/c/d/cgtproxy-drop.slice"; // level 6
+        env.cg.mkdir(&[shallow, deep]);
+        let d = env.start(&Config::new(&rules));
+        let want_shallow: MapDump = [(env.cg.id(shallow), "goto proxy".to_string())]
+            .into_iter()
+            .collect();
+        env.wait_map_eq(|| want_shallow.clone(), "levels down to 4 only");
+
+        load_ruleset();
+        let mut want = want_shallow.clone();
+        want.insert(env.cg.id(deep), "drop".to_string());
+        env.wait_map_eq(|| want.clone(), "the level-6 slice after the reload");
+        // Watched now: a level-7 slice is followed by its event.
+        let deeper = "a/b/c/d/e/cgtproxy-proxy.slice";
+        env.cg.mkdir(&[deeper]);
+        want.insert(env.cg.id(deeper), "goto proxy".to_string());
+        env.wait_map_eq(|| want.clone(), "a level-7 slice made after");
+
+        nft_script(&ruleset_with_levels(4));
+        env.wait_map_eq(|| want_shallow.clone(), "pruned back to level 4");
+        let log = d.log();
+        assert_eq!(
+            log.matches("the ruleset now looks up other levels").count(),
+            2,
+            "each change said once:\n{log}"
+        );
+        assert!(!log.contains("SIGHUP") && !log.contains("configuration reloaded"));
+        let f = d.stop();
+        assert_eq!(f.code(), Some(0), "{}", f.describe());
+    });
+}
+
 /// Writes a config with the embedded default rules, the drop rule with
 /// `final` as given (None: the key left out).
 fn default_rules_json(drop_final: Option<bool>) -> String {
