@@ -13,6 +13,8 @@
 //!   goto:proxy" is refused, and CMD never runs;
 //! - clients that flood the socket (silent, oversized, many) do not delay
 //!   an unrelated cgroup's element past the fairness bound of issue 12.
+//! - no daemon, maps not in step, or another verdict for the slice: exit
+//!   1 with the reason, and CMD never runs.
 
 pub mod common;
 
@@ -72,6 +74,14 @@ fn slices_config(env: &Env) -> std::path::PathBuf {
   {"match": ".*/cgtproxy-direct\\.slice", "target": "direct"}
 ]}"#,
     )
+}
+
+/// A directory where CMD, run as `USER`, may leave a mark that it ran.
+fn marks(env: &Env) -> std::path::PathBuf {
+    let d = env.tmp.join("marks");
+    let _ = std::fs::create_dir(&d);
+    std::os::unix::fs::chown(&d, Some(USER), Some(USER)).unwrap();
+    d
 }
 
 /// A subtree delegated to `uid` as systemd does it (Delegate=yes).
@@ -358,7 +368,7 @@ fn exec_refuses_an_answer_from_a_squatter() {
         ] {
             let sq = squatter(uid, userns);
             let daemon = Daemon::start(&env.run_args(&config));
-            let marker = env.tmp.join(format!("ran-{uid}-{userns}"));
+            let marker = marks(env).join(format!("ran-{uid}-{userns}"));
             let marker_s = marker.display().to_string();
             let f = run_cmd(
                 &mut exec_cmd(
@@ -564,6 +574,94 @@ fn a_flood_of_queries_does_not_delay_other_cgroups() {
             "an element elsewhere took {during:?} during the flood; bound {FAIR:?}"
         );
         assert!(daemon.running(), "{}", daemon.log());
+        daemon.stop();
+    });
+}
+
+/// exec as `USER` from `from` with a CMD that only leaves a mark; returns
+/// what it printed, how long it took, and whether CMD ran.
+fn refused_exec(env: &Env, from: &str, config: &Path, tag: &str) -> (Finished, Duration, bool) {
+    let marker = marks(env).join(format!("ran-{tag}"));
+    let m = marker.display().to_string();
+    let t0 = Instant::now();
+    let f = run_cmd(
+        &mut exec_cmd(env, from, config, &["sh", "-c", "touch \"$1\"", "sh", &m]),
+        LIMIT,
+    );
+    (f, t0.elapsed(), marker.exists())
+}
+
+/// What it proves: without privilege, every way the daemon cannot vouch
+/// for the element is a clear error, exit 1, and CMD never runs — no
+/// daemon (asked again until the 5 s are up), the daemon's maps not in
+/// step (its table deleted under it: asked again, then the reason), and a
+/// daemon whose rules give the slice another verdict than exec's own
+/// config (at once: that answer cannot change while it is in step). How
+/// it can fail: any of these taken as good enough to run CMD, or a wait
+/// that does not end.
+#[test]
+fn unprivileged_exec_refuses_when_the_daemon_cannot_vouch() {
+    sandbox(|env| {
+        load_ruleset();
+        let config = slices_config(env);
+        for d in ["/a", "/b", "/c"] {
+            delegate(env, d, USER);
+        }
+        // No daemon.
+        let (f, took, ran) = refused_exec(env, "/a", &config, "none");
+        assert_eq!(f.code(), Some(1), "{}", f.describe());
+        assert!(!ran, "CMD ran without a daemon");
+        assert!(
+            f.stderr.contains("after 5 s")
+                && f.stderr
+                    .contains("no cgtproxy daemon answers on @cgtproxy/cgtproxy/cgroups"),
+            "{}",
+            f.describe()
+        );
+        assert!(took >= Duration::from_secs(5), "gave up after {took:?}");
+
+        // The maps not in step: the table is gone, the daemon waits for it.
+        let daemon = Daemon::start(&env.run_args(&config));
+        run_ok("nft", &["delete", "table", "inet", "cgtproxy"]);
+        assert!(
+            wait_until(CONVERGE, Duration::from_millis(20), || daemon
+                .log()
+                .contains("waiting for it")),
+            "{}",
+            daemon.log()
+        );
+        let (f, _, ran) = refused_exec(env, "/b", &config, "gone");
+        assert_eq!(f.code(), Some(1), "{}", f.describe());
+        assert!(!ran, "CMD ran while the maps were not in step");
+        assert!(
+            f.stderr.contains(
+                "the daemon's maps are not in step: table inet cgtproxy or its maps are missing"
+            ),
+            "{}",
+            f.describe()
+        );
+        daemon.stop();
+
+        // The daemon's rules say direct for the slice exec wants proxied.
+        load_ruleset();
+        let direct = env.write_file(
+            "direct.json",
+            r#"{"route": false, "rules": [{"match": ".*/cgtproxy-proxy\\.slice", "target": "direct"}]}"#,
+        );
+        let daemon = Daemon::start(&env.run_args(&direct));
+        let (f, took, ran) = refused_exec(env, "/c", &config, "other");
+        assert_eq!(f.code(), Some(1), "{}", f.describe());
+        assert!(!ran, "CMD ran under another verdict");
+        assert!(
+            f.stderr.contains("cgtproxy-proxy.slice decides")
+                && f.stderr.contains("it is goto direct, not goto proxy"),
+            "{}",
+            f.describe()
+        );
+        assert!(
+            took < Duration::from_secs(4),
+            "a definite answer took {took:?}"
+        );
         daemon.stop();
     });
 }
