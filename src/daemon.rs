@@ -441,17 +441,28 @@ pub fn run(opts: Options) -> Result<(), Error> {
         }
     };
     d.state.maps = Maps::InStep;
+    // Cgroups made while the tree was scanned are events by now: applied
+    // before "ready", so ready means the map holds what cgroupfs held when
+    // it was said, not when the scan began.
+    let settled = if d.opts.once { 0 } else { d.settle() };
+    // Out of watches: cgroups made below an unwatched one are followed
+    // only once the retry finds them; ready says so rather than be exact
+    // by luck.
+    let unwatched = match d.tree.unwatched() {
+        0 => String::new(),
+        n => format!(", {n} not watched (out of inotify watches; retried)"),
+    };
     info!(
-        "watching {} cgroups under {}; map {} holds {} elements{}",
+        "watching {} cgroups under {}{unwatched}; map {} holds {} elements{}",
         d.tree.len(),
         d.root.display(),
         d.cfg.map,
-        synced.elements,
+        synced.elements.saturating_add_signed(settled),
         if d.opts.once { "" } else { "; ready" }
     );
     notify_ready(
         d.opts.ready_fd,
-        &format!("STATUS=watching {} cgroups", d.tree.len()),
+        &format!("STATUS=watching {} cgroups{unwatched}", d.tree.len()),
     );
     if d.opts.once {
         return Ok(());
@@ -593,7 +604,9 @@ impl Daemon {
             if tree_ready || self.tree.pending() > 0 {
                 changes.clear();
                 match self.tree.read_events(&mut changes) {
-                    Ok(Status::Ok) => self.apply_changes(&changes),
+                    Ok(Status::Ok) => {
+                        self.apply_changes(&changes);
+                    }
                     Ok(Status::Overflow) => {
                         warn!(
                             "inotify queue overflowed; rescanning {}",
@@ -609,6 +622,29 @@ impl Daemon {
             }
             self.watches();
         }
+    }
+
+    /// Applies the inotify events queued during the initial scan (a few
+    /// turns at most: a storm at start is served by the loop). Returns how
+    /// many elements that added, less those it deleted.
+    fn settle(&mut self) -> isize {
+        let mut changes = Vec::new();
+        let mut added = 0isize;
+        for _ in 0..8 {
+            changes.clear();
+            match self.tree.read_events(&mut changes) {
+                Ok(Status::Ok) if changes.is_empty() && self.tree.pending() == 0 => break,
+                Ok(Status::Ok) => added += self.apply_changes(&changes),
+                Ok(Status::Overflow) => {
+                    self.rescan();
+                    self.full_sync();
+                    break;
+                }
+                // The loop meets it again and stops with it.
+                Err(_) => break,
+            }
+        }
+        added
     }
 
     /// Out of inotify watches: retries the missing ones on a backoff
@@ -667,10 +703,11 @@ impl Daemon {
         }
     }
 
-    /// One batch of inotify events → one transaction.
-    fn apply_changes(&mut self, changes: &[Change]) {
+    /// One batch of inotify events → one transaction. Returns the elements
+    /// it added less those it deleted (0 when nothing was committed).
+    fn apply_changes(&mut self, changes: &[Change]) -> isize {
         if changes.is_empty() {
-            return;
+            return 0;
         }
         // -v: every event, also those that change no element (listed ones
         // are logged with their element below).
@@ -686,11 +723,11 @@ impl Daemon {
             }
         }
         if !self.state.in_step() {
-            return; // a full sync is due anyway, and will include these
+            return 0; // a full sync is due anyway, and will include these
         }
         let ops = reconcile::incremental(&self.cfg, changes);
         if ops.is_empty() {
-            return;
+            return 0;
         }
         let gone: HashMap<u64, &[u8]> = changes
             .iter()
@@ -704,8 +741,12 @@ impl Daemon {
             Ok(numbers) => {
                 let map = &self.cfg.verdict_map;
                 crate::log::write_lines(&describe(&numbers, map, &ops, (&self.tree, &gone), ""));
+                ops.add.len() as isize - ops.del.len() as isize
             }
-            Err(e) => self.state.sync_failed(e, false),
+            Err(e) => {
+                self.state.sync_failed(e, false);
+                0
+            }
         }
     }
 

@@ -917,6 +917,14 @@ fn watches_that_ran_out_are_retried() {
             },
         );
         wait_log(|| d.log(), "out of inotify watches", 1, CONVERGE);
+        // Ready says that not every cgroup is followed (root and one child
+        // watched; two children not).
+        wait_log(
+            || d.log(),
+            "2 not watched (out of inotify watches; retried); map cgroups holds 0 elements; ready",
+            1,
+            CONVERGE,
+        );
         env.cg.mkdir(&[
             "a/cgtproxy-drop.slice",
             "b/cgtproxy-drop.slice",

@@ -34,6 +34,9 @@ pub struct FakeNft {
     pub no_destroy: bool,
     /// How many element dumps still come back interrupted.
     pub interrupt: usize,
+    /// How many element dumps still list their first element twice (read
+    /// across a resize of the kernel's hash table: no NLM_F_DUMP_INTR).
+    pub repeat: usize,
     /// Committed transactions.
     pub commits: usize,
     /// Element message types seen in batches, in order.
@@ -110,7 +113,12 @@ impl FakeNft {
                 // One element per message, as a dump of a big map comes in parts.
                 let set = &self.sets[&names.1];
                 let counter = set.info.as_ref().is_some_and(|i| i.counter);
-                for (k, d) in &set.elems {
+                let again = self.repeat > 0 && !set.elems.is_empty();
+                if again {
+                    self.repeat -= 1;
+                }
+                let first = set.elems.iter().take(usize::from(again));
+                for (k, d) in set.elems.iter().chain(first) {
                     let c = counter.then_some((0, 0));
                     out.push(elements_msg(m.seq, intr, (&names.0, &names.1), *k, d, c));
                 }
