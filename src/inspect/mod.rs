@@ -242,6 +242,28 @@ impl Live {
     }
 }
 
+/// A rule dump as the kernel sends it (the replies to GETRULE), read the
+/// way `check`, `explain`, `apps` and the daemon read the live ruleset:
+/// every message that parses as a rule, then the analysis of them all. For
+/// the fuzz target `rule_dump` (fuzz/) and tests; a summary comes back so
+/// nothing is optimised away.
+#[doc(hidden)]
+pub fn analyse_rule_dump(bytes: &[u8], map: &str, verdicts: &str) -> String {
+    let rules: Vec<Rule> = crate::wire::messages(bytes)
+        .flatten()
+        .filter_map(|m| nftables::parse_rule(&m).ok())
+        .collect();
+    let facts = rules::analyse(&rules, map, verdicts);
+    let nat = rules::nat_ports(&rules, "prerouting");
+    format!(
+        "{} rules; {}; {} levels; {facts:?}; nat {nat:?}; looks up 3: {}",
+        rules.len(),
+        facts.levels_text(),
+        facts.levels.len(),
+        facts.looks_up(Some(3))
+    )
+}
+
 /// The mark the live ruleset's TPROXY rules match, if it has one that can
 /// be recognised: the daemon routes this mark unless the config names one.
 pub fn ruleset_mark(cfg: &Config) -> Result<Option<u32>, Error> {
@@ -312,6 +334,23 @@ mod tests {
                 PathBuf::from("/cg/test"),
                 PathBuf::from("/cg")
             ]
+        );
+    }
+
+    /// The fuzz target's entry reads a real rule dump as `check` does: the
+    /// shipped ruleset's 16 levels, captured from the kernel; garbage and
+    /// every truncation of it give an answer, not a panic.
+    #[test]
+    fn analyse_rule_dump_reads_the_captured_dump() {
+        let dump = crate::nftables::tests::KERNEL_DUMP;
+        let said = analyse_rule_dump(dump, "cgroups", "verdicts");
+        assert!(said.contains("levels 1-16; 16 levels"), "{said}");
+        assert!(analyse_rule_dump(dump, "other", "maps").contains("0 levels"));
+        for cut in (0..dump.len()).step_by(97) {
+            analyse_rule_dump(&dump[..cut], "cgroups", "verdicts");
+        }
+        assert!(
+            analyse_rule_dump(b"\xff\x00garbage", "cgroups", "verdicts").starts_with("0 rules")
         );
     }
 }
