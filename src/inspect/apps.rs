@@ -194,7 +194,9 @@ fn snapshot(
             unknown: map_error.is_some(),
         });
     }
-    rows.sort_by(|a, b| (kind_order(&a.kind), &a.path).cmp(&(kind_order(&b.kind), &b.path)));
+    rows.sort_unstable_by(|a, b| {
+        (kind_order(&a.kind), &a.path).cmp(&(kind_order(&b.kind), &b.path))
+    });
     Some(Snapshot { rows, map_error })
 }
 
@@ -578,7 +580,7 @@ pub(super) fn find_named(h: &Hierarchy, target: &str) -> Vec<PathBuf> {
             out.push(dir);
         }
     }
-    out.sort();
+    out.sort_unstable();
     out
 }
 

@@ -721,7 +721,7 @@ fn check_depth(
         }
     }
     if !deep.is_empty() {
-        deep.sort();
+        deep.sort_unstable();
         c.add(
             Mark::Warn,
             format!(

@@ -46,7 +46,9 @@ pub fn status(opts: &Options, as_json: bool) -> Result<i32, Error> {
         })
         .collect();
     // Cgroups by path, then the gone ones by id.
-    rows.sort_by(|a, b| (a.path.is_none(), &a.path, a.id).cmp(&(b.path.is_none(), &b.path, b.id)));
+    rows.sort_unstable_by(|a, b| {
+        (a.path.is_none(), &a.path, a.id).cmp(&(b.path.is_none(), &b.path, b.id))
+    });
     let routing = routing(&cfg);
     let text = if as_json {
         status_json(&cfg, &rows, &routing_json(&routing))
