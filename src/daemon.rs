@@ -24,13 +24,14 @@ use rustix::event::{PollFd, PollFlags, poll};
 use crate::cgroup;
 use crate::config::Config;
 use crate::error::Error;
+use crate::error::Next;
 use crate::instance::{self, Instance};
 use crate::netlink::Socket;
 use crate::options::{Options, load};
 use crate::query::{self, Queries};
 use crate::reconcile::{self, Numbers, Ops, Renumber};
 use crate::route::{self, Policy};
-use crate::ruleset::{ApplyError, Monitor, Ruleset};
+use crate::ruleset::{Monitor, Ruleset};
 use crate::signals::{Signal, Signals};
 use crate::watch::{Change, Status, Tree};
 use crate::{info, warn};
@@ -148,15 +149,16 @@ impl State {
 
     /// A sync failed; `full` when it was a full sync (so a diverged
     /// answer waits for the timer instead of looping). Logs what is new.
-    fn sync_failed(&mut self, e: ApplyError, full: bool) {
-        self.maps = match (e, std::mem::replace(&mut self.maps, Maps::ResyncDue)) {
-            (ApplyError::Missing(m), was) => {
+    fn sync_failed(&mut self, e: Error, full: bool) {
+        let m = e.to_string();
+        self.maps = match (e.next(), std::mem::replace(&mut self.maps, Maps::ResyncDue)) {
+            (Next::WaitForTable, was) => {
                 if !matches!(was, Maps::WaitingForTable { .. }) {
                     warn!("{m}; waiting for it (cgroups are still followed)");
                 }
                 Maps::WaitingForTable { retry: false }
             }
-            (ApplyError::Diverged(m), was) => {
+            (Next::Resync, was) => {
                 info!("{m}; reconciling the whole map");
                 match was {
                     _ if !full => Maps::ResyncDue,
@@ -172,7 +174,7 @@ impl State {
                     },
                 }
             }
-            (ApplyError::Failed(m), was) => {
+            (Next::Log, was) => {
                 let since = match was {
                     Maps::Failing { since, error, .. } if error == m => since,
                     Maps::Failing { since, .. } => {
@@ -434,9 +436,9 @@ pub fn run(opts: Options) -> Result<(), Error> {
             if let Some(r) = &d.routes {
                 route::take_back(r, &created);
             }
-            return Err(match e {
-                ApplyError::Missing(m) => Error::Config(m),
-                e => Error::Runtime(format!("initial sync of map {}: {e}", d.cfg.map)),
+            return Err(match e.next() {
+                Next::WaitForTable => Error::Config(e.to_string()),
+                _ => Error::Runtime(format!("initial sync of map {}: {e}", d.cfg.map)),
             });
         }
     };
@@ -753,14 +755,16 @@ impl Daemon {
     /// Dump the maps and make them exactly right in one transaction (the
     /// map's old content is replaced, never left half-filled): the initial
     /// sync, and every resync after.
-    fn sync(&mut self) -> Result<Synced, ApplyError> {
+    fn sync(&mut self) -> Result<Synced, Error> {
         let actual = match self.rs.dump() {
             Ok(Some(d)) => {
                 self.numbers = d.numbers;
                 d.elements
             }
-            Ok(None) => return Err(ApplyError::Missing(self.rs.table_missing())),
-            Err(e) => return Err(ApplyError::Failed(e.to_string())),
+            Ok(None) => {
+                return Err(Error::Refused(Next::WaitForTable, self.rs.table_missing()));
+            }
+            Err(e) => return Err(e),
         };
         let ops = reconcile::full_of_tree(&self.cfg, &self.tree, &actual, &self.numbers);
         let empty = HashMap::new();
@@ -942,7 +946,7 @@ fn commit(
     numbers: &mut Numbers,
     ops: &Ops<'_>,
     name: &dyn Fn(u64) -> String,
-) -> Result<Vec<Renumber>, ApplyError> {
+) -> Result<Vec<Renumber>, Error> {
     let plan = reconcile::plan(numbers, ops);
     rs.commit(&plan, name)?;
     let changed = plan.renumbered(numbers);
@@ -1103,7 +1107,7 @@ mod tests {
         s.resync_due();
         assert!(s.sync_now() && !s.in_step());
 
-        s.sync_failed(ApplyError::Failed("boom".into()), true);
+        s.sync_failed(Error::Refused(Next::Log, "boom".into()), true);
         assert!(matches!(&s.maps, Maps::Failing { error, retry: false, .. } if error == "boom"));
         assert!(!s.sync_now() && s.needs_timer());
         s.timer();
@@ -1112,7 +1116,7 @@ mod tests {
             Maps::Failing { since, .. } => *since,
             m => panic!("{m:?}"),
         };
-        s.sync_failed(ApplyError::Failed("boom".into()), true);
+        s.sync_failed(Error::Refused(Next::Log, "boom".into()), true);
         assert!(matches!(&s.maps, Maps::Failing { since: t, .. } if *t == since));
         s.resync_due();
         assert!(s.sync_now(), "an event retries at once");
@@ -1120,7 +1124,7 @@ mod tests {
         assert!(s.in_step());
 
         s.resync_due();
-        s.sync_failed(ApplyError::Missing("gone".into()), true);
+        s.sync_failed(Error::Refused(Next::WaitForTable, "gone".into()), true);
         assert_eq!(s.maps, Maps::WaitingForTable { retry: false });
         assert!(!s.sync_now() && s.needs_timer());
         s.resync_due();
@@ -1128,9 +1132,9 @@ mod tests {
         s.synced(&cfg(), &SYNCED);
         assert!(s.in_step());
 
-        s.sync_failed(ApplyError::Diverged("odd".into()), false);
+        s.sync_failed(Error::Refused(Next::Resync, "odd".into()), false);
         assert!(s.sync_now(), "a diverged batch resyncs at once");
-        s.sync_failed(ApplyError::Diverged("odd".into()), true);
+        s.sync_failed(Error::Refused(Next::Resync, "odd".into()), true);
         assert!(!s.sync_now(), "a diverged full sync waits for the timer");
 
         let mut s = state();

@@ -11,10 +11,11 @@
 
 use crate::config::{Config, DEFAULT_MARK};
 use crate::error::Error;
+use crate::error::Next;
 use crate::instance;
 use crate::options::Options;
 use crate::route::{self, Policy};
-use crate::ruleset::{ApplyError, Ruleset};
+use crate::ruleset::Ruleset;
 
 pub fn down(opts: &Options) -> Result<i32, Error> {
     let cfg = Config::load(opts.config.as_deref())?;
@@ -29,14 +30,14 @@ pub fn down(opts: &Options) -> Result<i32, Error> {
             "cgtproxy: maps {} and {} of table inet {} emptied ({n} elements)",
             cfg.map, cfg.verdict_map, cfg.table
         ),
-        (None, _) | (_, Err(ApplyError::Missing(_))) => println!(
-            "cgtproxy: table inet {} or its maps {} and {} do not exist: no elements to remove",
-            cfg.table, cfg.map, cfg.verdict_map
-        ),
-        (_, Err(e)) => {
+        (Some(_), Err(e)) if e.next() != Next::WaitForTable => {
             crate::warn!("{e}");
             failed = true;
         }
+        _ => println!(
+            "cgtproxy: table inet {} or its maps {} and {} do not exist: no elements to remove",
+            cfg.table, cfg.map, cfg.verdict_map
+        ),
     }
 
     if let Some(r) = cfg.route {

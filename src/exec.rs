@@ -300,8 +300,7 @@ fn collect_leftovers(slice: &Path) {
 
 /// Whether netlink refused for want of CAP_NET_ADMIN.
 fn denied(e: &Error) -> bool {
-    let m = e.to_string().to_ascii_lowercase();
-    m.contains("not permitted") || m.contains("permission denied")
+    e.denied()
 }
 
 /// The ids of `dir` and of its ancestors in the hierarchy, deepest first;

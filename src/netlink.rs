@@ -9,7 +9,7 @@
 //! - [`Conn`]: the conversation over any transport and any netlink protocol
 //!   (nfnetlink, rtnetlink): strictly increasing sequence numbers, replies
 //!   matched to what was sent, a dump's end, an interrupted dump and lost
-//!   messages told apart as [`NlError`] variants.
+//!   messages told apart as `crate::error::Error` variants.
 //!
 //! `Socket` (a `Conn` over the kernel) is what the daemon, `route` and the
 //! inspectors hold.
@@ -22,6 +22,7 @@ use neli::consts::socket::{Msg as MsgFlags, NlFamily};
 use neli::socket::NlSocket;
 use neli::utils::Groups;
 
+use crate::error::Error;
 use crate::wire::{self, ErrorMsg, Msg};
 
 /// Room for a dump part or a burst of acks.
@@ -30,81 +31,17 @@ const RECV_BUF: usize = 256 * 1024;
 /// means something is badly wrong; say so instead of hanging.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug)]
-pub enum NlError {
-    /// The kernel refused a message: its errno, and where, if it said.
-    Kernel(ErrorMsg),
-    Io(io::Error),
-    Malformed(wire::Malformed),
-    /// A dump whose object changed while it was read (NLM_F_DUMP_INTR):
-    /// asking again gives a consistent one.
-    Interrupted,
-    /// Replies or events were dropped (ENOBUFS): what happened is unknown.
-    Lost,
-    /// No answer in time: the outcome is unknown.
-    Timeout,
-    /// The kernel's NLMSG_OVERRUN, or a datagram sent only in part.
-    Overrun,
-}
-
-impl NlError {
-    /// The errno of a kernel refusal.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            NlError::Kernel(e) => Some(e.errno),
-            _ => None,
-        }
-    }
-
-    /// Whether a change sent may or may not have been applied.
-    pub fn outcome_unknown(&self) -> bool {
-        matches!(self, NlError::Lost | NlError::Timeout | NlError::Overrun)
-    }
-}
-
-impl std::fmt::Display for NlError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NlError::Kernel(e) => {
-                f.write_str(&crate::error::errno_text(e.errno))?;
-                if let Some(m) = &e.ext_msg {
-                    write!(f, " ({m})")?;
-                }
-                Ok(())
-            }
-            NlError::Io(e) => f.write_str(&crate::error::io(e)),
-            NlError::Malformed(m) => write!(f, "{m}"),
-            NlError::Interrupted => f.write_str("interrupted dump"),
-            NlError::Lost => f.write_str("netlink messages were lost (ENOBUFS)"),
-            NlError::Timeout => f.write_str("no answer from the kernel"),
-            NlError::Overrun => f.write_str("netlink overrun"),
-        }
-    }
-}
-
-impl From<io::Error> for NlError {
-    fn from(e: io::Error) -> Self {
-        NlError::Io(e)
-    }
-}
-
-impl From<wire::Malformed> for NlError {
-    fn from(e: wire::Malformed) -> Self {
-        NlError::Malformed(e)
-    }
-}
-
 /// What moves netlink datagrams. Everything above it (sequence numbers,
 /// reply matching, dumps, batches) is in [`Conn`] and works on any of them.
 pub trait Transport {
     /// Sends one datagram (a whole batch goes in one).
-    fn send(&mut self, bytes: &[u8]) -> Result<(), NlError>;
+    fn send(&mut self, bytes: &[u8]) -> Result<(), Error>;
     /// Receives one datagram into `buf`: its length, or `None` when nothing
     /// is queued (`block` false). Blocking waits a bounded time, then
-    /// fails with [`NlError::Timeout`].
-    fn recv(&mut self, buf: &mut [u8], block: bool) -> Result<Option<usize>, NlError>;
+    /// fails with [`Error::Timeout`].
+    fn recv(&mut self, buf: &mut [u8], block: bool) -> Result<Option<usize>, Error>;
     /// Joins a multicast group (nf_tables or rtnetlink events).
-    fn subscribe(&mut self, group: u32) -> Result<(), NlError>;
+    fn subscribe(&mut self, group: u32) -> Result<(), Error>;
     /// Makes room for `bytes` of queued replies or events, so bursts are
     /// not lost (ENOBUFS).
     fn reserve(&mut self, bytes: usize);
@@ -139,7 +76,7 @@ impl Kernel {
     }
 
     /// Waits up to `timeout` for something to read; false on timeout.
-    fn wait(&self, timeout: Duration) -> Result<bool, NlError> {
+    fn wait(&self, timeout: Duration) -> Result<bool, Error> {
         use rustix::event::{PollFd, PollFlags, poll};
         let fd = self.fd();
         let mut fds = [PollFd::new(&fd, PollFlags::IN)];
@@ -151,14 +88,14 @@ impl Kernel {
             match poll(&mut fds, Some(&ts)) {
                 Ok(n) => return Ok(n > 0),
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(NlError::Io(e.into())),
+                Err(e) => return Err(Error::Io(e.into())),
             }
         }
     }
 }
 
 impl Transport for Kernel {
-    fn send(&mut self, bytes: &[u8]) -> Result<(), NlError> {
+    fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
         // A batch goes out in one send(), which netlink refuses with
         // EMSGSIZE past the send buffer (~200 KiB by default: ~4,000
         // elements). Grow it to fit; it only ever grows.
@@ -169,12 +106,12 @@ impl Transport for Kernel {
         }
         let n = self.sock.send(bytes, MsgFlags::empty())?;
         if n != bytes.len() {
-            return Err(NlError::Overrun);
+            return Err(Error::Overrun);
         }
         Ok(())
     }
 
-    fn recv(&mut self, buf: &mut [u8], block: bool) -> Result<Option<usize>, NlError> {
+    fn recv(&mut self, buf: &mut [u8], block: bool) -> Result<Option<usize>, Error> {
         loop {
             match self.sock.recv(&mut *buf, MsgFlags::DONTWAIT) {
                 // A datagram larger than the buffer is truncated; the message
@@ -182,19 +119,19 @@ impl Transport for Kernel {
                 Ok((n, _)) => return Ok(Some(n.min(buf.len()))),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(NlError::Lost),
-                Err(e) => return Err(NlError::Io(e)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Err(Error::Lost),
+                Err(e) => return Err(Error::Io(e)),
             }
             if !block {
                 return Ok(None);
             }
             if !self.wait(REPLY_TIMEOUT)? {
-                return Err(NlError::Timeout);
+                return Err(Error::Timeout);
             }
         }
     }
 
-    fn subscribe(&mut self, group: u32) -> Result<(), NlError> {
+    fn subscribe(&mut self, group: u32) -> Result<(), Error> {
         self.sock
             .add_mcast_membership(Groups::new_groups(&[group]))?;
         Ok(())
@@ -237,7 +174,7 @@ impl Conn<Kernel> {
     pub fn subscribe(family: NlFamily, group: u32, rcvbuf: usize) -> io::Result<Socket> {
         let mut s = Socket::open(family)?;
         s.join(group, rcvbuf).map_err(|e| match e {
-            NlError::Io(e) => e,
+            Error::Io(e) => e,
             e => io::Error::other(e.to_string()),
         })?;
         s.t.sock.nonblock()?;
@@ -265,7 +202,7 @@ impl<T: Transport> Conn<T> {
     }
 
     /// Joins a multicast group, with room for `rcvbuf` bytes of events.
-    pub fn join(&mut self, group: u32, rcvbuf: usize) -> Result<(), NlError> {
+    pub fn join(&mut self, group: u32, rcvbuf: usize) -> Result<(), Error> {
         self.t.subscribe(group)?;
         self.t.reserve(rcvbuf);
         Ok(())
@@ -294,7 +231,7 @@ impl<T: Transport> Conn<T> {
     }
 
     /// Calls `f` for every message queued now; never blocks. For event sockets.
-    pub fn drain(&mut self, mut f: impl FnMut(&Msg<'_>)) -> Result<(), NlError> {
+    pub fn drain(&mut self, mut f: impl FnMut(&Msg<'_>)) -> Result<(), Error> {
         while let Some(n) = self.t.recv(&mut self.buf, false)? {
             for m in wire::messages(&self.buf[..n]) {
                 f(&m?);
@@ -312,11 +249,14 @@ impl<T: Transport> Conn<T> {
         bytes: &[u8],
         acked: &[u32],
         begin_seq: u32,
-    ) -> Result<Vec<ErrorMsg>, NlError> {
+    ) -> Result<Vec<ErrorMsg>, Error> {
         // About 1 KiB per answer, or acks get lost (ENOBUFS).
         self.t.reserve((acked.len() + 16) * 1024);
         self.t.send(bytes)?;
-        let mut pending: std::collections::HashSet<u32> = acked.iter().copied().collect();
+        // A batch has a few dozen messages at most (each carries up to
+        // 60 KB of elements): a list is enough, and no hash table of its
+        // own in the binary.
+        let mut pending: Vec<u32> = acked.to_vec();
         let mut errors = Vec::new();
         while !pending.is_empty() {
             let Some(n) = self.t.recv(&mut self.buf, true)? else {
@@ -329,7 +269,11 @@ impl<T: Transport> Conn<T> {
                 }
                 let e = wire::parse_error(&m)?;
                 // A failed commit is reported against BEGIN, which asked for no ack.
-                let ours = pending.remove(&e.seq) || e.seq == begin_seq;
+                let acked = pending.iter().position(|s| *s == e.seq);
+                if let Some(i) = acked {
+                    pending.swap_remove(i);
+                }
+                let ours = acked.is_some() || e.seq == begin_seq;
                 if ours && e.errno != 0 {
                     errors.push(e);
                 }
@@ -346,8 +290,8 @@ impl<T: Transport> Conn<T> {
         bytes: &[u8],
         seq: u32,
         dump: bool,
-        mut f: impl FnMut(&Msg<'_>) -> Result<(), NlError>,
-    ) -> Result<(), NlError> {
+        mut f: impl FnMut(&Msg<'_>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         self.request_dyn(bytes, seq, dump, &mut f)
     }
 
@@ -357,12 +301,12 @@ impl<T: Transport> Conn<T> {
         bytes: &[u8],
         seq: u32,
         dump: bool,
-        f: &mut dyn FnMut(&Msg<'_>) -> Result<(), NlError>,
-    ) -> Result<(), NlError> {
+        f: &mut dyn FnMut(&Msg<'_>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         self.t.send(bytes)?;
         loop {
             let Some(n) = self.t.recv(&mut self.buf, true)? else {
-                return Err(NlError::Timeout);
+                return Err(Error::Timeout);
             };
             for m in wire::messages(&self.buf[..n]) {
                 let m = m?;
@@ -373,15 +317,15 @@ impl<T: Transport> Conn<T> {
                     wire::NLMSG_ERROR => {
                         let e = wire::parse_error(&m)?;
                         if e.errno != 0 {
-                            return Err(NlError::Kernel(e));
+                            return Err(Error::Kernel(Box::new(e)));
                         }
                         if !dump {
                             return Ok(());
                         }
                     }
                     wire::NLMSG_DONE => return Ok(()),
-                    wire::NLMSG_OVERRUN => return Err(NlError::Overrun),
-                    _ if m.flags & wire::NLM_F_DUMP_INTR != 0 => return Err(NlError::Interrupted),
+                    wire::NLMSG_OVERRUN => return Err(Error::Overrun),
+                    _ if m.flags & wire::NLM_F_DUMP_INTR != 0 => return Err(Error::Interrupted),
                     _ if m.ty >= wire::NLMSG_MIN_TYPE => f(&m)?,
                     _ => {}
                 }
@@ -397,14 +341,14 @@ impl<T: Transport> Conn<T> {
     pub fn dump(
         &mut self,
         request: &dyn Fn(u32) -> Vec<u8>,
-        f: &mut dyn FnMut(Option<&Msg<'_>>) -> Result<(), NlError>,
-    ) -> Result<(), NlError> {
+        f: &mut dyn FnMut(Option<&Msg<'_>>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
         let mut attempt = 1;
         loop {
             f(None)?;
             let seq = self.seq();
             match self.request_dyn(&request(seq), seq, true, &mut |m| f(Some(m))) {
-                Err(NlError::Interrupted) if attempt < DUMP_ATTEMPTS => attempt += 1,
+                Err(Error::Interrupted) if attempt < DUMP_ATTEMPTS => attempt += 1,
                 r => return r,
             }
         }
@@ -451,7 +395,7 @@ pub mod fake {
 
     use std::collections::VecDeque;
 
-    use super::{NlError, Transport};
+    use super::{Error, Transport};
     use crate::wire::{self, Writer};
 
     /// `NLMSG_ERROR` answering the message `seq` of type `ty`: an ack
@@ -492,7 +436,7 @@ pub mod fake {
         w.buf
     }
 
-    type Script = Box<dyn FnMut(&[u8]) -> Result<Vec<Vec<u8>>, NlError>>;
+    type Script = Box<dyn FnMut(&[u8]) -> Result<Vec<Vec<u8>>, Error>>;
 
     pub struct Fake {
         /// Every datagram sent, in order.
@@ -501,14 +445,14 @@ pub mod fake {
         pub groups: Vec<u32>,
         /// The largest `reserve` asked for.
         pub reserved: usize,
-        queue: VecDeque<Result<Vec<u8>, NlError>>,
+        queue: VecDeque<Result<Vec<u8>, Error>>,
         script: Script,
     }
 
     impl Fake {
         /// `script` answers one sent datagram with the datagrams the kernel
         /// would queue (or refuses it, as `send()` would).
-        pub fn new(script: impl FnMut(&[u8]) -> Result<Vec<Vec<u8>>, NlError> + 'static) -> Fake {
+        pub fn new(script: impl FnMut(&[u8]) -> Result<Vec<Vec<u8>>, Error> + 'static) -> Fake {
             Fake {
                 sent: Vec::new(),
                 groups: Vec::new(),
@@ -523,22 +467,22 @@ pub mod fake {
             self.queue.push_back(Ok(datagram));
         }
 
-        /// Queues a failure of `recv()` (ENOBUFS: `NlError::Lost`) as if
+        /// Queues a failure of `recv()` (ENOBUFS: `Error::Lost`) as if
         /// the kernel had dropped what came here.
-        pub fn push_error(&mut self, e: NlError) {
+        pub fn push_error(&mut self, e: Error) {
             self.queue.push_back(Err(e));
         }
     }
 
     impl Transport for Fake {
-        fn send(&mut self, bytes: &[u8]) -> Result<(), NlError> {
+        fn send(&mut self, bytes: &[u8]) -> Result<(), Error> {
             self.sent.push(bytes.to_vec());
             let replies = (self.script)(bytes)?;
             self.queue.extend(replies.into_iter().map(Ok));
             Ok(())
         }
 
-        fn recv(&mut self, buf: &mut [u8], block: bool) -> Result<Option<usize>, NlError> {
+        fn recv(&mut self, buf: &mut [u8], block: bool) -> Result<Option<usize>, Error> {
             match self.queue.pop_front() {
                 Some(Err(e)) => Err(e),
                 Some(Ok(d)) => {
@@ -547,12 +491,12 @@ pub mod fake {
                     buf[..n].copy_from_slice(&d[..n]);
                     Ok(Some(n))
                 }
-                None if block => Err(NlError::Timeout),
+                None if block => Err(Error::Timeout),
                 None => Ok(None),
             }
         }
 
-        fn subscribe(&mut self, group: u32) -> Result<(), NlError> {
+        fn subscribe(&mut self, group: u32) -> Result<(), Error> {
             self.groups.push(group);
             Ok(())
         }
@@ -589,7 +533,7 @@ mod tests {
 
     /// The conversation over any protocol: a dump's parts until DONE, a
     /// late reply to an earlier request skipped, a refusal as
-    /// `NlError::Kernel`, silence as `Timeout`, events drained, groups
+    /// `Error::Kernel`, silence as `Timeout`, events drained, groups
     /// joined. rtnetlink here (route.rs can move onto `Conn<impl
     /// Transport>` as it is).
     #[test]
@@ -624,7 +568,7 @@ mod tests {
         assert_eq!(e.errno(), Some(libc::EPERM));
         let seq = c.seq();
         let e = c.request(&getrule(seq), seq, true, |_| Ok(())).unwrap_err();
-        assert!(matches!(e, NlError::Timeout) && e.outcome_unknown());
+        assert!(matches!(e, Error::Timeout) && e.outcome_unknown());
         assert_eq!(c.transport().sent, vec![getrule(7), getrule(8), getrule(9)]);
         c.join(5, 1 << 20).unwrap();
         assert_eq!(

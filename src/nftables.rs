@@ -11,7 +11,8 @@
 //! `cgroupsv2` key is the 64-bit cgroup id in host order, and a `mark` (the
 //! verdict number: `cgroups` data, `verdicts` key) a 32-bit one in host order.
 
-use crate::wire::{self, Malformed, Msg, Writer};
+use crate::error::Error;
+use crate::wire::{self, Msg, Writer};
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -331,7 +332,7 @@ impl Batch {
     }
 
     /// `END`; returns the bytes to send.
-    pub fn finish(mut self) -> Result<(Vec<u8>, BatchInfo), wire::TooLong> {
+    pub fn finish(mut self) -> Result<(Vec<u8>, BatchInfo), Error> {
         let end_seq = self.next_seq;
         self.w
             .begin_msg(NFNL_MSG_BATCH_END, wire::NLM_F_REQUEST, end_seq);
@@ -475,7 +476,7 @@ impl SetInfo {
     }
 }
 
-pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Malformed> {
+pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Error> {
     let mut s = SetInfo {
         is_map: false,
         key_len: 0,
@@ -484,7 +485,7 @@ pub fn parse_set(m: &Msg<'_>) -> Result<SetInfo, Malformed> {
         counter: false,
     };
     // One expression comes bare, several as a list (nf_tables_fill_set).
-    fn named_counter(expr: &[u8]) -> Result<bool, Malformed> {
+    fn named_counter(expr: &[u8]) -> Result<bool, Error> {
         for a in wire::attrs(expr) {
             let (ty, v) = a?;
             if ty == NFTA_EXPR_NAME && wire::string(v) == "counter" {
@@ -540,16 +541,15 @@ pub struct Entry {
 }
 
 /// The payload after nfgenmsg.
-fn body<'a>(m: &Msg<'a>) -> Result<&'a [u8], Malformed> {
-    m.payload.get(4..).ok_or(Malformed("truncated nfgenmsg"))
+fn body<'a>(m: &Msg<'a>) -> Result<&'a [u8], Error> {
+    m.payload
+        .get(4..)
+        .ok_or(Error::Malformed("truncated nfgenmsg"))
 }
 
 /// The `NFTA_LIST_ELEM` entries of a list attribute (elements,
 /// expressions), each given to `f`.
-fn each_listed(
-    list: &[u8],
-    mut f: impl FnMut(&[u8]) -> Result<(), Malformed>,
-) -> Result<(), Malformed> {
+fn each_listed(list: &[u8], mut f: impl FnMut(&[u8]) -> Result<(), Error>) -> Result<(), Error> {
     for a in wire::attrs(list) {
         let (ty, v) = a?;
         if ty == NFTA_LIST_ELEM {
@@ -560,7 +560,7 @@ fn each_listed(
 }
 
 /// A NEWSETELEM message (a dump part, or an event): its table, set and elements.
-pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Entry>), Malformed> {
+pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Entry>), Error> {
     let (mut table, mut set, mut out) = (String::new(), String::new(), Vec::new());
     for a in wire::attrs(body(m)?) {
         let (ty, v) = a?;
@@ -577,7 +577,7 @@ pub fn parse_elements(m: &Msg<'_>) -> Result<(String, String, Vec<Entry>), Malfo
     Ok((table, set, out))
 }
 
-fn parse_element(e: &[u8]) -> Result<Entry, Malformed> {
+fn parse_element(e: &[u8]) -> Result<Entry, Error> {
     let (mut key, mut data, mut counter) = (None, None, None);
     for a in wire::attrs(e) {
         let (ty, v) = a?;
@@ -587,11 +587,17 @@ fn parse_element(e: &[u8]) -> Result<Entry, Malformed> {
                     let (ty, k) = k?;
                     if ty == NFTA_DATA_VALUE {
                         key = Some(match k.len() {
-                            8 => u64::from_ne_bytes(k.try_into().map_err(|_| Malformed("key"))?),
+                            8 => u64::from_ne_bytes(
+                                k.try_into().map_err(|_| Error::Malformed("key"))?,
+                            ),
                             4 => u64::from(u32::from_ne_bytes(
-                                k.try_into().map_err(|_| Malformed("key"))?,
+                                k.try_into().map_err(|_| Error::Malformed("key"))?,
                             )),
-                            _ => return Err(Malformed("key is neither a cgroup id nor a mark")),
+                            _ => {
+                                return Err(Error::Malformed(
+                                    "key is neither a cgroup id nor a mark",
+                                ));
+                            }
                         });
                     }
                 }
@@ -607,19 +613,19 @@ fn parse_element(e: &[u8]) -> Result<Entry, Malformed> {
         }
     }
     Ok(Entry {
-        key: key.ok_or(Malformed("element without a key"))?,
-        data: data.ok_or(Malformed("element without data"))?,
+        key: key.ok_or(Error::Malformed("element without a key"))?,
+        data: data.ok_or(Error::Malformed("element without data"))?,
         counter,
     })
 }
 
 /// An element's data: a 4-byte value (a verdict number) or a verdict.
-fn parse_elem_data(d: &[u8]) -> Result<ElemData, Malformed> {
+fn parse_elem_data(d: &[u8]) -> Result<ElemData, Error> {
     match parse_data(d)? {
         Data::Value(v) => {
             let b: [u8; 4] = v
                 .try_into()
-                .map_err(|_| Malformed("element data is not a 4-byte mark"))?;
+                .map_err(|_| Error::Malformed("element data is not a 4-byte mark"))?;
             Ok(ElemData::Mark(u32::from_ne_bytes(b)))
         }
         Data::Verdict(v) => Ok(ElemData::Verdict(v)),
@@ -627,7 +633,7 @@ fn parse_elem_data(d: &[u8]) -> Result<ElemData, Malformed> {
 }
 
 /// `nft_data`: `NFTA_DATA_VALUE bytes` or `NFTA_DATA_VERDICT { ... }`.
-pub fn parse_data(d: &[u8]) -> Result<Data<'_>, Malformed> {
+pub fn parse_data(d: &[u8]) -> Result<Data<'_>, Error> {
     for a in wire::attrs(d) {
         let (ty, v) = a?;
         match ty {
@@ -636,11 +642,11 @@ pub fn parse_data(d: &[u8]) -> Result<Data<'_>, Malformed> {
             _ => {}
         }
     }
-    Err(Malformed("data is neither a value nor a verdict"))
+    Err(Error::Malformed("data is neither a value nor a verdict"))
 }
 
 /// `NFTA_VERDICT_CODE be32 [, NFTA_VERDICT_CHAIN "name"]`
-fn parse_verdict(v: &[u8]) -> Result<NftVerdict, Malformed> {
+fn parse_verdict(v: &[u8]) -> Result<NftVerdict, Error> {
     let (mut code, mut chain) = (None, None);
     for x in wire::attrs(v) {
         let (ty, x) = x?;
@@ -651,12 +657,12 @@ fn parse_verdict(v: &[u8]) -> Result<NftVerdict, Malformed> {
         }
     }
     Ok(NftVerdict {
-        code: code.ok_or(Malformed("verdict without a code"))?,
+        code: code.ok_or(Error::Malformed("verdict without a code"))?,
         chain,
     })
 }
 
-fn parse_counter(x: &[u8]) -> Result<Option<(u64, u64)>, Malformed> {
+fn parse_counter(x: &[u8]) -> Result<Option<(u64, u64)>, Error> {
     let (mut name, mut data) = (String::new(), None);
     for a in wire::attrs(x) {
         let (ty, v) = a?;
@@ -682,7 +688,7 @@ fn parse_counter(x: &[u8]) -> Result<Option<(u64, u64)>, Malformed> {
 }
 
 /// The committing process of a transaction, from its NEWGEN event.
-pub fn parse_newgen_pid(m: &Msg<'_>) -> Result<Option<u32>, Malformed> {
+pub fn parse_newgen_pid(m: &Msg<'_>) -> Result<Option<u32>, Error> {
     for a in wire::attrs(body(m)?) {
         let (ty, v) = a?;
         if ty == NFTA_GEN_PROC_PID {
@@ -693,7 +699,7 @@ pub fn parse_newgen_pid(m: &Msg<'_>) -> Result<Option<u32>, Malformed> {
 }
 
 /// The table name of a NEWTABLE/DELTABLE event, or (table, set) of a set event.
-pub fn parse_names(m: &Msg<'_>) -> Result<(String, String), Malformed> {
+pub fn parse_names(m: &Msg<'_>) -> Result<(String, String), Error> {
     // NFTA_TABLE_NAME, NFTA_SET_TABLE and NFTA_SET_ELEM_LIST_TABLE are all 1;
     // NFTA_SET_NAME and NFTA_SET_ELEM_LIST_SET are both 2.
     let (mut a1, mut a2) = (String::new(), String::new());
@@ -758,7 +764,7 @@ pub struct Rule {
 }
 
 /// A NEWRULE message of a dump: its table, chain and expressions.
-pub fn parse_rule(m: &Msg<'_>) -> Result<Rule, Malformed> {
+pub fn parse_rule(m: &Msg<'_>) -> Result<Rule, Error> {
     let (mut table, mut chain, mut exprs) = (String::new(), String::new(), Vec::new());
     for a in wire::attrs(body(m)?) {
         let (ty, v) = a?;
@@ -780,7 +786,7 @@ pub fn parse_rule(m: &Msg<'_>) -> Result<Rule, Malformed> {
 }
 
 /// `NFTA_EXPR_NAME "name", NFTA_EXPR_DATA { attributes }`
-fn parse_expr(e: &[u8]) -> Result<Expr, Malformed> {
+fn parse_expr(e: &[u8]) -> Result<Expr, Error> {
     let mut x = Expr {
         name: String::new(),
         attrs: Vec::new(),

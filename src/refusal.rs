@@ -2,40 +2,28 @@
 //! nf_tables batch was refused with, the part of the message the kernel's
 //! extended ack pointed at (`nftables::Blame`) and the plan that was sent,
 //! in; what the operator reads, and what the daemon does next
-//! (`ApplyError`), out. Every "does not exist" the program says is built
+//! (`Error::Refused` with a `Next`), out. Every "does not exist" the program says is built
 //! here, so the wording is the same everywhere.
 
 use crate::config::Verdict;
 use crate::error::errno_text;
+pub use crate::error::{Error, NO_CAP, Next};
 use crate::nftables::{Blame, ElemMsg, MapRef};
 use crate::reconcile::Plan;
 
-/// Why a transaction failed, as far as the daemon's next move goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ApplyError {
-    /// The table or the map is gone: wait for the ruleset to come back.
-    Missing(String),
-    /// The map did not hold what we thought (EEXIST / ENOENT on an
-    /// element), or the outcome is unknown: dump and reconcile.
-    Diverged(String),
-    /// Anything else (a chain went missing, permissions …): logged.
-    Failed(String),
+/// A refusal that means the table or a map is gone.
+fn missing(m: String) -> Error {
+    Error::Refused(Next::WaitForTable, m)
 }
 
-impl std::fmt::Display for ApplyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ApplyError::Missing(m) | ApplyError::Diverged(m) | ApplyError::Failed(m) => {
-                f.write_str(m)
-            }
-        }
-    }
+/// A refusal that means the maps are not what we thought.
+fn diverged(m: String) -> Error {
+    Error::Refused(Next::Resync, m)
 }
 
-impl From<ApplyError> for crate::error::Error {
-    fn from(e: ApplyError) -> Self {
-        crate::error::Error::Runtime(e.to_string())
-    }
+/// Any other refusal: logged.
+fn failed(m: String) -> Error {
+    Error::Refused(Next::Log, m)
 }
 
 /// `table inet T does not exist`
@@ -70,9 +58,6 @@ pub fn chain_missing(chain: &str, why: &str, table: &str) -> String {
     format!("chain '{chain}' {why} does not exist in table inet {table}")
 }
 
-/// "nf_tables: permission denied (…)": EPERM always means the capability.
-pub const NO_CAP: &str = "nf_tables: permission denied (cgtproxy needs CAP_NET_ADMIN)";
-
 /// A kernel older than 6.3 (or a backport without it) refuses
 /// DESTROYSETELEM as an unknown message type.
 pub fn destroy_unsupported(errno: i32, kind: Option<ElemMsg>) -> bool {
@@ -100,7 +85,7 @@ pub fn explain(
     verdicts: &MapRef,
     plan: &Plan,
     name: &dyn Fn(u64) -> String,
-) -> ApplyError {
+) -> Error {
     let what = errno_text(e.errno);
     // The verdict a number was being bound to, and a cgroup that needs it.
     let bound = |n: &u32| {
@@ -110,12 +95,12 @@ pub fn explain(
     };
     let (table, vmap) = (&map.table, &verdicts.map);
     match (e.errno, e.blame) {
-        (libc::EPERM, _) => ApplyError::Failed(NO_CAP.into()),
-        _ if destroy_unsupported(e.errno, e.kind) => ApplyError::Diverged(
-            "this kernel has no DESTROYSETELEM; deleting known elements only".into(),
-        ),
-        (libc::ENOENT, Some(Blame::Table)) => ApplyError::Missing(load_table(table)),
-        (libc::ENOENT, Some(Blame::Map(m))) => ApplyError::Missing(map_missing(&MapRef {
+        (libc::EPERM, _) => failed(NO_CAP.into()),
+        _ if destroy_unsupported(e.errno, e.kind) => {
+            diverged("this kernel has no DESTROYSETELEM; deleting known elements only".into())
+        }
+        (libc::ENOENT, Some(Blame::Table)) => missing(load_table(table)),
+        (libc::ENOENT, Some(Blame::Map(m))) => missing(map_missing(&MapRef {
             table: table.clone(),
             map: m.clone(),
         })),
@@ -128,41 +113,41 @@ pub fn explain(
                 _ => "?",
             };
             let cgroup = id.map_or_else(|| "?".into(), name);
-            ApplyError::Failed(chain_missing(
+            failed(chain_missing(
                 chain,
                 &format!("(the verdict for cgroup {cgroup})"),
                 table,
             ))
         }
-        (libc::EEXIST | libc::EBUSY, Some(Blame::Bound(n))) => ApplyError::Diverged(format!(
+        (libc::EEXIST | libc::EBUSY, Some(Blame::Bound(n))) => diverged(format!(
             "map {vmap} already holds number {n} for another verdict"
         )),
         (libc::ENOENT, Some(Blame::Unbound(n))) => {
-            ApplyError::Diverged(format!("map {vmap} has no number {n}"))
+            diverged(format!("map {vmap} has no number {n}"))
         }
         (_, Some(Blame::Bound(n) | Blame::Unbound(n))) => {
             let v = bound(n).0.map(|v| format!(" ({v})")).unwrap_or_default();
-            ApplyError::Failed(format!("map {vmap}, number {n}{v}: {what}"))
+            failed(format!("map {vmap}, number {n}{v}: {what}"))
         }
-        (libc::ENOENT, Some(Blame::Deleted(id))) => ApplyError::Diverged(format!(
+        (libc::ENOENT, Some(Blame::Deleted(id))) => diverged(format!(
             "cgroup {}: no such element in map {}",
             name(*id),
             map.map
         )),
-        (libc::EEXIST | libc::EBUSY, Some(Blame::Added(id))) => ApplyError::Diverged(format!(
+        (libc::EEXIST | libc::EBUSY, Some(Blame::Added(id))) => diverged(format!(
             "cgroup {}: map {} already holds another verdict for it",
             name(*id),
             map.map
         )),
         (_, Some(Blame::Added(id) | Blame::Deleted(id))) => {
-            ApplyError::Failed(format!("cgroup {}: {what}", name(*id)))
+            failed(format!("cgroup {}: {what}", name(*id)))
         }
-        (libc::ENOENT, _) => ApplyError::Missing(format!(
+        (libc::ENOENT, _) => missing(format!(
             "{} (or its map '{}' or '{vmap}' is missing)",
             load_table(table),
             map.map
         )),
-        _ => ApplyError::Failed(format!(
+        _ => failed(format!(
             "transaction on map {}: {what}{}",
             map.map,
             e.ext_msg.map(|m| format!(" ({m})")).unwrap_or_default()
@@ -171,11 +156,11 @@ pub fn explain(
 }
 
 /// A flush of both maps refused.
-pub fn explain_flush(errno: i32, map: &MapRef, verdicts: &MapRef) -> ApplyError {
+pub fn explain_flush(errno: i32, map: &MapRef, verdicts: &MapRef) -> Error {
     match errno {
-        libc::ENOENT => ApplyError::Missing(load_table(&map.table)),
-        libc::EPERM => ApplyError::Failed(NO_CAP.into()),
-        _ => ApplyError::Failed(format!(
+        libc::ENOENT => missing(load_table(&map.table)),
+        libc::EPERM => failed(NO_CAP.into()),
+        _ => failed(format!(
             "flush of maps {} and {}: {}",
             map.map,
             verdicts.map,
@@ -185,7 +170,7 @@ pub fn explain_flush(errno: i32, map: &MapRef, verdicts: &MapRef) -> ApplyError 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn maps() -> (MapRef, MapRef) {
@@ -209,6 +194,11 @@ mod tests {
         format!("/app (id {id})")
     }
 
+    /// What a refusal comes to: the next move and the sentence.
+    pub(crate) fn said(e: &Error) -> (Next, String) {
+        (e.next(), e.to_string())
+    }
+
     #[test]
     fn each_refusal_is_one_sentence_and_one_next_move() {
         let (map, vmap) = maps();
@@ -229,69 +219,69 @@ mod tests {
         let cases = [
             (
                 say(libc::ENOENT, Some(Blame::Table), None),
-                ApplyError::Missing(
+                missing(
                     "table inet cgtproxy does not exist — load nft/cgtproxy.nft first".into(),
                 ),
             ),
             (
                 say(libc::ENOENT, Some(Blame::Map("verdicts".into())), None),
-                ApplyError::Missing(
+                missing(
                     "map 'verdicts' does not exist in table inet cgtproxy".into(),
                 ),
             ),
             (
                 say(libc::ENOENT, Some(Blame::Bound(3)), Some(ElemMsg::New)),
-                ApplyError::Failed(
+                failed(
                     "chain 'proxy' (the verdict for cgroup /app (id 42)) does not exist in table inet cgtproxy".into(),
                 ),
             ),
             (
                 say(libc::EEXIST, Some(Blame::Bound(3)), Some(ElemMsg::New)),
-                ApplyError::Diverged(
+                diverged(
                     "map verdicts already holds number 3 for another verdict".into(),
                 ),
             ),
             (
                 say(libc::ENOENT, Some(Blame::Unbound(4)), Some(ElemMsg::Del)),
-                ApplyError::Diverged("map verdicts has no number 4".into()),
+                diverged("map verdicts has no number 4".into()),
             ),
             (
                 say(libc::ENOENT, Some(Blame::Deleted(42)), Some(ElemMsg::Del)),
-                ApplyError::Diverged(
+                diverged(
                     "cgroup /app (id 42): no such element in map cgroups".into(),
                 ),
             ),
             (
                 say(libc::EEXIST, Some(Blame::Added(42)), Some(ElemMsg::New)),
-                ApplyError::Diverged(
+                diverged(
                     "cgroup /app (id 42): map cgroups already holds another verdict for it".into(),
                 ),
             ),
             (
                 say(libc::ENOMEM, Some(Blame::Added(42)), Some(ElemMsg::New)),
-                ApplyError::Failed("cgroup /app (id 42): Cannot allocate memory".into()),
+                failed("cgroup /app (id 42): Cannot allocate memory".into()),
             ),
             (
                 say(libc::EPERM, Some(Blame::Table), None),
-                ApplyError::Failed(NO_CAP.into()),
+                failed(NO_CAP.into()),
             ),
             (
                 say(libc::EOPNOTSUPP, Some(Blame::Deleted(42)), Some(ElemMsg::Destroy)),
-                ApplyError::Diverged(
+                diverged(
                     "this kernel has no DESTROYSETELEM; deleting known elements only".into(),
                 ),
             ),
             (
                 say(libc::ENOENT, None, None),
-                ApplyError::Missing("table inet cgtproxy does not exist — load nft/cgtproxy.nft first (or its map 'cgroups' or 'verdicts' is missing)".into()),
+                missing("table inet cgtproxy does not exist — load nft/cgtproxy.nft first (or its map 'cgroups' or 'verdicts' is missing)".into()),
             ),
             (
                 say(libc::E2BIG, None, None),
-                ApplyError::Failed("transaction on map cgroups: Argument list too long".into()),
+                failed("transaction on map cgroups: Argument list too long".into()),
             ),
         ];
         for (got, want) in cases {
-            assert_eq!(got, want);
+            assert_eq!(said(&got), said(&want));
         }
         // The extended ack's own words are kept when nothing else says more.
         let r = Refused {
@@ -309,8 +299,8 @@ mod tests {
         ));
         assert!(!destroy_unsupported(libc::EOPNOTSUPP, Some(ElemMsg::Del)));
         assert_eq!(
-            explain_flush(libc::ENOENT, &map, &vmap),
-            ApplyError::Missing(load_table("cgtproxy"))
+            said(&explain_flush(libc::ENOENT, &map, &vmap)),
+            said(&missing(load_table("cgtproxy")))
         );
     }
 }

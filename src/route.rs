@@ -20,7 +20,7 @@ use std::os::fd::BorrowedFd;
 use neli::consts::socket::NlFamily;
 
 use crate::error::Error;
-use crate::netlink::{Conn, NlError, Socket, Transport};
+use crate::netlink::{Conn, Socket, Transport};
 use crate::wire::{self, Msg, Writer};
 
 const RTM_NEWLINK: u16 = 16;
@@ -261,11 +261,11 @@ fn ip_text(a: &[u8]) -> String {
 }
 
 /// One RTM_NEWRULE of a dump (or an event).
-fn parse_rule(m: &Msg<'_>) -> Result<RuleInfo, wire::Malformed> {
+fn parse_rule(m: &Msg<'_>) -> Result<RuleInfo, Error> {
     let hdr = m
         .payload
         .get(..12)
-        .ok_or(wire::Malformed("truncated fib_rule_hdr"))?;
+        .ok_or(Error::Malformed("truncated fib_rule_hdr"))?;
     let flags = u32::from_ne_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
     let mut r = RuleInfo {
         action: hdr[7],
@@ -296,7 +296,7 @@ fn parse_rule(m: &Msg<'_>) -> Result<RuleInfo, wire::Malformed> {
 }
 
 /// `ip [-6] rule show`
-fn rules<T: Transport>(nl: &mut Conn<T>, family: u8) -> Result<Vec<RuleInfo>, NlError> {
+fn rules<T: Transport>(nl: &mut Conn<T>, family: u8) -> Result<Vec<RuleInfo>, Error> {
     let seq = nl.seq();
     let mut w = Writer::new();
     w.begin_msg(RTM_GETRULE, wire::NLM_F_REQUEST | wire::NLM_F_DUMP, seq);
@@ -316,7 +316,7 @@ fn route_exists<T: Transport>(
     family: u8,
     r: &Policy,
     lo: u32,
-) -> Result<bool, NlError> {
+) -> Result<bool, Error> {
     let seq = nl.seq();
     let mut w = Writer::new();
     w.begin_msg(RTM_GETROUTE, wire::NLM_F_REQUEST | wire::NLM_F_DUMP, seq);
@@ -328,7 +328,7 @@ fn route_exists<T: Transport>(
         let hdr = m
             .payload
             .get(..12)
-            .ok_or(wire::Malformed("truncated rtmsg"))?;
+            .ok_or(Error::Malformed("truncated rtmsg"))?;
         let (mut table, mut oif, mut dst) = (u32::from(hdr[4]), None, false);
         for a in wire::attrs(&m.payload[12..]) {
             let (ty, v) = a?;
@@ -353,7 +353,7 @@ fn loopback_index() -> u32 {
     }
 }
 
-fn errno(e: &NlError) -> Option<i32> {
+fn errno(e: &Error) -> Option<i32> {
     e.errno()
 }
 
@@ -525,7 +525,7 @@ pub fn remove(r: &Policy, keep: Option<&Policy>) -> Vec<String> {
         return vec!["rtnetlink socket".into()];
     };
     let lo = loopback_index();
-    let gone = |e: &NlError| {
+    let gone = |e: &Error| {
         matches!(
             errno(e),
             Some(libc::ENOENT | libc::ESRCH | libc::EAFNOSUPPORT)

@@ -13,14 +13,13 @@
 use neli::consts::socket::NlFamily;
 
 use crate::config::{Config, Verdict};
-use crate::error::Error;
-use crate::netlink::{Conn, Kernel, NlError, Transport};
+use crate::error::{Context, Error, Next};
+use crate::netlink::{Conn, Kernel, Transport};
 use crate::nftables::{
     self, Batch, ElemData, ElemMsg, Entry, MapRef, NF_DROP, NFT_CONTINUE, NFT_GOTO, NftVerdict,
     Object, Rule,
 };
 use crate::reconcile::{Element, FILLED, Numbers, Plan};
-pub use crate::refusal::ApplyError;
 use crate::refusal::{self, Refused};
 use crate::wire::Msg;
 
@@ -107,18 +106,17 @@ pub fn from_wire(v: NftVerdict) -> Verdict {
 
 /// A netlink failure as an error: EPERM means the missing capability,
 /// anything else is said with `what` was being done.
-pub fn nl_error(what: &str, e: NlError) -> Error {
+pub fn nl_error(what: &str, e: Error) -> Error {
     match e.errno() {
-        Some(libc::EPERM) => Error::Runtime(refusal::NO_CAP.into()),
-        _ => Error::Runtime(e.to_string()).context(what),
+        Some(libc::EPERM) => Error::NoCapability,
+        _ => e.context(what),
     }
 }
 
 impl Ruleset<Kernel> {
     /// The table and the two maps `cfg` names, over a new netlink socket.
     pub fn open(cfg: &Config) -> Result<Ruleset, Error> {
-        let nl = Conn::open(NlFamily::Netfilter)
-            .map_err(|e| Error::Runtime(crate::error::io(&e)).context("netlink socket"))?;
+        let nl = Conn::open(NlFamily::Netfilter).context("netlink socket")?;
         Ok(Ruleset::on(nl, cfg, destroy_supported()))
     }
 }
@@ -153,7 +151,7 @@ impl<T: Transport> Ruleset<T> {
     pub fn get(
         &mut self,
         obj: &Object<'_>,
-        mut f: impl FnMut(&Msg<'_>) -> Result<(), NlError>,
+        mut f: impl FnMut(&Msg<'_>) -> Result<(), Error>,
     ) -> Result<bool, Error> {
         let seq = self.nl.seq();
         match self
@@ -213,12 +211,12 @@ impl<T: Transport> Ruleset<T> {
         &mut self,
         what: &str,
         request: &dyn Fn(u32) -> Vec<u8>,
-        each: &mut dyn FnMut(Option<&Msg<'_>>) -> Result<(), NlError>,
+        each: &mut dyn FnMut(Option<&Msg<'_>>) -> Result<(), Error>,
     ) -> Result<bool, Error> {
         match self.nl.dump(request, each) {
             Ok(()) => Ok(true),
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(false),
-            Err(NlError::Interrupted) => Err(Error::Runtime(format!(
+            Err(Error::Interrupted) => Err(Error::Runtime(format!(
                 "interrupted {} times in a row",
                 crate::netlink::DUMP_ATTEMPTS
             ))
@@ -329,7 +327,7 @@ impl<T: Transport> Ruleset<T> {
 
     /// Sends `plan` as one transaction on both maps. `name` turns a cgroup
     /// id into words for error messages.
-    pub fn commit(&mut self, plan: &Plan, name: &dyn Fn(u64) -> String) -> Result<(), ApplyError> {
+    pub fn commit(&mut self, plan: &Plan, name: &dyn Fn(u64) -> String) -> Result<(), Error> {
         if plan.is_empty() {
             return Ok(());
         }
@@ -351,18 +349,18 @@ impl<T: Transport> Ruleset<T> {
             &self.map,
             plan.add.iter().map(|(id, n)| (*id, Some(*n))),
         );
-        let (bytes, info) = b
-            .finish()
-            .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;
+        let (bytes, info) = b.finish().context("encoding")?;
         self.nl.used_up_to(info.end_seq);
         let errors = match self.nl.commit(&bytes, &info.acked, info.begin_seq) {
             Ok(e) => e,
+            // Dump and reconcile: whatever happened, the dump says.
             Err(e) if e.outcome_unknown() => {
-                return Err(ApplyError::Diverged(format!(
-                    "transaction outcome unknown: {e}"
-                )));
+                return Err(Error::Refused(
+                    Next::Resync,
+                    format!("transaction outcome unknown: {e}"),
+                ));
             }
-            Err(e) => return Err(ApplyError::Failed(format!("transaction: {e}"))),
+            Err(e) => return Err(e.context("transaction")),
         };
         let Some(e) = errors.first() else {
             return Ok(());
@@ -390,7 +388,7 @@ impl<T: Transport> Ruleset<T> {
     /// emptied on purpose, the maps still say what holds (nothing is
     /// listed), so the ruleset records connections `direct` again, in strict
     /// mode too.
-    pub fn flush(&mut self) -> Result<(), ApplyError> {
+    pub fn flush(&mut self) -> Result<(), Error> {
         let mut b = Batch::new(self.nl.next_seq());
         b.flush(&self.map);
         b.flush(&self.verdicts);
@@ -399,17 +397,15 @@ impl<T: Transport> Ruleset<T> {
             &self.verdicts,
             [(FILLED, Some(to_wire(&Verdict::Drop)))],
         );
-        let (bytes, info) = b
-            .finish()
-            .map_err(|e| ApplyError::Failed(format!("encoding: {e}")))?;
+        let (bytes, info) = b.finish().context("encoding")?;
         self.nl.used_up_to(info.end_seq);
         match self.nl.commit(&bytes, &info.acked, info.begin_seq) {
             Ok(errors) => match errors.first() {
                 None => Ok(()),
                 Some(e) => Err(refusal::explain_flush(e.errno, &self.map, &self.verdicts)),
             },
-            Err(e) => Err(ApplyError::Failed(format!(
-                "flush of maps {} and {}: {e}",
+            Err(e) => Err(e.context(format_args!(
+                "flush of maps {} and {}",
                 self.map.map, self.verdicts.map
             ))),
         }
@@ -500,7 +496,7 @@ impl Monitor {
         map: &MapRef,
         verdicts: &MapRef,
         me: u32,
-    ) -> Result<bool, NlError> {
+    ) -> Result<bool, Error> {
         let mut resync = false;
         let r = events.drain(|m| resync |= self.feed(m, map, verdicts, me));
         if r.is_err() {
@@ -544,6 +540,7 @@ mod tests {
     use crate::nftables::fake::FakeNft;
     use crate::nftables::{NFT_MSG_DELSETELEM, NFT_MSG_DESTROYSETELEM, NFT_MSG_NEWSETELEM};
     use crate::reconcile::{self, Ops};
+    use crate::refusal::tests::said;
     use crate::wire;
 
     fn cfg() -> Config {
@@ -571,11 +568,7 @@ mod tests {
     }
 
     /// Plans `ops` against `numbers` and commits it, as the daemon does.
-    fn commit(
-        rs: &mut Ruleset<Fake>,
-        numbers: &mut Numbers,
-        ops: &Ops<'_>,
-    ) -> Result<(), ApplyError> {
+    fn commit(rs: &mut Ruleset<Fake>, numbers: &mut Numbers, ops: &Ops<'_>) -> Result<(), Error> {
         let plan = reconcile::plan(numbers, ops);
         rs.commit(&plan, &name)?;
         *numbers = plan.numbers;
@@ -634,10 +627,8 @@ mod tests {
         let mut numbers = Numbers::new();
         let e = commit(&mut rs, &mut numbers, &ops).unwrap_err();
         assert_eq!(
-            e,
-            ApplyError::Failed(
-                "chain 'proxy' (the verdict for cgroup /app42 (id 42)) does not exist in table inet cgtproxy".into()
-            )
+            said(&e),
+            (Next::Log, "chain 'proxy' (the verdict for cgroup /app42 (id 42)) does not exist in table inet cgtproxy".to_string())
         );
         assert!(
             numbers.is_empty(),
@@ -669,8 +660,11 @@ mod tests {
         };
         let e = commit(&mut rs, &mut Numbers::new(), &ops).unwrap_err();
         assert_eq!(
-            e,
-            ApplyError::Missing("map 'verdicts' does not exist in table inet cgtproxy".into())
+            said(&e),
+            (
+                Next::WaitForTable,
+                "map 'verdicts' does not exist in table inet cgtproxy".to_string()
+            )
         );
         // And the table itself.
         k.borrow_mut().table = None;
@@ -680,7 +674,7 @@ mod tests {
             "test.json: table inet cgtproxy does not exist — load nft/cgtproxy.nft first"
         );
         let e = commit(&mut rs, &mut Numbers::new(), &ops).unwrap_err();
-        assert_eq!(e, ApplyError::Missing(rs.table_missing()));
+        assert_eq!(said(&e), (Next::WaitForTable, rs.table_missing()));
     }
 
     /// Before Linux 6.3 DESTROYSETELEM is refused: the session says so once,
@@ -704,9 +698,10 @@ mod tests {
         };
         let e = commit(&mut rs, &mut numbers, &del).unwrap_err();
         assert_eq!(
-            e,
-            ApplyError::Diverged(
-                "this kernel has no DESTROYSETELEM; deleting known elements only".into()
+            said(&e),
+            (
+                Next::Resync,
+                "this kernel has no DESTROYSETELEM; deleting known elements only".to_string()
             )
         );
         assert!(!rs.destroy);
@@ -731,8 +726,11 @@ mod tests {
         };
         let e = commit(&mut rs, &mut numbers, &del2).unwrap_err();
         assert_eq!(
-            e,
-            ApplyError::Diverged("cgroup /app2 (id 2): no such element in map cgroups".into())
+            said(&e),
+            (
+                Next::Resync,
+                "cgroup /app2 (id 2): no such element in map cgroups".to_string()
+            )
         );
         // With DESTROYSETELEM (6.3+) the same delete is fine.
         let k6 = kernel(&["proxy"]);
@@ -854,7 +852,6 @@ mod tests {
     /// `Monitor::read`.
     mod monitor {
         use super::*;
-        use crate::netlink::NlError;
         use crate::nftables::fake::{elements_msg, event, newgen};
         use crate::nftables::{
             NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWTABLE,
@@ -877,7 +874,7 @@ mod tests {
             mon: &mut Monitor,
             ev: &mut Conn<Fake>,
             datagrams: Vec<Vec<u8>>,
-        ) -> Result<bool, NlError> {
+        ) -> Result<bool, Error> {
             let (map, verdicts) = maps();
             for d in datagrams {
                 ev.transport().push(d);
@@ -1005,7 +1002,7 @@ mod tests {
             .concat();
             assert!(wakeup(&mut mon, &mut ev, vec![reload]).unwrap());
             assert!(mon.rules_changed(), "a reload of the table");
-            ev.transport().push_error(NlError::Lost);
+            ev.transport().push_error(Error::Lost);
             let (map, verdicts) = maps();
             assert!(mon.read(&mut ev, &map, &verdicts, ME).is_err());
             assert!(mon.rules_changed(), "lost events may have changed them");
@@ -1020,10 +1017,10 @@ mod tests {
             let mut ev = events();
             let touch = event(NFT_MSG_NEWSET, "cgtproxy", Some("cgroups"));
             ev.transport().push(touch);
-            ev.transport().push_error(NlError::Lost);
+            ev.transport().push_error(Error::Lost);
             let (map, verdicts) = maps();
             let e = mon.read(&mut ev, &map, &verdicts, ME).unwrap_err();
-            assert!(matches!(e, NlError::Lost) && e.outcome_unknown());
+            assert!(matches!(e, Error::Lost) && e.outcome_unknown());
             let end = newgen(2, Some(NFT));
             assert!(!wakeup(&mut mon, &mut ev, vec![end]).unwrap());
         }

@@ -9,7 +9,7 @@
 //! nlattr    { len u16, type u16 } payload                          4 + n bytes
 //! ```
 
-use std::fmt;
+pub use crate::error::Error;
 
 pub const NLMSG_HDRLEN: usize = 16;
 pub const NLA_HDRLEN: usize = 4;
@@ -40,17 +40,6 @@ pub const NLMSGERR_ATTR_OFFS: u16 = 2;
 
 pub const fn align4(n: usize) -> usize {
     (n + 3) & !3
-}
-
-/// An attribute grew past the 16-bit length field. Callers split their
-/// element lists well below this; hitting it is a bug, reported, not a panic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TooLong(pub usize);
-
-impl fmt::Display for TooLong {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "netlink attribute of {} bytes exceeds 65535", self.0)
-    }
 }
 
 /// Builds one or more netlink messages into a single buffer, so a whole
@@ -144,21 +133,11 @@ impl Writer {
     }
 
     /// The finished buffer, or the first attribute that overflowed.
-    pub fn finish(self) -> Result<Vec<u8>, TooLong> {
+    pub fn finish(self) -> Result<Vec<u8>, Error> {
         match self.too_long {
-            Some(n) => Err(TooLong(n)),
+            Some(n) => Err(Error::TooLong(n)),
             None => Ok(self.buf),
         }
-    }
-}
-
-/// Why a reply could not be parsed. Carries what was being read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Malformed(pub &'static str);
-
-impl fmt::Display for Malformed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "malformed netlink reply: {}", self.0)
     }
 }
 
@@ -191,7 +170,7 @@ pub fn messages(buf: &[u8]) -> Msgs<'_> {
 }
 
 impl<'a> Iterator for Msgs<'a> {
-    type Item = Result<Msg<'a>, Malformed>;
+    type Item = Result<Msg<'a>, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
@@ -206,12 +185,12 @@ impl<'a> Iterator for Msgs<'a> {
             u32_at(b, 12),
         ) else {
             self.rest = &[];
-            return Some(Err(Malformed("truncated message header")));
+            return Some(Err(Error::Malformed("truncated message header")));
         };
         let len = len as usize;
         if len < NLMSG_HDRLEN || len > b.len() {
             self.rest = &[];
-            return Some(Err(Malformed("message length out of bounds")));
+            return Some(Err(Error::Malformed("message length out of bounds")));
         }
         self.rest = b.get(align4(len)..).unwrap_or(&[]);
         Some(Ok(Msg {
@@ -236,7 +215,7 @@ pub fn attrs(buf: &[u8]) -> Attrs<'_> {
 }
 
 impl<'a> Iterator for Attrs<'a> {
-    type Item = Result<(u16, &'a [u8]), Malformed>;
+    type Item = Result<(u16, &'a [u8]), Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
         // Trailing padding shorter than a header is not an attribute.
@@ -246,36 +225,36 @@ impl<'a> Iterator for Attrs<'a> {
         let b = self.rest;
         let (Some(len), Some(ty)) = (u16_at(b, 0), u16_at(b, 2)) else {
             self.rest = &[];
-            return Some(Err(Malformed("truncated attribute header")));
+            return Some(Err(Error::Malformed("truncated attribute header")));
         };
         let len = len as usize;
         if len < NLA_HDRLEN || len > b.len() {
             self.rest = &[];
-            return Some(Err(Malformed("attribute length out of bounds")));
+            return Some(Err(Error::Malformed("attribute length out of bounds")));
         }
         self.rest = b.get(align4(len)..).unwrap_or(&[]);
         Some(Ok((ty & NLA_TYPE_MASK, &b[NLA_HDRLEN..len])))
     }
 }
 
-pub fn be32(p: &[u8]) -> Result<u32, Malformed> {
+pub fn be32(p: &[u8]) -> Result<u32, Error> {
     Ok(u32::from_be_bytes(
         p.try_into()
-            .map_err(|_| Malformed("expected 4-byte value"))?,
+            .map_err(|_| Error::Malformed("expected 4-byte value"))?,
     ))
 }
 
-pub fn be64(p: &[u8]) -> Result<u64, Malformed> {
+pub fn be64(p: &[u8]) -> Result<u64, Error> {
     Ok(u64::from_be_bytes(
         p.try_into()
-            .map_err(|_| Malformed("expected 8-byte value"))?,
+            .map_err(|_| Error::Malformed("expected 8-byte value"))?,
     ))
 }
 
-pub fn ne32(p: &[u8]) -> Result<u32, Malformed> {
+pub fn ne32(p: &[u8]) -> Result<u32, Error> {
     Ok(u32::from_ne_bytes(
         p.try_into()
-            .map_err(|_| Malformed("expected 4-byte value"))?,
+            .map_err(|_| Error::Malformed("expected 4-byte value"))?,
     ))
 }
 
@@ -296,11 +275,11 @@ pub struct ErrorMsg {
     pub offset: Option<u32>,
 }
 
-pub fn parse_error(m: &Msg<'_>) -> Result<ErrorMsg, Malformed> {
+pub fn parse_error(m: &Msg<'_>) -> Result<ErrorMsg, Error> {
     let p = m.payload;
-    let error = u32_at(p, 0).ok_or(Malformed("truncated error message"))? as i32;
-    let orig_len = u32_at(p, 4).ok_or(Malformed("truncated error message"))? as usize;
-    let seq = u32_at(p, 12).ok_or(Malformed("truncated error message"))?;
+    let error = u32_at(p, 0).ok_or(Error::Malformed("truncated error message"))? as i32;
+    let orig_len = u32_at(p, 4).ok_or(Error::Malformed("truncated error message"))? as usize;
+    let seq = u32_at(p, 12).ok_or(Error::Malformed("truncated error message"))?;
     // The echoed original message is there unless capped, or for acks.
     let echoed = if m.flags & NLM_F_CAPPED != 0 {
         NLMSG_HDRLEN
@@ -399,7 +378,7 @@ mod tests {
         }
         w.nest_end(n);
         w.end_msg();
-        assert!(matches!(w.finish(), Err(TooLong(_))));
+        assert!(matches!(w.finish(), Err(Error::TooLong(_))));
     }
 
     /// Every cut of an error message with extended-ack TLVs, its length

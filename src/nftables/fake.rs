@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use super::*;
-use crate::netlink::NlError;
 use crate::netlink::fake::{Fake, done, error};
 
 /// A set (or map) of the table.
@@ -74,7 +73,7 @@ impl FakeNft {
         Fake::new(move |bytes| k.borrow_mut().answer(bytes))
     }
 
-    fn answer(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, NlError> {
+    fn answer(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
         let msgs: Vec<Msg<'_>> = wire::messages(bytes).collect::<Result<_, _>>()?;
         let Some(first) = msgs.first() else {
             return Ok(Vec::new());
@@ -249,7 +248,7 @@ impl FakeNft {
     }
 }
 
-fn chain_name(m: &Msg<'_>) -> Result<String, Malformed> {
+fn chain_name(m: &Msg<'_>) -> Result<String, Error> {
     for a in wire::attrs(body(m)?) {
         let (t, v) = a?;
         if t == NFTA_CHAIN_NAME {
