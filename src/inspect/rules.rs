@@ -2,7 +2,7 @@
 //! register, from a rule dump (`nftables::parse_rule`). Meaning only; the
 //! layout of rules and expressions is the codec's.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use crate::nftables::expr::*;
 use crate::nftables::{Data, Expr, NF_ACCEPT, NFT_GOTO, NFT_JUMP, NftVerdict, Rule};
@@ -73,6 +73,25 @@ fn reaching(seed: BTreeSet<String>, edges: &[(String, String)]) -> BTreeSet<Stri
     }
 }
 
+/// What each register of a rule holds so far. A rule uses a handful of
+/// the kernel's 20: a list, and no hash table of its own in the binary.
+struct Regs<R>(Vec<(u32, R)>);
+
+impl<R> Regs<R> {
+    fn insert(&mut self, reg: u32, v: R) {
+        self.remove(reg);
+        self.0.push((reg, v));
+    }
+
+    fn get(&self, reg: u32) -> Option<&R> {
+        self.0.iter().find(|(r, _)| *r == reg).map(|(_, v)| v)
+    }
+
+    fn remove(&mut self, reg: u32) {
+        self.0.retain(|(r, _)| *r != reg);
+    }
+}
+
 /// Reads what the rules do, register by register: which levels feed a
 /// lookup in `map`, whether the mark feeds one in `verdicts`, where TPROXY
 /// sends to, and which marks steer it.
@@ -96,7 +115,7 @@ pub(super) fn analyse(rules: &[Rule], map: &str, verdicts: &str) -> Facts {
     let mut edges: Vec<(String, String)> = Vec::new();
     let mut summaries: Vec<(&str, Summary)> = Vec::new();
     for r in rules {
-        let mut regs: HashMap<u32, Reg> = HashMap::new();
+        let mut regs = Regs(Vec::new());
         let mut sum = Summary::default();
         let mut accept = false;
         for e in &r.exprs {
@@ -123,7 +142,7 @@ pub(super) fn analyse(rules: &[Rule], map: &str, verdicts: &str) -> Facts {
                 "meta" if e.u32(META_KEY) == Some(META_MARK) => {
                     if let Some(d) = e.u32(META_DREG) {
                         regs.insert(d, Reg::Mark);
-                    } else if let Some(Reg::Value(v)) = e.u32(META_SREG).and_then(|s| regs.get(&s))
+                    } else if let Some(Reg::Value(v)) = e.u32(META_SREG).and_then(|s| regs.get(s))
                         && let Ok(b) = <[u8; 4]>::try_from(v.as_slice())
                     {
                         // The mark is a host-order u32 in the register.
@@ -133,12 +152,12 @@ pub(super) fn analyse(rules: &[Rule], map: &str, verdicts: &str) -> Facts {
                 "meta" => {
                     // Any other load overwrites its register.
                     if let Some(d) = e.u32(META_DREG) {
-                        regs.remove(&d);
+                        regs.remove(d);
                     }
                 }
                 "cmp" => {
                     if let (Some(Reg::Mark), Some(CMP_EQ), Some(Data::Value(v))) = (
-                        e.u32(CMP_SREG).and_then(|s| regs.get(&s)),
+                        e.u32(CMP_SREG).and_then(|s| regs.get(s)),
                         e.u32(CMP_OP),
                         e.data(CMP_DATA),
                     ) && let Ok(b) = <[u8; 4]>::try_from(v)
@@ -148,7 +167,7 @@ pub(super) fn analyse(rules: &[Rule], map: &str, verdicts: &str) -> Facts {
                 }
                 "lookup" => {
                     let set = e.attr(LOOKUP_SET).map(wire::string);
-                    match e.u32(LOOKUP_SREG).and_then(|s| regs.get(&s)) {
+                    match e.u32(LOOKUP_SREG).and_then(|s| regs.get(s)) {
                         Some(Reg::Cgroup(l)) if set.as_deref() == Some(map) => {
                             f.levels.insert(*l);
                             f.lookup_chains.insert(r.chain.clone());
@@ -158,12 +177,12 @@ pub(super) fn analyse(rules: &[Rule], map: &str, verdicts: &str) -> Facts {
                     }
                     // A map lookup writes what it found over its register.
                     if let Some(d) = e.u32(LOOKUP_DREG) {
-                        regs.remove(&d);
+                        regs.remove(d);
                     }
                 }
                 "tproxy" => {
                     sum.tproxy = true;
-                    if let Some(Reg::Value(v)) = e.u32(TPROXY_REG_PORT).and_then(|s| regs.get(&s))
+                    if let Some(Reg::Value(v)) = e.u32(TPROXY_REG_PORT).and_then(|s| regs.get(s))
                         && let Ok(b) = <[u8; 2]>::try_from(v.as_slice())
                     {
                         f.tproxy_ports.insert(u16::from_be_bytes(b));
