@@ -308,9 +308,18 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
         };
         command = Some(Command::Help);
     }
-    let command = command.unwrap_or(Command::Run);
-    if command == Command::Help {
-        if let Some(t) = targets.first()
+    let args = Args {
+        command: command.unwrap_or(Command::Run),
+        opts,
+        verbosity,
+        json,
+        check,
+        watch,
+        verdict,
+        targets,
+    };
+    if args.command == Command::Help {
+        if let Some(t) = args.targets.first()
             && t.to_str().and_then(command_named).is_none()
         {
             return Err(Error::Usage(format!(
@@ -318,18 +327,18 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
                 t.to_string_lossy()
             )));
         }
-        return Ok(Args {
-            command,
-            opts,
-            verbosity,
-            json,
-            check,
-            watch,
-            verdict,
-            targets,
-        });
+    } else {
+        applies(&args, &restricted, &check_only)?;
     }
-    if command != Command::Run
+    Ok(args)
+}
+
+/// Every option given applies to the command, and it has the operands it
+/// needs (all but `help`, which takes any option). `restricted` are the
+/// `run`-only options given, `check_only` the `check`-only ones.
+fn applies(a: &Args, restricted: &[&str], check_only: &[&str]) -> Result<(), Error> {
+    let command = &a.command;
+    if *command != Command::Run
         && let Some(o) = restricted.first()
     {
         return Err(Error::Usage(format!("{o} only applies to `run`")));
@@ -339,42 +348,33 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Args, Err
     {
         return Err(Error::Usage(format!("{o} only applies to `check`")));
     }
-    if json && !matches!(command, Command::Status | Command::Apps | Command::Version) {
+    if a.json && !matches!(command, Command::Status | Command::Apps | Command::Version) {
         return Err(Error::Usage(
             "--json only applies to `status` and `apps`".into(),
         ));
     }
-    if watch && command != Command::Apps {
+    if a.watch && *command != Command::Apps {
         return Err(Error::Usage("--watch only applies to `apps`".into()));
     }
-    if command == Command::Down && opts.cgroup_root.is_some() {
+    if *command == Command::Down && a.opts.cgroup_root.is_some() {
         return Err(Error::Usage(
             "--cgroup-root does not apply to `down`".into(),
         ));
     }
-    if verdict.is_some() && command != Command::Exec {
+    if a.verdict.is_some() && *command != Command::Exec {
         return Err(Error::Usage("--verdict only applies to `exec`".into()));
     }
-    if command == Command::Explain && targets.is_empty() {
+    if *command == Command::Explain && a.targets.is_empty() {
         return Err(Error::Usage(
             "explain needs a cgroup PATH, a PID, an app ID or a unit name (try --help)".into(),
         ));
     }
-    if command == Command::Exec && targets.is_empty() {
+    if *command == Command::Exec && a.targets.is_empty() {
         return Err(Error::Usage(
             "exec needs a command: cgtproxy exec [--verdict V] -- CMD... (try exec --help)".into(),
         ));
     }
-    Ok(Args {
-        command,
-        opts,
-        verbosity,
-        json,
-        check,
-        watch,
-        verdict,
-        targets,
-    })
+    Ok(())
 }
 
 /// The options `exec`'s own loop shares with the main one, parsed here
