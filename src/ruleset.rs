@@ -249,7 +249,7 @@ impl<T: Transport> Ruleset<T> {
                 if t == map.table && s == map.map {
                     for e in els {
                         if !seen.insert(e.key) {
-                            return Err(NlError::Interrupted);
+                            return Err(Error::Interrupted);
                         }
                         out.push(e);
                     }
