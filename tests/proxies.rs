@@ -10,8 +10,11 @@
 //! connection did not come back to it) to a server in another namespace;
 //! a `direct` app's go there without the proxy; `cgtproxy check` finds
 //! nothing wrong with the running proxy; with the proxy stopped nothing of
-//! the proxied app's reaches the server. mihomo's also answers a proxied
-//! app's DNS query through nft/cgtproxy-dns.nft.
+//! the proxied app's reaches the server. The fake-IP recipes (mihomo's,
+//! sing-box's second) also answer a proxied app's DNS query, hijacked by
+//! nft/cgtproxy-dns.nft, with a fake address that then carries TCP and UDP
+//! to the real server. Another test runs the proxies wrong on purpose and
+//! reads `check`'s warnings; the control runs v2ray among the proxied apps.
 
 pub mod common;
 
@@ -46,13 +49,13 @@ const RULES: &str = r#"{"rules": [
     {"match": "/apps", "target": "proxy"}]}"#;
 
 /// mihomo's fake-IP range in the tests. Its default, 198.18.0.1/16, holds
-/// the tests' own addresses (198.18.0.0/15, see tests/common/mod.rs): mihomo
-/// would take the remote server's address for a fake one it never handed
-/// out and refuse the connection.
+/// the addresses the tests use (198.18.0.0/16, see tests/common/mod.rs):
+/// mihomo would take the remote server's address for a fake one it never
+/// handed out and refuse the connection.
 const MIHOMO_FAKE_RANGE: &str = "198.19.0.1/16";
 
-/// sing-box's fake ranges in the tests: IPv4 moved off the tests' own
-/// network (as mihomo's), IPv6 the recipe's own.
+/// sing-box's fake ranges in the tests: IPv4 moved off the addresses the
+/// tests use (as mihomo's), IPv6 the recipe's own.
 const SING_BOX_FAKE_RANGE4: &str = "198.19.0.0/16";
 const SING_BOX_FAKE_RANGE6: &str = "2001:2::/48";
 

