@@ -470,6 +470,10 @@ fn inspect_output_carries_no_control_or_bidi_characters() {
                 "explain PATH",
                 cli(env, &cfg, "explain", &[&format!("/{listed}")]),
             ),
+            (
+                "explain a bad name",
+                cli(env, &cfg, "explain", &["no\u{1b}[2Jsuch"]),
+            ),
             ("status", cli(env, &cfg, "status", &[])),
             ("status --json", cli(env, &cfg, "status", &["--json"])),
             ("check", cli(env, &cfg, "check", &[])),
@@ -510,12 +514,12 @@ fn inspect_output_carries_no_control_or_bidi_characters() {
             outputs[2].1.stdout
         );
         assert!(
-            outputs[5]
+            outputs[6]
                 .1
                 .stdout
                 .contains(r#"x\\u{202e}y.slice/cgtproxy-drop.slice""#),
             "status --json: the path in its match form:\n{}",
-            outputs[5].1.stdout
+            outputs[6].1.stdout
         );
     });
 }

@@ -161,7 +161,7 @@ pub fn explain(opts: &Options, targets: &[OsString]) -> Result<i32, Error> {
         match explain_one(&cfg, &h, t, &by_id, map_error.as_deref(), &facts) {
             Ok(s) => out.push_str(&s),
             Err(e) => {
-                let _ = writeln!(out, "{}: {e}", t.to_string_lossy());
+                let _ = writeln!(out, "{}: {e}", cgroup::display(t.as_bytes()));
                 code = 1;
             }
         }
@@ -234,7 +234,12 @@ fn explain_named(
         if i > 0 {
             out.push('\n');
         }
-        let head = format!("{name}: cgroup {} of {}\n", i + 1, dirs.len());
+        let head = format!(
+            "{}: cgroup {} of {}\n",
+            cgroup::display(name.as_bytes()),
+            i + 1,
+            dirs.len()
+        );
         out.push_str(&explain_dir(cfg, h, d, head, map, map_error, facts)?);
     }
     Ok(out)
