@@ -238,10 +238,13 @@ fn recipe_end_to_end(
             "ip",
             &["-6", "route", "add", "default", "via", "2001:db8::2"],
         );
-        let addr = SocketAddr::new(REMOTE_V4.into(), 53);
+        let addrs = [
+            SocketAddr::new(REMOTE_V4.into(), 53),
+            SocketAddr::new(REMOTE_V6.into(), 53),
+        ];
         remote
             .ns
-            .run(move || Upstream::start(addr, REMOTE_V4, REMOTE_V6))
+            .run(move || Upstream::start(&addrs, REMOTE_V4, REMOTE_V6))
     });
     let home = format!("/services/{}", kind.name());
     env.cg.mkdir(&["/apps/client", "/plain", &home]);
@@ -430,6 +433,18 @@ fn fake_ip_round_trip(
             upstream.asked()
         );
     }
+    // The recipes' resolvers listen on 127.0.0.1 only: a proxied app's
+    // query over IPv6, hijacked to [::1]:53, is refused there, and does
+    // not reach the real resolver it was sent to (the upstream listens on
+    // that address too) by another way.
+    let name = format!("{}.example", env.token("q6").replace('_', "-"));
+    let sent_to = SocketAddr::new(REMOTE_V6.into(), 53);
+    let r = resolve(&client, sent_to, &name, QTYPE_A, QUICK);
+    assert!(r.is_err(), "query over IPv6 to {sent_to} answered: {r:?}");
+    assert!(
+        !upstream.asked().contains(&name),
+        "a proxied app's query over IPv6 reached {sent_to}"
+    );
 }
 
 #[test]

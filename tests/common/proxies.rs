@@ -489,22 +489,39 @@ pub fn resolve(
 /// An upstream DNS server for a proxy (UDP): answers every A query with
 /// `a` and every AAAA query with `aaaa`, and records the names asked.
 pub struct Upstream {
-    pub addr: SocketAddr,
     asked: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Upstream {
-    /// Binds `addr` (in the calling thread's network namespace).
-    pub fn start(addr: SocketAddr, a: Ipv4Addr, aaaa: Ipv6Addr) -> Upstream {
+    /// Binds each of `addrs` (in the calling thread's network namespace).
+    pub fn start(addrs: &[SocketAddr], a: Ipv4Addr, aaaa: Ipv6Addr) -> Upstream {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = addrs
+            .iter()
+            .map(|&addr| Upstream::serve(addr, a, aaaa, asked.clone(), stop.clone()))
+            .collect();
+        Upstream {
+            asked,
+            stop,
+            threads,
+        }
+    }
+
+    fn serve(
+        addr: SocketAddr,
+        a: Ipv4Addr,
+        aaaa: Ipv6Addr,
+        asked: Arc<Mutex<Vec<String>>>,
+        stop: Arc<AtomicBool>,
+    ) -> JoinHandle<()> {
         let sock = std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (asked2, stop2) = (asked.clone(), stop.clone());
-        let thread = thread::spawn(move || {
+        let (asked2, stop2) = (asked, stop);
+        thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !stop2.load(Ordering::Relaxed) {
                 let Ok((n, peer)) = sock.recv_from(&mut buf) else {
@@ -515,13 +532,7 @@ impl Upstream {
                     let _ = sock.send_to(&answer, peer);
                 }
             }
-        });
-        Upstream {
-            addr,
-            asked,
-            stop,
-            thread: Some(thread),
-        }
+        })
     }
 
     /// The names asked so far (lower case, without the final dot).
@@ -533,7 +544,7 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
