@@ -78,6 +78,8 @@ pub struct Tree {
     warned_deep: IdSet,
     /// Events read from the kernel, not handled yet (see `read_events`).
     queue: VecDeque<Event>,
+    /// The events being handled by `read_events` (kept for its capacity).
+    batch: Vec<(Event, bool)>,
     buf: Vec<MaybeUninit<u8>>,
 }
 
@@ -154,6 +156,7 @@ impl Tree {
             warned_watches: false,
             warned_deep: IdSet::default(),
             queue: VecDeque::new(),
+            batch: Vec::new(),
             buf: vec![MaybeUninit::uninit(); 64 * 1024],
         };
         t.fill()?;
@@ -290,21 +293,25 @@ impl Tree {
         self.nodes.get(&id)?.parent
     }
 
-    /// The path of a cgroup, in the rules' form (`/a/b`).
+    /// The path of a cgroup, in the rules' form (`/a/b`): its length
+    /// first, then the names from the end, so one allocation (this runs
+    /// for every event's parent and every logged element).
     pub fn path(&self, id: u64) -> Option<Vec<u8>> {
-        let mut names: Vec<&[u8]> = Vec::new();
-        let mut at = self.nodes.get(&id)?;
+        let node = self.nodes.get(&id)?;
+        let (mut len, mut at) = (0, node);
         while let Some(p) = at.parent {
-            names.push(&at.name);
+            len += at.name.len() + 1;
             at = self.nodes.get(&p)?;
         }
-        let mut path = Vec::with_capacity(names.iter().map(|n| n.len() + 1).sum::<usize>() + 1);
-        for n in names.iter().rev() {
-            path.push(b'/');
-            path.extend_from_slice(n);
+        if len == 0 {
+            return Some(b"/".to_vec());
         }
-        if path.is_empty() {
-            path.push(b'/');
+        let mut path = vec![b'/'; len];
+        let (mut end, mut at) = (len, node);
+        while let Some(p) = at.parent {
+            path[end - at.name.len()..end].copy_from_slice(&at.name);
+            end -= at.name.len() + 1;
+            at = self.nodes.get(&p)?;
         }
         Some(path)
     }
@@ -657,7 +664,9 @@ impl Tree {
         // Few pending (the usual case: one mkdir): all of them, in order,
         // each directory quiet. Otherwise quiet directories go first, then
         // the oldest events of busy ones.
-        let mut events: Vec<(Event, bool)> = Vec::new();
+        // (Reused from call to call: no allocation per event.)
+        let mut events = std::mem::take(&mut self.batch);
+        events.clear();
         if queue.len() <= QUIET {
             events.extend(queue.drain(..).map(|e| (e, false)));
         } else {
@@ -680,10 +689,22 @@ impl Tree {
         }
         self.queue = queue;
         let mut cwd = Cwd::default();
-        for ((wd, flags, name), busy) in events {
+        let status = self.apply_events(&mut events, out, &mut cwd);
+        cwd.restore();
+        self.batch = events;
+        Ok(status)
+    }
+
+    /// Applies `events` (each with whether its directory is busy) in order.
+    fn apply_events(
+        &mut self,
+        events: &mut Vec<(Event, bool)>,
+        out: &mut Vec<Change>,
+        cwd: &mut Cwd,
+    ) -> Status {
+        for ((wd, flags, name), busy) in events.drain(..) {
             if flags.contains(ReadFlags::QUEUE_OVERFLOW) {
-                cwd.restore();
-                return Ok(Status::Overflow);
+                return Status::Overflow;
             }
             if flags.contains(ReadFlags::IGNORED) {
                 if let Some(id) = self.wds.remove(&wd)
@@ -710,15 +731,14 @@ impl Tree {
                 if let Some(old) = child {
                     self.remove(old, out);
                 }
-                self.add_child(parent, &name, busy, out, &mut cwd);
+                self.add_child(parent, &name, busy, out, cwd);
             } else if flags.intersects(ReadFlags::DELETE | ReadFlags::MOVED_FROM)
                 && let Some(child) = child
             {
                 self.remove(child, out);
             }
         }
-        cwd.restore();
-        Ok(Status::Ok)
+        Status::Ok
     }
 }
 
