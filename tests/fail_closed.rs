@@ -83,20 +83,34 @@ impl<'a> Logger<'a> {
     }
 
     /// Asserts that nothing the counter `name` counts arrived (`what` says
-    /// what was sent): after [`SETTLE`], time for a packet on its way
-    /// through the veth pair, the counter is 0.
+    /// what was sent).
     fn assert_none(&self, name: &str, what: &str) {
-        thread::sleep(SETTLE);
-        assert_eq!(self.count(name), 0, "{what}");
+        self.assert_stays(name, 0, what);
     }
 
-    /// Waits (up to 2 s) for the counter `name` to move; panics with `what`
-    /// when it does not.
+    /// Asserts that the counter `name` stays at `n`: after [`SETTLE`], time
+    /// for a packet on its way through the veth pair, it is still `n`.
+    fn assert_stays(&self, name: &str, n: u64, what: &str) {
+        thread::sleep(SETTLE);
+        assert_eq!(self.count(name), n, "{what}");
+    }
+
+    /// Waits for the counter `name` to move; panics with `what` when it
+    /// does not.
     fn assert_some(&self, name: &str, what: &str) {
+        self.wait_above(name, 0, what);
+    }
+
+    /// Waits (up to 2 s) for the counter `name` to pass `n`; its count.
+    /// Panics with `what` when it does not.
+    fn wait_above(&self, name: &str, n: u64, what: &str) -> u64 {
+        let mut last = n;
         let moved = wait_until(Duration::from_secs(2), Duration::from_millis(10), || {
-            self.count(name) > 0
+            last = self.count(name);
+            last > n
         });
         assert!(moved, "{what}");
+        last
     }
 
     fn count(&self, name: &str) -> u64 {
@@ -981,22 +995,18 @@ fn reused_tuple_does_not_inherit_direct() {
                         .src_port(port)
                         .run();
                     assert_eq!(code, X_OK, "{cg} {kind:?}: the child failed");
-                    thread::sleep(Duration::from_millis(50));
-                    log.count(&name)
                 };
-                let first = from("/u");
-                assert!(first > 0, "/u {kind:?} to {dst} did not arrive");
-                assert_eq!(
-                    from("/x"),
-                    first,
-                    "/x {kind:?} on /u's tuple to {dst} arrived"
-                );
-                assert_eq!(
-                    from("/p"),
-                    first,
-                    "/p {kind:?} on /u's tuple to {dst} arrived"
-                );
-                assert!(from("/u") > first, "/u's own flow stopped");
+                from("/u");
+                let first =
+                    log.wait_above(&name, 0, &format!("/u {kind:?} to {dst} did not arrive"));
+                from("/x");
+                let what = format!("/x {kind:?} on /u's tuple to {dst} arrived");
+                log.assert_stays(&name, first, &what);
+                from("/p");
+                let what = format!("/p {kind:?} on /u's tuple to {dst} arrived");
+                log.assert_stays(&name, first, &what);
+                from("/u");
+                log.wait_above(&name, first, "/u's own flow stopped");
             }
         }
     });
