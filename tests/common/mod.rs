@@ -24,7 +24,9 @@
 //! file (default: `nft/cgtproxy.nft` of this crate).
 //!
 //! A test is `#[test] fn name() { sandbox(|env| { ... }) }`: the name is
-//! taken from the function, once.
+//! the function's, from the thread libtest runs the test on
+//! ([`test_name`]), also in a helper the test calls; skips and tools
+//! (`gate`, `need`, `have`, `skip`) take it from there too.
 //!
 //! The harness, by concern (each file's items are re-exported here, so a
 //! test file reaches all of them as `common::name`):
