@@ -1186,7 +1186,11 @@ fn target_chains_of_ones_own_work_end_to_end() {
                     expected += 1;
                 }
                 // Unlisted and proxied traffic does not pass through `mine`.
-                let before = chain_counter("mine");
+                // (Its verdict is not recorded in conntrack, so the last
+                // packets of /m's connections, such as the ACK of the
+                // server's FIN, pass it too, late under load: read it
+                // once it is quiet.)
+                let before = quiet_counter("mine");
                 assert_direct(env, &proxy, &remote, "/other", proto, dst);
                 assert_proxied(env, &proxy, &remote, "/p", proto, dst);
                 assert_eq!(

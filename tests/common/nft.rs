@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub fn ruleset_path() -> PathBuf {
     match std::env::var_os("CGTPROXY_TEST_RULESET") {
@@ -354,6 +354,22 @@ pub fn parse_table_json(text: &str, map: &str, vmap: &str) -> Result<RawDump, St
 }
 
 /// The packets counted by the first `counter` of a chain of the table.
+/// [`chain_counter`] once it stopped moving: the same in two reads 100 ms
+/// apart (for at most 2 s; then the last read).
+pub fn quiet_counter(chain: &str) -> u64 {
+    let mut last = chain_counter(chain);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = chain_counter(chain);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
 pub fn chain_counter(chain: &str) -> u64 {
     let out = run_ok("nft", &["list", "chain", "inet", "cgtproxy", chain]);
     out.split("counter packets ")
