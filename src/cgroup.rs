@@ -246,15 +246,16 @@ pub fn child_path(parent: &[u8], name: &[u8]) -> Vec<u8> {
 
 /// A process's cgroup v2 path, from the `0::` line of `/proc/PID/cgroup`,
 /// as seen from our cgroup namespace.
-pub fn path_of_pid(pid: u32) -> Result<Vec<u8>, String> {
+pub fn path_of_pid(pid: u32) -> Result<Vec<u8>, Error> {
+    use crate::error::Context as _;
     let f = format!("/proc/{pid}/cgroup");
-    let data = std::fs::read(&f).map_err(|e| format!("{f}: {}", crate::error::io(&e)))?;
+    let data = std::fs::read(&f).context(&f)?;
     for line in data.split(|&c| c == b'\n') {
         if let Some(p) = line.strip_prefix(b"0::") {
             return Ok(p.to_vec());
         }
     }
-    Err(format!("{f}: no cgroup v2 entry"))
+    Err(Error::Runtime(format!("{f}: no cgroup v2 entry")))
 }
 
 /// The one form in which rules match a cgroup path and logs, `status

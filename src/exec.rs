@@ -173,7 +173,7 @@ fn systemd_argv(me: &Path, opts: &Options, verdict: &str, cmd: &[OsString]) -> V
 
 /// The directory of this process's cgroup.
 fn own_cgroup_dir() -> Result<PathBuf, Error> {
-    let p = cgroup::path_of_pid(std::process::id()).map_err(Error::Runtime)?;
+    let p = cgroup::path_of_pid(std::process::id())?;
     let mi = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| Error::Runtime(format!("/proc/self/mountinfo: {}", crate::error::io(&e))))?;
     let mount = cgroup::find_mount(&mi)

@@ -185,7 +185,7 @@ fn explain_one(
             .to_str()
             .and_then(|t| t.parse().ok())
             .ok_or("not a process id")?;
-        let dir = h.dir_of_pid(pid)?;
+        let dir = h.dir_of_pid(pid).map_err(|e| e.to_string())?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         let _ = writeln!(
             s,

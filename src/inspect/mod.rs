@@ -128,17 +128,17 @@ impl Hierarchy {
     }
 
     /// The directory of a process's cgroup.
-    fn dir_of_pid(&self, pid: u32) -> Result<PathBuf, String> {
+    fn dir_of_pid(&self, pid: u32) -> Result<PathBuf, Error> {
         let p = cgroup::path_of_pid(pid)?;
         if p.split(|&c| c == b'/').any(|c| c == b"..") {
-            return Err(format!(
+            return Err(Error::Runtime(format!(
                 "process {pid} is in cgroup {} outside this cgroup namespace",
                 cgroup::display(&p)
-            ));
+            )));
         }
-        let m = self
-            .mount_point()
-            .ok_or("no cgroup2 file system is mounted (see /proc/self/mountinfo)")?;
+        let m = self.mount_point().ok_or_else(|| {
+            Error::Runtime("no cgroup2 file system is mounted (see /proc/self/mountinfo)".into())
+        })?;
         Ok(cgroup::fs_path(m, &p))
     }
 
