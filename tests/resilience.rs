@@ -873,7 +873,10 @@ fn out_of_inotify_watches_is_reported_once_and_survived() {
         );
         // The scan needs no watches: everything there is served.
         converge(env, &rules, CONVERGE, "initial sync without watches");
-        let warning = "out of inotify watches";
+        // The warning, which names where: the ready line's count of
+        // unwatched cgroups ("out of inotify watches; retried") is not a
+        // second one.
+        let warning = "out of inotify watches at ";
         let log = wait_log(|| d.log(), warning, 1, CONVERGE);
         // Changes in the watched root are followed; new directories
         // cannot be watched and must not make it say so again.
