@@ -25,7 +25,9 @@
 //!   which element decides a cgroup (what `exec` waits for);
 //! - `daemon`: the single-threaded loop that joins them; `down`: turning
 //!   cgtproxy off;
-//! - `inspect`: `check`, `status` and `explain` (read-only).
+//! - `inspect`: `check`, `status` and `explain` (read-only);
+//! - `error`: the one `Error` every layer returns (typed variants for what
+//!   code branches on, a context chain, the daemon's `Next` move).
 
 pub mod log;
 
