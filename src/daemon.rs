@@ -446,7 +446,15 @@ pub fn run(opts: Options) -> Result<(), Error> {
     // Cgroups made while the tree was scanned are events by now: applied
     // before "ready", so ready means the map holds what cgroupfs held when
     // it was said, not when the scan began.
-    let settled = if d.opts.once { 0 } else { d.settle() };
+    let elements = if d.opts.once {
+        Some(synced.elements)
+    } else {
+        d.settle(synced.elements)
+    };
+    let elements = match elements {
+        Some(n) => format!("holds {n} elements"),
+        None => "is resynced at the next turn".to_string(),
+    };
     // Out of watches: cgroups made below an unwatched one are followed
     // only once the retry finds them; ready says so rather than be exact
     // by luck.
@@ -455,11 +463,10 @@ pub fn run(opts: Options) -> Result<(), Error> {
         n => format!(", {n} not watched (out of inotify watches; retried)"),
     };
     info!(
-        "watching {} cgroups under {}{unwatched}; map {} holds {} elements{}",
+        "watching {} cgroups under {}{unwatched}; map {} {elements}{}",
         d.tree.len(),
         d.root.display(),
         d.cfg.map,
-        synced.elements.saturating_add_signed(settled),
         if d.opts.once { "" } else { "; ready" }
     );
     notify_ready(
@@ -629,7 +636,7 @@ impl Daemon {
     /// Applies the inotify events queued during the initial scan (a few
     /// turns at most: a storm at start is served by the loop). Returns how
     /// many elements that added, less those it deleted.
-    fn settle(&mut self) -> isize {
+    fn settle(&mut self, elements: usize) -> Option<usize> {
         let mut changes = Vec::new();
         let mut added = 0isize;
         for _ in 0..8 {
@@ -639,14 +646,28 @@ impl Daemon {
                 Ok(Status::Ok) => added += self.apply_changes(&changes),
                 Ok(Status::Overflow) => {
                     self.rescan();
-                    self.full_sync();
                     break;
                 }
                 // The loop meets it again and stops with it.
                 Err(_) => break,
             }
         }
-        added
+        // A rescan, or a batch the kernel refused (someone else's change
+        // meanwhile): the full sync now, not after ready.
+        if self.state.sync_now() {
+            return match self.sync() {
+                Ok(s) => {
+                    let n = s.elements;
+                    self.state.synced(&self.cfg, &s);
+                    Some(n)
+                }
+                Err(e) => {
+                    self.state.sync_failed(e, true);
+                    None
+                }
+            };
+        }
+        Some(elements.saturating_add_signed(added))
     }
 
     /// Out of inotify watches: retries the missing ones on a backoff
