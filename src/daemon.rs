@@ -460,7 +460,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
     // by luck.
     let unwatched = match d.tree.unwatched() {
         0 => String::new(),
-        n => format!(", {n} not watched (out of inotify watches; retried)"),
+        n => format!(", {n} not watched for lack of inotify watches (retried)"),
     };
     info!(
         "watching {} cgroups under {}{unwatched}; map {} {elements}{}",

@@ -921,7 +921,7 @@ fn watches_that_ran_out_are_retried() {
         // watched; two children not).
         wait_log(
             || d.log(),
-            "2 not watched (out of inotify watches; retried); map cgroups holds 0 elements; ready",
+            "2 not watched for lack of inotify watches (retried); map cgroups holds 0 elements; ready",
             1,
             CONVERGE,
         );
