@@ -148,18 +148,46 @@ pub fn id_and_children(dir: &Path) -> std::io::Result<(u64, bool)> {
 }
 
 /// Maps and sets keyed by cgroup id. The kernel assigns the ids (kernfs
-/// node numbers, allocated in sequence), so nobody can choose keys that
-/// collide, and SipHash's protection against that (its cost was a tenth
-/// of a start with 10,000 cgroups) buys nothing here. Names, which users
-/// choose, keep the default hasher.
+/// node numbers, allocated in sequence), so a user can only pick which ids
+/// to keep by making and removing cgroups: a keyed multiply is enough
+/// against that, and SipHash (a tenth of a start with 10,000 cgroups) is
+/// not needed. The key is the process's own (random, see `hash_key`), so
+/// which ids share a bucket cannot be worked out in advance.
+/// Names, which users choose freely, keep the default hasher.
 pub type IdMap<V> = std::collections::HashMap<u64, V, IdHash>;
 pub type IdSet = std::collections::HashSet<u64, IdHash>;
 pub type IdHash = std::hash::BuildHasherDefault<IdHasher>;
 
-/// A folded 64×64→128-bit multiply: every bit of the id moves the bits
-/// hashbrown uses (the low ones for the bucket, the top seven for the tag).
-#[derive(Default)]
+/// A folded 64×64→128-bit multiply of the keyed id: every bit of the id
+/// moves the bits hashbrown uses (the low ones for the bucket, the top
+/// seven for the tag).
 pub struct IdHasher(u64);
+
+impl Default for IdHasher {
+    fn default() -> IdHasher {
+        IdHasher(hash_key())
+    }
+}
+
+/// This process's hash key: 8 random bytes from getrandom(2), asked for
+/// once. (Not AT_RANDOM: libc makes its stack canary of those.) Should the
+/// kernel have none yet (early boot: GRND_NONBLOCK), the key is the pid and
+/// the time, which still differs from one start to the next.
+fn hash_key() -> u64 {
+    static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *KEY.get_or_init(|| {
+        let mut b = [0u8; 8];
+        // SAFETY: b is 8 writable bytes.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+        if n == 8 {
+            return u64::from_ne_bytes(b);
+        }
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ (u64::from(std::process::id()) << 32)
+    })
+}
 
 impl std::hash::Hasher for IdHasher {
     fn write_u32(&mut self, n: u32) {
@@ -329,6 +357,26 @@ pub fn display(path: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_hash_is_keyed_and_stable_within_the_process() {
+        use std::hash::{BuildHasher, Hasher};
+        let key = hash_key();
+        // 0 has odds of 2^-64 with a random key; the fallback is never 0.
+        assert_ne!(key, 0);
+        assert_eq!(key, hash_key());
+        let (a, b) = (
+            IdHash::default().hash_one(4242u64),
+            IdHash::default().hash_one(4242u64),
+        );
+        assert_eq!(a, b);
+        let mut unkeyed = IdHasher(0);
+        unkeyed.write_u64(4242);
+        assert_ne!(a, unkeyed.finish());
+        let mut m: IdMap<u32> = IdMap::default();
+        m.extend((0..1000u64).map(|i| (i, i as u32)));
+        assert!((0..1000u64).all(|i| m[&i] == i as u32));
+    }
 
     #[test]
     fn finds_hybrid_and_unified_mounts() {
