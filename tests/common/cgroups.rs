@@ -35,13 +35,16 @@ impl CgroupTree {
     }
 
     /// `mkdir -p` of each path, with the real `mkdir` (one process, fast).
+    /// The limit only guards against a hang: thousands of mkdirs wait for
+    /// the kernel's cgroup lock, which another test building a deep chain
+    /// can hold for seconds on a loaded machine.
     pub fn mkdir(&self, rels: &[&str]) {
         let mut cmd = Command::new("mkdir");
         cmd.arg("-p").arg("--");
         for r in rels {
             cmd.arg(self.path(r));
         }
-        let f = run_cmd(&mut cmd, Duration::from_secs(10));
+        let f = run_cmd(&mut cmd, Duration::from_secs(120));
         assert!(f.status.success(), "mkdir -p {rels:?}: {}", f.describe());
     }
 

@@ -40,7 +40,15 @@ pub fn expect(f: Finished, code: i32, what: &str) -> String {
 
 /// Runs a command to completion with a time limit (SIGKILL past it).
 pub fn run_cmd(cmd: &mut Command, limit: Duration) -> Finished {
-    let what = format!("{cmd:?}");
+    let mut what = format!("{cmd:?}");
+    // A command with thousands of arguments is named by its start.
+    if what.len() > 600 {
+        let cut = (0..=600)
+            .rev()
+            .find(|&i| what.is_char_boundary(i))
+            .unwrap_or(0);
+        what = format!("{} … ({} arguments)", &what[..cut], cmd.get_args().len());
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
