@@ -981,15 +981,18 @@ fn commit(
 /// effect. When the root's own level cannot be known, the ruleset's depth
 /// is used as is (an upper bound).
 fn follow_limit(cfg: &Config, root: &std::path::Path) -> Result<Option<u32>, Error> {
-    let deepest = crate::inspect::deepest_level(cfg)?.unwrap_or(16);
-    let base = cgroup::level_of(root).unwrap_or(0) as u32;
-    if base >= deepest {
+    let deepest = crate::inspect::deepest_level(cfg)?;
+    let base = cgroup::level_of(root);
+    let below = crate::inspect::levels_below(deepest, base);
+    if below == 0 {
         warn!(
-            "cgroup root {} is at level {base}, but the ruleset looks up levels down to {deepest}: no element the daemon writes takes effect",
-            root.display()
+            "cgroup root {} is at level {}, but the ruleset looks up levels down to {}: no element the daemon writes takes effect",
+            root.display(),
+            base.unwrap_or(0),
+            deepest.unwrap_or(16)
         );
     }
-    Ok(Some(deepest.saturating_sub(base)))
+    Ok(Some(below))
 }
 
 /// A cgroup for messages: its path (escaped), or that it is gone.

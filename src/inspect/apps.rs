@@ -115,6 +115,46 @@ fn comm(pid: u32) -> String {
 struct Snapshot {
     rows: Vec<Row>,
     map_error: Option<String>,
+    /// What the walk did not read (cgroups below the deepest level).
+    unwalked: Option<String>,
+}
+
+/// The populated cgroups below the walk (below `cut`, the walked cgroups
+/// at `limit` levels under the root that have children), found from the
+/// processes' side: one read of `/proc/PID/cgroup` per process, grouped by
+/// cgroup, so a chain thousands deep costs nothing unless processes run
+/// in it, and then one stat each (its id: 0 when its path is longer than
+/// PATH_MAX). Only cgroups whose ancestor at the limit is in `cut` count.
+fn below_the_walk(h: &Hierarchy, cut: &[PathBuf], limit: usize) -> Vec<(PathBuf, u64, Vec<u32>)> {
+    let Some(base) = h.level(&h.root) else {
+        return Vec::new();
+    };
+    let cut: std::collections::HashSet<&Path> = cut.iter().map(PathBuf::as_path).collect();
+    let mut by_dir: std::collections::BTreeMap<PathBuf, Vec<u32>> = Default::default();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A process that ended meanwhile is simply not there.
+        let Ok(dir) = h.dir_of_pid(pid) else { continue };
+        let Some(below) = h.level(&dir).and_then(|l| l.checked_sub(base + limit)) else {
+            continue;
+        };
+        if below > 0 && dir.ancestors().nth(below).is_some_and(|a| cut.contains(a)) {
+            by_dir.entry(dir).or_default().push(pid);
+        }
+    }
+    by_dir
+        .into_iter()
+        .map(|(d, mut pids)| {
+            pids.sort_unstable();
+            let id = crate::cgroup::id_of(&d).unwrap_or(0);
+            (d, id, pids)
+        })
+        .collect()
 }
 
 /// The deepest level `deciding` can pick (the ruleset's deepest lookup,
@@ -146,14 +186,22 @@ fn snapshot(
     let by_id: HashMap<u64, &Element> = els.iter().map(|e| (e.id, e)).collect();
     let mut rows = Vec::new();
     let deepest = deepest(facts);
-    for (n, (dir, id)) in h.walk().into_iter().enumerate() {
+    let mut walk = h.walk(facts.levels.last().copied());
+    let unwalked = walk.cut_text(h);
+    let mut populated: Vec<(PathBuf, u64, Vec<u32>)> = Vec::new();
+    for (n, (dir, id)) in std::mem::take(&mut walk.cgroups).into_iter().enumerate() {
         if n % STOP_EVERY == STOP_EVERY - 1 && stop() {
             return None;
         }
         let pids = procs(&dir);
-        if pids.is_empty() {
-            continue;
+        if !pids.is_empty() {
+            populated.push((dir, id, pids));
         }
+    }
+    if !walk.cut.is_empty() {
+        populated.extend(below_the_walk(h, &walk.cut, walk.limit));
+    }
+    for (dir, id, pids) in populated {
         let Some(p) = h.rules_path(&dir) else {
             continue;
         };
@@ -197,7 +245,11 @@ fn snapshot(
     rows.sort_unstable_by(|a, b| {
         (kind_order(&a.kind), &a.path).cmp(&(kind_order(&b.kind), &b.path))
     });
-    Some(Snapshot { rows, map_error })
+    Some(Snapshot {
+        rows,
+        map_error,
+        unwalked,
+    })
 }
 
 fn kind_order(k: &Kind) -> u8 {
@@ -317,6 +369,9 @@ fn table_text(s: &Snapshot, rates: Option<&Rates>) -> String {
     }
     if s.rows.is_empty() {
         out.push_str("(no cgroup below the cgroup root has processes)\n");
+    }
+    if let Some(u) = &s.unwalked {
+        let _ = writeln!(out, "{u}; their processes are listed from /proc");
     }
     out
 }
@@ -565,13 +620,13 @@ pub fn apps(opts: &Options, as_json: bool, watch: bool) -> Result<i32, Error> {
 /// Cgroups at and below the root whose last component names `target` (an
 /// app ID, a unit name, a container ID), for `explain`. Directories,
 /// parents first.
-pub(super) fn find_named(h: &Hierarchy, target: &str) -> Vec<PathBuf> {
+pub(super) fn find_named(h: &Hierarchy, target: &str, deepest: Option<u32>) -> Vec<PathBuf> {
     let forms = crate::selector::instance_forms(target);
     let mut out = Vec::new();
     if forms.is_empty() {
         return out;
     }
-    for (dir, _) in h.walk() {
+    for (dir, _) in h.walk(deepest).cgroups {
         let Some(p) = h.rules_path(&dir) else {
             continue;
         };

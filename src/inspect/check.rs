@@ -132,7 +132,10 @@ pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
             None
         }
     };
-    let cgroups = h.as_ref().map(|h| h.walk()).unwrap_or_default();
+    // Walked as deep as the ruleset looks up (as the daemon follows).
+    let deepest = super::deepest_level(&cfg).ok().flatten();
+    let walk = h.as_ref().map(|h| h.walk(deepest));
+    let cgroups: &[(PathBuf, u64)] = walk.as_ref().map_or(&[], |w| &w.cgroups);
     if let Some(h) = &h {
         let mount = match h.mount_point() {
             Some(m) => format!("cgroup2 mounted at {}", m.display()),
@@ -153,7 +156,7 @@ pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
     }
 
     if let Some(h) = &h {
-        check_rule_counts(&mut c, &cfg, h, &cgroups);
+        check_rule_counts(&mut c, &cfg, h, cgroups);
     }
     let (facts, els, counter) = check_ruleset(&cfg, &mut c);
     check_kernel(&mut c, facts.as_ref(), counter, &cfg.map);
@@ -165,11 +168,15 @@ pub fn check(opts: &Options, mode: Mode) -> Result<i32, Error> {
         check_restores(&mut c, &cfg, f);
     }
     if let (Some(h), Some(f)) = (&h, &facts) {
-        check_depth(&mut c, &cfg, h, &cgroups, f);
+        let cut = walk.as_ref().map_or(&[][..], |w| &w.cut[..]);
+        check_depth(&mut c, &cfg, h, cgroups, cut, f);
     }
     if let Some(h) = &h {
-        check_delegated(&mut c, &cfg, h, &cgroups, els.as_deref());
-        check_overridable(&mut c, &cfg, h, &cgroups, facts.as_ref());
+        check_delegated(&mut c, &cfg, h, cgroups, els.as_deref());
+        check_overridable(&mut c, &cfg, h, cgroups, facts.as_ref());
+        if let Some(u) = walk.as_ref().and_then(|w| w.cut_text(h)) {
+            c.add(Mark::Skip, u);
+        }
     }
     check_namespace(&mut c);
     // Bridged frames only meet cgtproxy's rules through the forward file's
@@ -701,23 +708,51 @@ fn check_overridable(
     }
 }
 
+/// How many cgroups `check` looks at one level below the walk (the
+/// cgroups there are named by readdir alone, no stat each).
+const DEPTH_PROBE: usize = 4096;
+
 /// Cgroups a rule lists deeper than the deepest level the ruleset looks up
-/// never get their own element used.
+/// never get their own element used. The walk stops at that level, so the
+/// cgroups one level below it (children of `cut`, the walked cgroups that
+/// have any) are probed by name, at most [`DEPTH_PROBE`] of them; deeper
+/// ones are not looked at.
 fn check_depth(
     c: &mut Checklist,
     cfg: &Config,
     h: &Hierarchy,
     cgroups: &[(PathBuf, u64)],
+    cut: &[PathBuf],
     f: &Facts,
 ) {
     let Some(&max) = f.levels.last() else { return };
     let mut deep: Vec<String> = Vec::new();
-    for (dir, _) in cgroups {
-        if h.level(dir).is_some_and(|l| l > max as usize)
-            && let Some(p) = h.rules_path(dir)
+    let mut listed = |dir: &Path| {
+        if let Some(p) = h.rules_path(dir)
             && cfg.verdict(&match_form(&p)).is_some()
         {
             deep.push(cgroup::display(&p));
+        }
+    };
+    for (dir, _) in cgroups {
+        if h.level(dir).is_some_and(|l| l > max as usize) {
+            listed(dir);
+        }
+    }
+    let mut probed = 0;
+    'probe: for d in cut {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if probed == DEPTH_PROBE {
+                break 'probe;
+            }
+            probed += 1;
+            listed(&e.path());
         }
     }
     if !deep.is_empty() {

@@ -222,7 +222,7 @@ fn explain_named(
     map_error: Option<&str>,
     facts: &Facts,
 ) -> Result<String, String> {
-    let dirs = super::apps::find_named(h, name);
+    let dirs = super::apps::find_named(h, name, facts.levels.last().copied());
     if dirs.is_empty() {
         return Err(format!(
             "no cgroup below {} is named so now: not a cgroup path, nor a running app ID, unit or container (`cgtproxy apps` lists what runs)",

@@ -159,24 +159,83 @@ impl Hierarchy {
         out
     }
 
-    /// Every cgroup at and below the root: (directory, id), parents first.
-    fn walk(&self) -> Vec<(PathBuf, u64)> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.root.clone()];
-        while let Some(d) = stack.pop() {
+    /// How many levels below the cgroup root the walk goes: down to the
+    /// deepest level `deepest` the ruleset looks up (16, the contract's
+    /// ruleset, when it is unknown), as the daemon follows cgroupfs.
+    fn limit(&self, deepest: Option<u32>) -> usize {
+        levels_below(deepest, self.level(&self.root)) as usize
+    }
+
+    /// Every cgroup at and below the root down to the deepest level the
+    /// ruleset looks up (`deepest`; see [`levels_below`]), parents first.
+    /// Nothing below that level is ever looked up by the kernel, so nothing
+    /// there is read: a user's chain thousands deep costs what its first
+    /// levels cost. Per cgroup one stat (the link count says whether it has
+    /// children: a leaf needs no readdir); every path is at most the
+    /// limit's depth long, so its path walk is bounded too.
+    fn walk(&self, deepest: Option<u32>) -> Walk {
+        let limit = self.limit(deepest);
+        let mut w = Walk {
+            cgroups: Vec::new(),
+            cut: Vec::new(),
+            limit,
+        };
+        let mut stack = vec![(self.root.clone(), 0usize)];
+        while let Some((d, n)) = stack.pop() {
             // A cgroup removed meanwhile is simply not there.
-            let Ok(id) = cgroup::id_of(&d) else { continue };
-            if let Ok(rd) = std::fs::read_dir(&d) {
+            let Ok((id, kids)) = cgroup::id_and_children(&d) else {
+                continue;
+            };
+            if kids && n >= limit {
+                w.cut.push(d.clone());
+            } else if kids && let Ok(rd) = std::fs::read_dir(&d) {
                 for e in rd.flatten() {
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        stack.push(e.path());
+                        stack.push((e.path(), n + 1));
                     }
                 }
             }
-            out.push((d, id));
+            w.cgroups.push((d, id));
         }
-        out
+        w
     }
+}
+
+/// What [`Hierarchy::walk`] saw.
+struct Walk {
+    /// (directory, id) of every cgroup down to the limit, parents first.
+    cgroups: Vec<(PathBuf, u64)>,
+    /// Cgroups at the limit that have cgroups below them (not walked).
+    cut: Vec<PathBuf>,
+    /// Levels below the cgroup root that were walked.
+    limit: usize,
+}
+
+impl Walk {
+    /// One line for people about what was not walked, if anything was not.
+    fn cut_text(&self, h: &Hierarchy) -> Option<String> {
+        let first = self.cut.iter().min()?;
+        Some(format!(
+            "{} cgroup{} at the deepest looked-up level ({} below the cgroup root) {} cgroups below {} that were not read (the kernel never looks them up: they follow it), e.g. {}",
+            self.cut.len(),
+            if self.cut.len() == 1 { "" } else { "s" },
+            self.limit,
+            if self.cut.len() == 1 { "has" } else { "have" },
+            if self.cut.len() == 1 { "it" } else { "them" },
+            h.name(first)
+        ))
+    }
+}
+
+/// How many levels below a cgroup root at level `root_level` (0 when not
+/// known) hold cgroups the ruleset can look up, when its deepest lookup is
+/// at level `deepest` (16, as the contract's ruleset, when the ruleset has
+/// none or cannot be read). The daemon follows cgroupfs this deep and the
+/// read-only commands walk this deep: one function, so they agree.
+pub fn levels_below(deepest: Option<u32>, root_level: Option<usize>) -> u32 {
+    deepest
+        .unwrap_or(16)
+        .saturating_sub(u32::try_from(root_level.unwrap_or(0)).unwrap_or(u32::MAX))
 }
 
 /// The table as the kernel has it, read through the daemon's own `Ruleset`.
@@ -335,6 +394,17 @@ mod tests {
                 PathBuf::from("/cg")
             ]
         );
+    }
+
+    /// The walk's depth is the daemon's: the ruleset's deepest level
+    /// counted from the hierarchy's root, 16 when unknown, never negative.
+    #[test]
+    fn levels_below_the_root() {
+        assert_eq!(levels_below(None, Some(1)), 15);
+        assert_eq!(levels_below(Some(4), Some(1)), 3);
+        assert_eq!(levels_below(Some(16), None), 16);
+        assert_eq!(levels_below(Some(2), Some(5)), 0);
+        assert_eq!(levels_below(Some(3), Some(usize::MAX)), 0);
     }
 
     /// The fuzz target's entry reads a real rule dump as `check` does: the

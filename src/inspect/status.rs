@@ -24,12 +24,21 @@ struct Row {
 /// and counters. Returns the exit status.
 pub fn status(opts: &Options, as_json: bool) -> Result<i32, Error> {
     let (cfg, h) = load(opts)?;
-    let dump = Live::open(&cfg)?.dump(&cfg)?;
+    let mut live = Live::open(&cfg)?;
+    let dump = live.dump(&cfg)?;
+    // The cgroups walked are those the ruleset looks up; an element below
+    // them (none the daemon writes) shows as a cgroup that is gone.
+    let deepest = live.rules().ok().and_then(|r| {
+        super::rules::analyse(&r, &cfg.map, &cfg.verdict_map)
+            .levels
+            .last()
+            .copied()
+    });
     let filled = crate::reconcile::filled(&dump.numbers);
     let els = dump.elements;
     let wanted: HashSet<u64> = els.iter().map(|e| e.id).collect();
     let mut paths: HashMap<u64, Vec<u8>> = HashMap::new();
-    for (dir, id) in h.walk() {
+    for (dir, id) in h.walk(deepest).cgroups {
         if wanted.contains(&id)
             && let Some(p) = h.rules_path(&dir)
         {
