@@ -61,29 +61,44 @@ impl Drop for Chain {
             }
         }
         let name = CString::new(vec![self.name]).unwrap();
-        for level in (1..=self.depth).rev() {
-            // The parent is `level - 1` deep.
-            let (k, r) = ((level - 1) / STRIDE, (level - 1) % STRIDE);
-            let base = checkpoints[k].as_raw_fd();
-            let parent = if r == 0 {
-                None
-            } else {
-                let rel = format!("{n}/").repeat(r).into_bytes();
-                match open_dir_at(base, &rel[..rel.len() - 1]) {
-                    Ok(d) => Some(d),
+        let one = [self.name];
+        // Segment by segment from the deepest: the fds of one segment's
+        // directories (each opened from the one above), then its
+        // directories removed bottom-up: O(depth) opens in all.
+        for k in (0..checkpoints.len()).rev() {
+            let first = k * STRIDE + 1;
+            let last = ((k + 1) * STRIDE).min(self.depth);
+            // dirs[i]: the directory first + i - 1 levels down (dirs[0]
+            // is the checkpoint, the parent of level `first`).
+            let mut dirs: Vec<std::fs::File> = Vec::new();
+            for _ in first..last {
+                let from = dirs.last().unwrap_or(&checkpoints[k]).as_raw_fd();
+                match open_dir_at(from, &one) {
+                    Ok(d) => dirs.push(d),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     Err(e) => {
-                        eprintln!("cleanup at level {level}: {e}");
+                        eprintln!("cleanup of the chain in {}: {e}", self.top.display());
                         return;
                     }
                 }
-            };
-            let fd = parent.as_ref().map_or(base, |p| p.as_raw_fd());
-            // SAFETY: a valid C string and an open directory fd.
-            if unsafe { libc::unlinkat(fd, name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    eprintln!("cleanup at level {level}: {e}");
-                    return;
+            }
+            for level in (first..=last).rev() {
+                let i = level - first;
+                let parent = if i == 0 {
+                    checkpoints[k].as_raw_fd()
+                } else {
+                    match dirs.get(i - 1) {
+                        Some(d) => d.as_raw_fd(),
+                        None => continue,
+                    }
+                };
+                // SAFETY: a valid C string and an open directory fd.
+                if unsafe { libc::unlinkat(parent, name.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        eprintln!("cleanup at level {level}: {e}");
+                        return;
+                    }
                 }
             }
         }
