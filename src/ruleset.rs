@@ -739,11 +739,8 @@ mod tests {
         assert_eq!(k6.borrow().elem_msgs, vec![NFT_MSG_DESTROYSETELEM]);
     }
 
-    /// A dump the kernel marks interrupted (the map changed under it) is
-    /// asked again, and only the last, consistent attempt counts; one that
-    /// never settles is an error that says so.
-    #[test]
-    fn an_interrupted_dump_is_asked_again() {
+    /// A session whose map holds cgroups 7 and 8, both `proxy`.
+    fn two_proxied() -> (Rc<RefCell<FakeNft>>, Ruleset<Fake>) {
         let k = kernel(&["proxy"]);
         let mut rs = session(&k, true);
         let p = proxy();
@@ -752,6 +749,15 @@ mod tests {
             ..Ops::default()
         };
         commit(&mut rs, &mut Numbers::new(), &ops).unwrap();
+        (k, rs)
+    }
+
+    /// A dump the kernel marks interrupted (the map changed under it) is
+    /// asked again, and only the last, consistent attempt counts; one that
+    /// never settles is an error that says so.
+    #[test]
+    fn an_interrupted_dump_is_asked_again() {
+        let (k, mut rs) = two_proxied();
         let sent_before = rs.conn().transport().sent.len();
         k.borrow_mut().interrupt = 3;
         let d = rs.dump().unwrap().unwrap();
@@ -775,14 +781,7 @@ mod tests {
     /// (and, in the kernel, missing one that is there).
     #[test]
     fn a_dump_that_repeats_an_element_is_asked_again() {
-        let k = kernel(&["proxy"]);
-        let mut rs = session(&k, true);
-        let p = proxy();
-        let ops = Ops {
-            add: vec![(7, &p), (8, &p)],
-            ..Ops::default()
-        };
-        commit(&mut rs, &mut Numbers::new(), &ops).unwrap();
+        let (k, mut rs) = two_proxied();
         let sent_before = rs.conn().transport().sent.len();
         k.borrow_mut().repeat = 2;
         let d = rs.dump().unwrap().unwrap();
